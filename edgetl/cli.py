@@ -1,0 +1,152 @@
+"""The ``edgetl`` command: flags -> a config dataclass -> a stage -> an exit code.
+
+Bad input prints one line and exits 2; a failed verification exits 1. Stages are imported inside
+the commands so that ``edgetl --help`` loads no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from edgetl.config import IOType, Pooling, QatScope, Quantization, Strategy
+from edgetl.errors import EdgetlError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Transfer learning to verified int8 TFLite for Raspberry Pi and Coral.")
+data_app = typer.Typer(no_args_is_help=True, help="Built-in datasets: generated shapes, IDX.")
+app.add_typer(data_app, name="data")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _guard(fn, *args, **kwargs):
+    """Runs a stage; turns edgetl's and the runner's errors into one line and an exit code."""
+    from edgetl.runner import RunnerError
+
+    try:
+        return fn(*args, **kwargs)
+    except EdgetlError as e:
+        _fail(str(e), e.exit_code)
+    except RunnerError as e:
+        _fail(str(e), 2)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+
+
+@app.command()
+def train(
+    data: Path = typer.Option(..., help="Folder with one sub-folder of images per class."),
+    backbone: str = typer.Option("mobilenetv2", help="Registry name; see `edgetl backbones`."),
+    out: Optional[Path] = typer.Option(None, help="Run directory [runs/<backbone>-<time>]."),
+    base_model: Optional[Path] = typer.Option(None, help="Your own saved model as the backbone."),
+    cut_layer: Optional[str] = typer.Option(None, help="Layer of --base-model that feeds the head."),
+    unsafe: bool = typer.Option(False, help="Allow Lambda layers / custom code in --base-model."),
+    weights: str = typer.Option("imagenet", help="imagenet, none, or a weights file."),
+    alpha: Optional[float] = typer.Option(None, help="MobileNet width multiplier."),
+    input_size: Optional[int] = typer.Option(None, help="Input size in px [backbone default]."),
+    val_data: Optional[Path] = typer.Option(None, help="Separate validation folder."),
+    val_split: Optional[float] = typer.Option(None, help="Held-out fraction per class [0.2]."),
+    strategy: Strategy = typer.Option(Strategy.feature_extract),
+    unfreeze: Optional[int] = typer.Option(None, help="Top base layers to train."),
+    unfreeze_from: Optional[str] = typer.Option(None, help="First base layer to train."),
+    epochs: int = typer.Option(10, help="Epochs (first phase of two-phase)."),
+    fine_tune_epochs: int = typer.Option(10, help="Epochs of the fine-tune phase (two-phase)."),
+    lr: float = typer.Option(1e-3, help="Learning rate (head training)."),
+    fine_tune_lr: float = typer.Option(1e-5, help="Learning rate when base layers train."),
+    batch_size: int = typer.Option(32),
+    head: str = typer.Option("", help="Extra head layers: 'conv:64,dense:128,dropout:0.2'."),
+    pooling: Pooling = typer.Option(Pooling.avg),
+    dropout: float = typer.Option(0.2, help="Dropout before the classifier."),
+    qat: bool = typer.Option(False, help="Quantization-aware training (tfmot)."),
+    qat_scope: QatScope = typer.Option(QatScope.all, help="Fake-quantize all layers or only "
+                                                          "the trained ones."),
+    augment: bool = typer.Option(True, help="Random flip/rotation/zoom/contrast."),
+    class_weights: str = typer.Option("none", help="none or auto (inverse frequency)."),
+    strict: bool = typer.Option(False, help="Unreadable images are an error, not skipped."),
+    seed: int = typer.Option(0),
+    resume: bool = typer.Option(False, help="Continue the run in --out."),
+    overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
+    quiet: bool = typer.Option(False, help="No progress output."),
+) -> None:
+    """Fine-tune a backbone on a folder of labelled images (optionally with QAT)."""
+    from edgetl.config import TrainConfig
+
+    if resume and out is None:
+        _fail("--resume needs --out RUN (the run directory to continue)")
+    cfg = TrainConfig(
+        data=str(data), out=str(out) if out else None, backbone=backbone,
+        base_model=str(base_model) if base_model else None, cut_layer=cut_layer, unsafe=unsafe,
+        weights=weights, alpha=alpha, input_size=input_size,
+        val_data=str(val_data) if val_data else None, val_split=val_split, strategy=strategy,
+        unfreeze=unfreeze, unfreeze_from=unfreeze_from, epochs=epochs,
+        fine_tune_epochs=fine_tune_epochs, lr=lr, fine_tune_lr=fine_tune_lr,
+        batch_size=batch_size, head=head, pooling=pooling, dropout=dropout, qat=qat,
+        qat_scope=qat_scope, augment=augment, class_weights=class_weights, strict=strict,
+        seed=seed, resume=resume, overwrite=overwrite, quiet=quiet)
+    from edgetl.train import train as run_train
+
+    result = _guard(run_train, cfg)
+    typer.echo(f"run: {result.run_dir}  val_accuracy: {result.val_accuracy:.4f}  "
+               f"epochs: {result.epochs_done}{'  (QAT)' if result.qat else ''}")
+
+
+@app.command()
+def backbones() -> None:
+    """List the supported backbones: input size, ImageNet sizes, preprocessing, QAT."""
+    from edgetl.backbones import table
+
+    rows = table()
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    typer.echo("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        typer.echo("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Argument(..., help="Folder to create."),
+    classes: int = typer.Option(4), per_class: int = typer.Option(60),
+    size: int = typer.Option(64), seed: int = typer.Option(0),
+    overwrite: bool = typer.Option(False),
+) -> None:
+    """Write a deterministic generated shapes dataset (no download)."""
+    from edgetl.data import make_synth
+
+    counts = _guard(make_synth, out, classes, per_class, size, seed, overwrite)
+    typer.echo(f"{out}: {sum(counts.values())} images in {len(counts)} classes "
+               f"({', '.join(counts)})")
+
+
+@data_app.command("idx")
+def data_idx(
+    images: Path = typer.Argument(..., help="IDX images file (.gz ok)."),
+    labels: Path = typer.Argument(..., help="IDX labels file (.gz ok)."),
+    out: Path = typer.Argument(..., help="Folder to create."),
+    names: str = typer.Option("fashion-mnist", help="fashion-mnist, mnist, or a names file."),
+    limit: Optional[int] = typer.Option(None, help="At most this many images per class."),
+    overwrite: bool = typer.Option(False),
+) -> None:
+    """Convert MNIST / Fashion-MNIST IDX files to class folders of PNGs."""
+    from edgetl.data import idx_to_folders
+
+    if limit is not None and limit < 1:
+        _fail(f"--limit {limit} must be at least 1")
+    counts = _guard(idx_to_folders, str(images), str(labels), out, names, limit, overwrite)
+    typer.echo(f"{out}: {sum(counts.values())} images in {len(counts)} classes")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

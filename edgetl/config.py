@@ -1,0 +1,193 @@
+"""Settings for each stage, as small frozen dataclasses; each CLI flag maps to one field."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+
+from edgetl.errors import EdgetlError
+
+
+class Strategy(str, Enum):
+    feature_extract = "feature-extract"
+    fine_tune = "fine-tune"
+    two_phase = "two-phase"
+
+
+class Pooling(str, Enum):
+    avg = "avg"
+    max = "max"
+    flatten = "flatten"
+
+
+class QatScope(str, Enum):
+    all = "all"  # quantize_model on the whole model; frozen layers stay frozen
+    trained = "trained"  # annotate only the layers that train; the rest is calibrated at export
+
+
+class Quantization(str, Enum):
+    int8 = "int8"
+    float32 = "float32"
+    float16 = "float16"
+    dynamic = "dynamic"
+    int16x8 = "int16x8"
+
+
+class IOType(str, Enum):
+    int8 = "int8"
+    uint8 = "uint8"
+    float32 = "float32"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``train`` needs; written to the run's config.json.
+
+    Attributes:
+        data: folder with one sub-folder per class.
+        out: run directory (None: runs/<backbone>-<timestamp>).
+        backbone: registry name (ignored when base_model is given).
+        base_model: the user's own saved model used as the backbone.
+        cut_layer: layer of base_model whose output feeds the new head.
+        unsafe: allow Lambda layers / custom code in base_model.
+        weights: 'imagenet', 'none' or a weights file path.
+        alpha: MobileNet width multiplier.
+        input_size: square input size in pixels (None: the backbone's default).
+        val_data: separate validation folder.
+        val_split: fraction of each class held out for validation (when no val_data).
+        strategy: feature-extract, fine-tune or two-phase.
+        unfreeze: number of top base layers to train (fine-tune / two-phase).
+        unfreeze_from: name of the first base layer to train.
+        epochs: epochs of the first (or only) phase.
+        fine_tune_epochs: epochs of the second phase of two-phase.
+        lr: learning rate of the first phase.
+        fine_tune_lr: learning rate when base layers train.
+        batch_size: images per step.
+        head: extra head layers, e.g. 'conv:64,dense:128,dropout:0.2'.
+        pooling: avg, max or flatten.
+        dropout: dropout before the classifier.
+        qat: quantization-aware training in the phase that trains base layers.
+        qat_scope: which layers get fake quantization.
+        augment: random flip/rotation/zoom/contrast on training images.
+        class_weights: 'none' or 'auto' (inverse frequency).
+        strict: unreadable images are an error instead of being skipped.
+        seed: seed for splits, shuffling, augmentation and initialisation.
+        resume: continue the run in ``out`` from its last completed epoch.
+        overwrite: replace an existing run directory.
+        quiet: no progress output.
+    """
+
+    data: str
+    out: str | None = None
+    backbone: str = "mobilenetv2"
+    base_model: str | None = None
+    cut_layer: str | None = None
+    unsafe: bool = False
+    weights: str = "imagenet"
+    alpha: float | None = None
+    input_size: int | None = None
+    val_data: str | None = None
+    val_split: float | None = None
+    strategy: Strategy = Strategy.feature_extract
+    unfreeze: int | None = None
+    unfreeze_from: str | None = None
+    epochs: int = 10
+    fine_tune_epochs: int = 10
+    lr: float = 1e-3
+    fine_tune_lr: float = 1e-5
+    batch_size: int = 32
+    head: str = ""
+    pooling: Pooling = Pooling.avg
+    dropout: float = 0.2
+    qat: bool = False
+    qat_scope: QatScope = QatScope.all
+    augment: bool = True
+    class_weights: str = "none"
+    strict: bool = False
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+
+    def check(self) -> None:
+        """Refuses contradictory or impossible settings before anything is read or written."""
+        if self.resume and self.overwrite:
+            raise EdgetlError("--resume and --overwrite contradict each other: pick one")
+        if self.val_data and self.val_split is not None:
+            raise EdgetlError("--val-data and --val-split contradict each other: pick one")
+        if self.unfreeze is not None and self.unfreeze_from:
+            raise EdgetlError("--unfreeze and --unfreeze-from contradict each other: pick one")
+        if self.strategy == Strategy.feature_extract and (self.unfreeze or self.unfreeze_from):
+            raise EdgetlError("--unfreeze/--unfreeze-from need --strategy fine-tune or two-phase "
+                              "(feature-extract keeps the whole base frozen)")
+        if self.unfreeze is not None and self.unfreeze < 1:
+            raise EdgetlError(f"--unfreeze {self.unfreeze} must be at least 1")
+        if self.cut_layer and not self.base_model:
+            raise EdgetlError("--cut-layer needs --base-model")
+        if self.epochs < 1 or (self.strategy == Strategy.two_phase and self.fine_tune_epochs < 1):
+            raise EdgetlError(f"--epochs {self.epochs} / --fine-tune-epochs "
+                              f"{self.fine_tune_epochs} must be at least 1")
+        if self.batch_size < 1:
+            raise EdgetlError(f"--batch-size {self.batch_size} must be at least 1")
+        if not (self.lr > 0 and self.fine_tune_lr > 0):
+            raise EdgetlError(f"learning rates must be > 0 (got --lr {self.lr}, --fine-tune-lr "
+                              f"{self.fine_tune_lr})")
+        if not 0 <= self.dropout < 1:
+            raise EdgetlError(f"--dropout {self.dropout} must be in [0, 1)")
+        if self.class_weights not in ("none", "auto"):
+            raise EdgetlError(f"--class-weights '{self.class_weights}': use 'none' or 'auto'")
+        if self.input_size is not None and self.input_size < 16:
+            raise EdgetlError(f"--input-size {self.input_size} is too small (minimum 16)")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, Enum):
+                d[k] = v.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        d = {k: v for k, v in d.items() if k in known}
+        for k, enum in (("strategy", Strategy), ("pooling", Pooling), ("qat_scope", QatScope)):
+            if k in d:
+                d[k] = enum(d[k])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Everything ``export`` needs; recorded in the model's metadata.
+
+    Attributes:
+        run: training run directory.
+        modes: conversions to write (int8, float32, float16, dynamic, int16x8).
+        io: input/output type of integer models.
+        num_calibration: calibration images (class-balanced sample of the training split).
+        calibration: the user's own calibration folder (class folders or flat images).
+        calibration_manifest: replay the calibration of an earlier export.
+        max_drop: largest accepted top-1 drop vs the Keras model, in percentage points.
+        edgetpu: enforce and report Edge TPU compatibility.
+        debug: run TensorFlow's quantization debugger and report the worst layers.
+        keep_float: layers to leave in float (the model is then not integer-only).
+        name: file stem of the exports (default: the run directory's name).
+        seed: seed of the calibration sample.
+        overwrite: replace existing exports.
+        verify: evaluate on the validation set after converting.
+    """
+
+    run: str
+    modes: tuple = (Quantization.int8,)
+    io: IOType = IOType.int8
+    num_calibration: int = 200
+    calibration: str | None = None
+    calibration_manifest: str | None = None
+    max_drop: float = 2.0
+    edgetpu: bool = False
+    debug: bool = False
+    keep_float: tuple = field(default_factory=tuple)
+    name: str | None = None
+    seed: int = 0
+    overwrite: bool = False
+    verify: bool = True

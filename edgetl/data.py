@@ -1,0 +1,405 @@
+"""Class folders -> checked image lists, splits, tf.data pipelines, calibration samples, and the
+built-in datasets (a generated shapes set and an IDX converter for MNIST / Fashion-MNIST).
+
+Images are decoded by the device runner's ``load_image`` so that training, calibration and the
+device see identical pixels.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgetl.errors import EdgetlError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """A checked class-folder dataset.
+
+    Attributes:
+        root: the folder given by the user.
+        class_names: sorted sub-folder names; the label of class i is class_names[i].
+        items: (path, class index) of every readable image, sorted.
+        skipped: (path, reason) of every file that is not a readable image.
+    """
+
+    root: str
+    class_names: tuple
+    items: tuple
+    skipped: tuple
+
+    def counts(self) -> dict:
+        c = Counter(label for _, label in self.items)
+        return {name: c.get(i, 0) for i, name in enumerate(self.class_names)}
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    if not root.exists():
+        raise EdgetlError(f"data folder '{root}' does not exist")
+    if not root.is_dir():
+        raise EdgetlError(f"data folder '{root}' is not a folder: give a folder with one "
+                          "sub-folder per class")
+    dirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=lambda p: p.name)
+    if not dirs:
+        raise EdgetlError(f"data folder '{root}' has no class sub-folders: put each class's "
+                          "images in a sub-folder named after the class")
+    return dirs
+
+
+def _walk_images(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Image files under folder (recursively), not following symlinked folders into loops."""
+    found, other = [], []
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            if name.startswith("."):
+                continue
+            if p.suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(p)
+            else:
+                other.append((str(p), "not an image file (extension)"))
+    return found, other
+
+
+def scan_folder(root: str | os.PathLike, size: tuple[int, int] | None = None,
+                class_names: list[str] | None = None, strict: bool = False,
+                min_classes: int = 2) -> ImageFolder:
+    """Lists and checks a class-folder dataset; every image is decoded once in parallel.
+
+    Args:
+        root: folder with one sub-folder per class.
+        size: decode check size (h, w); small is fine, the point is a full decode.
+        class_names: expected classes (e.g. from a run); sub-folders must match them.
+        strict: unreadable files are an error instead of being skipped.
+        min_classes: fewer classes than this is an error.
+    """
+    from edgetl.runner import RunnerError, load_image
+
+    root = Path(root)
+    dirs = _class_dirs(root)
+    names = [d.name for d in dirs]
+    if class_names is not None:
+        unknown = [n for n in names if n not in class_names]
+        if unknown:
+            raise EdgetlError(
+                f"folder '{root}' has classes the model does not know: {', '.join(unknown)} "
+                f"(model classes: {', '.join(class_names)})")
+        index = {n: class_names.index(n) for n in names}
+    else:
+        if len(names) < min_classes:
+            raise EdgetlError(f"data folder '{root}' has {len(names)} class folder(s) "
+                              f"({', '.join(names)}); a classifier needs at least {min_classes}")
+        index = {n: i for i, n in enumerate(names)}
+    candidates, skipped = [], []
+    for d in dirs:
+        files, other = _walk_images(d)
+        skipped.extend(other)
+        candidates.extend((p, index[d.name]) for p in files)
+
+    check = size or (32, 32)
+
+    def ok(path):
+        try:
+            load_image(path, check)
+            return None
+        except RunnerError as e:
+            return str(e)
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        problems = list(pool.map(ok, [p for p, _ in candidates]))
+    items = []
+    for (p, label), problem in zip(candidates, problems):
+        if problem is None:
+            items.append((str(p), label))
+        else:
+            skipped.append((str(p), problem))
+    if strict and skipped:
+        path, reason = skipped[0]
+        raise EdgetlError(f"--strict: {len(skipped)} unreadable file(s), first '{path}': {reason}")
+    present = Counter(label for _, label in items)
+    if class_names is None:
+        empty = [n for n in names if present.get(index[n], 0) == 0]
+        if empty:
+            raise EdgetlError(f"class folder '{root / empty[0]}' has no readable images: add "
+                              "images or remove the folder")
+    elif not items:
+        raise EdgetlError(f"folder '{root}' has no readable images")
+    out_names = tuple(class_names) if class_names is not None else tuple(names)
+    return ImageFolder(str(root), out_names, tuple(items), tuple(skipped))
+
+
+def stratified_split(items, fraction: float, seed: int) -> tuple[list, list]:
+    """Seeded per-class split; every class with >= 2 images keeps at least one on each side."""
+    if not 0.0 < fraction < 1.0:
+        raise EdgetlError(f"--val-split {fraction} must be between 0 and 1 (e.g. 0.2)")
+    rng = np.random.RandomState(seed)
+    by_class: dict[int, list] = {}
+    for item in items:
+        by_class.setdefault(item[1], []).append(item)
+    train, val = [], []
+    for label in sorted(by_class):
+        group = sorted(by_class[label])
+        order = rng.permutation(len(group))
+        n_val = int(round(len(group) * fraction))
+        if len(group) >= 2:
+            n_val = min(max(n_val, 1), len(group) - 1)
+        else:
+            n_val = 0
+        val += [group[i] for i in order[:n_val]]
+        train += [group[i] for i in order[n_val:]]
+    return sorted(train), sorted(val)
+
+
+def list_hash(items) -> str:
+    """A hash of the (path, label) list and file sizes: which data a run saw."""
+    h = hashlib.sha256()
+    for path, label in items:
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            size = -1
+        h.update(f"{path}\t{label}\t{size}\n".encode())
+    return h.hexdigest()
+
+
+def class_weights(items, n_classes: int) -> dict[int, float]:
+    """Inverse-frequency weights (sklearn's 'balanced'): n / (k * count)."""
+    counts = Counter(label for _, label in items)
+    n = len(items)
+    return {c: n / (n_classes * counts[c]) for c in range(n_classes) if counts.get(c)}
+
+
+def normalize(x, prep: dict):
+    """(x - mean) / std on float pixels 0..255, in the family's channel order (tf ops)."""
+    from edgetl.keras import tf
+
+    if prep["channel_order"] == "BGR":
+        x = x[..., ::-1]
+    mean = tf.constant(prep["mean"], tf.float32)
+    std = tf.constant(prep["std"], tf.float32)
+    return (x - mean) / std
+
+
+def make_dataset(items, size: tuple[int, int], prep: dict, batch_size: int, training: bool,
+                 augment: bool, seed: int, cache: bool = True):
+    """tf.data pipeline: parallel decode, cache of decoded pixels, augmentation, prefetch.
+
+    Returns batches of (normalized float images, int labels).
+    """
+    from edgetl.keras import keras, tf
+    from edgetl.runner import load_image
+
+    h, w = size
+    paths = [p for p, _ in items]
+    labels = np.array([label for _, label in items], np.int32)
+
+    def decode(path):
+        return load_image(path.decode() if isinstance(path, bytes) else str(path), (h, w))
+
+    def load(path, label):
+        img = tf.numpy_function(decode, [path], tf.uint8, stateful=False)
+        img.set_shape((h, w, 3))
+        return img, label
+
+    ds = tf.data.Dataset.from_tensor_slices((paths, labels))
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if cache:
+        ds = ds.cache()
+    if training:
+        ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size)
+    if training and augment:
+        aug = keras.Sequential([
+            keras.layers.RandomFlip("horizontal", seed=seed),
+            keras.layers.RandomRotation(0.05, seed=seed),
+            keras.layers.RandomZoom(0.1, seed=seed),
+            keras.layers.RandomContrast(0.1, seed=seed),
+        ])
+        ds = ds.map(lambda x, y: (tf.clip_by_value(aug(x, training=True), 0.0, 255.0), y),
+                    num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda x, y: (normalize(x, prep), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def balanced_sample(items, count: int, seed: int) -> list:
+    """A class-balanced, seeded sample of ``count`` items (round-robin over shuffled classes)."""
+    rng = np.random.RandomState(seed)
+    by_class: dict[int, list] = {}
+    for item in sorted(items):
+        by_class.setdefault(item[1], []).append(item)
+    queues = {c: [g[i] for i in rng.permutation(len(g))] for c, g in by_class.items()}
+    out = []
+    while len(out) < count and any(queues.values()):
+        for c in sorted(queues):
+            if queues[c] and len(out) < count:
+                out.append(queues[c].pop(0))
+    return out
+
+
+# --- built-in datasets --------------------------------------------------------------------------
+
+SYNTH_CLASSES = ("circle", "cross", "square", "triangle", "ring", "stripes")
+
+
+def _draw(kind: str, size: int, rng: np.random.RandomState) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    cy, cx = rng.uniform(0.35, 0.65, 2) * size
+    r = rng.uniform(0.18, 0.3) * size
+    dy, dx = yy - cy, xx - cx
+    if kind == "circle":
+        mask = dy ** 2 + dx ** 2 <= r ** 2
+    elif kind == "ring":
+        d = np.sqrt(dy ** 2 + dx ** 2)
+        mask = (d <= r) & (d >= r * 0.6)
+    elif kind == "square":
+        mask = (np.abs(dy) <= r * 0.85) & (np.abs(dx) <= r * 0.85)
+    elif kind == "cross":
+        t = r * 0.3
+        mask = ((np.abs(dy) <= t) & (np.abs(dx) <= r)) | ((np.abs(dx) <= t) & (np.abs(dy) <= r))
+    elif kind == "triangle":
+        mask = (dy <= r * 0.7) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6)
+    else:  # stripes
+        period = rng.uniform(0.12, 0.2) * size
+        mask = ((xx + yy * rng.uniform(-0.3, 0.3)) // (period / 2)) % 2 == 0
+        mask &= (np.abs(dy) <= r) & (np.abs(dx) <= r)
+    bg = rng.uniform(0, 120, 3)
+    fg = rng.uniform(130, 255, 3)
+    img = np.empty((size, size, 3), np.float32)
+    img[:] = bg
+    img[mask] = fg
+    img += rng.normal(0, 12, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_synth(out: str | os.PathLike, classes: int = 4, per_class: int = 60, size: int = 64,
+               seed: int = 0, overwrite: bool = False) -> dict:
+    """Writes a deterministic shapes dataset (PNG, one folder per class) that a CNN can learn.
+
+    Returns {class name: image count}.
+    """
+    from PIL import Image
+
+    if not 2 <= classes <= len(SYNTH_CLASSES):
+        raise EdgetlError(f"--classes {classes} must be between 2 and {len(SYNTH_CLASSES)}")
+    if per_class < 1 or size < 16:
+        raise EdgetlError(f"--per-class {per_class} / --size {size}: need >= 1 image and >= 16 px")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise EdgetlError(f"'{out}' exists and is not empty: choose another folder or pass "
+                          "--overwrite")
+    rng = np.random.RandomState(seed)
+    tmp = out.with_name(out.name + ".tmp-synth")
+    _rmtree(tmp)
+    counts = {}
+    for kind in SYNTH_CLASSES[:classes]:
+        (tmp / kind).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(_draw(kind, size, rng)).save(tmp / kind / f"{kind}_{i:04d}.png")
+        counts[kind] = per_class
+    _rmtree(out)
+    os.replace(tmp, out)
+    return counts
+
+
+FASHION_MNIST = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                 "Sneaker", "Bag", "Ankle boot")
+MNIST = tuple(str(i) for i in range(10))
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Reads an IDX file (optionally gzipped): MNIST / Fashion-MNIST images or labels."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgetlError(f"IDX file '{path}' does not exist")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise EdgetlError(f"cannot read IDX file '{path}': {e}") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise EdgetlError(f"'{path}' is not an unsigned-byte IDX file (MNIST format)")
+    ndim = data[3]
+    if ndim < 1 or len(data) < 4 + 4 * ndim:
+        raise EdgetlError(f"'{path}' has a corrupt IDX header")
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    n = int(np.prod(shape))
+    if len(data) - 4 - 4 * ndim < n:
+        raise EdgetlError(f"'{path}' is truncated: header says {shape}, file is too short")
+    return np.frombuffer(data, np.uint8, n, 4 + 4 * ndim).reshape(shape)
+
+
+def idx_to_folders(images: str, labels: str, out: str | os.PathLike, names: str = "fashion-mnist",
+                   limit: int | None = None, overwrite: bool = False) -> dict:
+    """Converts IDX images + labels into class folders of PNGs.
+
+    Args:
+        names: 'fashion-mnist', 'mnist', or a file with one class name per line.
+        limit: at most this many images per class (the first ones in file order).
+    """
+    from PIL import Image
+
+    x, y = read_idx(images), read_idx(labels)
+    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+        raise EdgetlError(f"'{images}' ({x.shape}) and '{labels}' ({y.shape}) do not match: "
+                          "need N images of HxW and N labels")
+    if names == "fashion-mnist":
+        class_names = FASHION_MNIST
+    elif names == "mnist":
+        class_names = MNIST
+    else:
+        p = Path(names)
+        if not p.is_file():
+            raise EdgetlError(f"--names '{names}': use fashion-mnist, mnist or a labels file")
+        class_names = tuple(line.strip().replace("/", "_") for line in p.read_text().splitlines()
+                            if line.strip())
+    if int(y.max()) >= len(class_names):
+        raise EdgetlError(f"labels go up to {int(y.max())} but only {len(class_names)} class "
+                          "names were given")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise EdgetlError(f"'{out}' exists and is not empty: choose another folder or pass "
+                          "--overwrite")
+    tmp = out.with_name(out.name + ".tmp-idx")
+    _rmtree(tmp)
+    counts: Counter = Counter()
+    for name in class_names:
+        (tmp / name).mkdir(parents=True)
+    for i, (img, label) in enumerate(zip(x, y)):
+        name = class_names[int(label)]
+        if limit is not None and counts[name] >= limit:
+            continue
+        Image.fromarray(img).save(tmp / name / f"{i:05d}.png")
+        counts[name] += 1
+    _rmtree(out)
+    os.replace(tmp, out)
+    return dict(counts)
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)

@@ -1,0 +1,556 @@
+"""train(TrainConfig) -> TrainResult: transfer learning with optional QAT, checkpoints, resume.
+
+A run is a list of phases (head, then fine-tune for two-phase). Each completed epoch writes a
+checkpoint directory atomically (temp name, then rename) and then ``state.json``; resume rebuilds
+the same model and restores the newest checkpoint, so a killed run loses only the epoch in flight.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgetl import backbones
+from edgetl.config import Pooling, QatScope, Strategy, TrainConfig
+from edgetl.data import (class_weights, list_hash, make_dataset, scan_folder, stratified_split)
+from edgetl.errors import EdgetlError
+
+RUN_FORMAT = 1
+HEAD_PREFIX = "head_"
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One training phase.
+
+    Attributes:
+        name: 'head' or 'fine-tune'.
+        epochs: epochs in this phase.
+        lr: learning rate.
+        unfreeze: train base layers (from the configured point up).
+        qat: wrap the model with fake quantization for this phase.
+    """
+
+    name: str
+    epochs: int
+    lr: float
+    unfreeze: bool
+    qat: bool
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run produced.
+
+    Attributes:
+        run_dir: the run directory.
+        val_accuracy: top-1 accuracy of the final model on the validation split.
+        epochs_done: completed epochs over all phases.
+        qat: whether the run has a QAT model.
+    """
+
+    run_dir: str
+    val_accuracy: float
+    epochs_done: int
+    qat: bool
+
+
+def phases(cfg: TrainConfig) -> list[Phase]:
+    """The phases a strategy runs; QAT goes to the phase that trains the most layers."""
+    if cfg.strategy == Strategy.feature_extract:
+        return [Phase("head", cfg.epochs, cfg.lr, False, cfg.qat)]
+    if cfg.strategy == Strategy.fine_tune:
+        return [Phase("fine-tune", cfg.epochs, cfg.fine_tune_lr, True, cfg.qat)]
+    return [Phase("head", cfg.epochs, cfg.lr, False, False),
+            Phase("fine-tune", cfg.fine_tune_epochs, cfg.fine_tune_lr, True, cfg.qat)]
+
+
+# --- model building -----------------------------------------------------------------------------
+
+def parse_head(spec: str) -> list[tuple[str, float]]:
+    """'conv:64,dense:128,dropout:0.2' -> [('conv', 64), ('dense', 128), ('dropout', 0.2)]."""
+    items = []
+    for part in filter(None, (p.strip() for p in (spec or "").split(","))):
+        kind, _, value = part.partition(":")
+        kind = kind.strip().lower()
+        try:
+            num = float(value)
+        except ValueError:
+            num = None
+        if kind not in ("conv", "dense", "dropout") or num is None:
+            raise EdgetlError(f"--head item '{part}': use conv:FILTERS, dense:UNITS or "
+                              "dropout:RATE, comma-separated (e.g. 'conv:64,dense:128,dropout:0.2')")
+        if kind in ("conv", "dense") and (num < 1 or num != int(num)):
+            raise EdgetlError(f"--head item '{part}': {kind} needs a whole number >= 1")
+        if kind == "dropout" and not 0 <= num < 1:
+            raise EdgetlError(f"--head item '{part}': dropout rate must be in [0, 1)")
+        if kind == "conv" and any(k != "conv" for k, _ in items):
+            raise EdgetlError(f"--head item '{part}': conv layers go before dense/dropout "
+                              "(they act on the feature map, before pooling)")
+        items.append((kind, num))
+    return items
+
+
+def resolve_size(cfg: TrainConfig, spec: backbones.BackboneSpec | None) -> int:
+    if cfg.input_size:
+        return cfg.input_size
+    return spec.default_size if spec else 224
+
+
+def build_base(cfg: TrainConfig, size: int):
+    """The backbone without its top, as a flat functional model, plus its registry entry."""
+    from edgetl.keras import keras
+
+    if cfg.base_model:
+        from edgetl.basemodel import load_base_model
+
+        return load_base_model(cfg.base_model, cfg.cut_layer, cfg.unsafe, size), None
+    spec = backbones.get_backbone(cfg.backbone)
+    weights = cfg.weights
+    is_file = weights not in ("imagenet", "none")
+    backbones.check_combination(spec, size, "imagenet" if weights == "imagenet" else "none",
+                                cfg.alpha, cfg.qat)
+    if is_file and not Path(weights).is_file():
+        raise EdgetlError(f"--weights '{weights}' is not a file: pass a weights file "
+                          "(.h5), 'imagenet' or 'none'")
+    kwargs = dict(spec.extra)
+    if spec.alphas:
+        kwargs["alpha"] = cfg.alpha if cfg.alpha is not None else 1.0
+    builder = getattr(keras.applications, spec.keras_name)
+    try:
+        base = builder(input_shape=(size, size, 3), include_top=False,
+                       weights=None if weights == "none" else weights, **kwargs)
+    except Exception as e:  # Keras reports a failed download as a plain Exception
+        text = str(e)
+        if weights == "imagenet" and ("URL fetch failure" in text or "http" in text.lower()):
+            import re
+
+            url = re.search(r"https?://\S+?(?=[:\s]|$)", text)
+            where = url.group(0) if url else "the Keras weights URL"
+            name = where.rsplit("/", 1)[-1]
+            raise EdgetlError(
+                f"cannot download ImageNet weights for {spec.name} (offline?): download {where} "
+                f"on a machine with internet and put it in ~/.keras/models/{name}, or pass "
+                "--weights PATH (or --weights none to train from scratch)") from None
+        if is_file:
+            raise EdgetlError(f"--weights '{weights}' does not fit {spec.name} at {size} px"
+                              f"{' alpha ' + str(kwargs.get('alpha')) if spec.alphas else ''}: "
+                              f"{text.splitlines()[0][:200]}") from None
+        raise
+    return base, spec
+
+
+def build_model(cfg: TrainConfig, n_classes: int, size: int):
+    """Backbone + head built on base.output (tfmot refuses nested models).
+
+    Returns (model, number of base layers, spec or None). Head layers are named 'head_*'.
+    """
+    from edgetl.keras import keras, tf
+
+    tf.keras.utils.set_random_seed(cfg.seed)
+    keras.utils.set_random_seed(cfg.seed)
+    base, spec = build_base(cfg, size)
+    x = base.output
+    head = parse_head(cfg.head)
+    i = 0
+    for kind, num in head:
+        if kind == "conv":
+            x = keras.layers.Conv2D(int(num), 3, padding="same", activation="relu",
+                                    name=f"{HEAD_PREFIX}conv{i}")(x)
+            i += 1
+    pool = {Pooling.avg: keras.layers.GlobalAveragePooling2D,
+            Pooling.max: keras.layers.GlobalMaxPooling2D,
+            Pooling.flatten: keras.layers.Flatten}[Pooling(cfg.pooling)]
+    if len(x.shape) == 4:
+        x = pool(name=f"{HEAD_PREFIX}pool")(x)
+    for kind, num in head:
+        if kind == "dense":
+            x = keras.layers.Dense(int(num), activation="relu", name=f"{HEAD_PREFIX}dense{i}")(x)
+        elif kind == "dropout":
+            x = keras.layers.Dropout(num, name=f"{HEAD_PREFIX}dropout{i}")(x)
+        i += 1
+    if cfg.dropout:
+        x = keras.layers.Dropout(cfg.dropout, name=f"{HEAD_PREFIX}dropout")(x)
+    out = keras.layers.Dense(n_classes, activation="softmax", name=f"{HEAD_PREFIX}predictions")(x)
+    model = keras.Model(base.inputs, out, name=f"edgetl_{spec.name if spec else 'custom'}")
+    n_base = len(base.layers)
+    return model, n_base, spec
+
+
+def set_trainable(model, n_base: int, cfg: TrainConfig, unfreeze: bool) -> int:
+    """Freezes per strategy; BatchNorm layers of the base always stay frozen (inference mode).
+
+    Returns the index of the first trainable base layer (n_base when the base is frozen).
+    """
+    from edgetl.keras import keras
+
+    base_layers = model.layers[:n_base]
+    start = n_base
+    if unfreeze:
+        if cfg.unfreeze_from:
+            names = [layer.name for layer in base_layers]
+            if cfg.unfreeze_from not in names:
+                raise EdgetlError(f"--unfreeze-from '{cfg.unfreeze_from}' is not a layer of the "
+                                  f"base (first/last layers: {names[1]} ... {names[-1]}); see "
+                                  "the layer list with `edgetl backbones --layers`")
+            start = names.index(cfg.unfreeze_from)
+        else:
+            n = cfg.unfreeze if cfg.unfreeze is not None else max(1, (n_base - 1) // 5)
+            if n > n_base - 1:
+                raise EdgetlError(f"--unfreeze {n} is larger than the base model "
+                                  f"({n_base - 1} layers)")
+            start = n_base - n
+    for i, layer in enumerate(model.layers):
+        if i < n_base:
+            layer.trainable = i >= start and not isinstance(layer, keras.layers.BatchNormalization)
+        else:
+            layer.trainable = True
+    return start
+
+
+def quantize(model, scope: QatScope):
+    """The QAT model: tfmot fake quantization; unsupported layers are named with the way out."""
+    from edgetl.keras import keras, tfmot
+
+    qk = tfmot.quantization.keras
+    try:
+        if QatScope(scope) == QatScope.all:
+            return qk.quantize_model(model)
+        trainable = {layer.name for layer in model.layers if layer.trainable}
+
+        def annotate(layer):
+            if layer.name in trainable and not isinstance(layer, keras.layers.InputLayer):
+                return qk.quantize_annotate_layer(layer)
+            return layer
+
+        annotated = keras.models.clone_model(model, clone_function=annotate)
+        annotated.set_weights(model.get_weights())
+        return qk.quantize_apply(annotated)
+    except (RuntimeError, ValueError, TypeError) as e:
+        first = str(e).splitlines()[0][:300]
+        raise EdgetlError(f"QAT cannot quantize this model: {first}. Train without --qat and "
+                          "export with post-training int8 (edgetl export RUN --int8)") from None
+
+
+def qat_to_float(qat_model, float_model) -> None:
+    """Copies QAT-trained weights back into the float model (same layers, unwrapped)."""
+    by_name = {}
+    for layer in qat_model.layers:
+        inner = getattr(layer, "layer", layer)
+        by_name[inner.name] = inner
+    for layer in float_model.layers:
+        src = by_name.get(layer.name)
+        if src is not None and layer.weights:
+            layer.set_weights(src.get_weights())
+
+
+# --- run directory -------------------------------------------------------------------------------
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _prepare_run_dir(cfg: TrainConfig) -> tuple[Path, TrainConfig, dict | None]:
+    """Creates (or, with --resume, reopens) the run directory; never clobbers without --overwrite."""
+    out = Path(cfg.out) if cfg.out else Path("runs") / (
+        f"{cfg.backbone if not cfg.base_model else 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if cfg.resume:
+        state_file = out / "state.json"
+        if not (out / "config.json").is_file():
+            raise EdgetlError(f"--resume: '{out}' is not an edgetl run (no config.json); start a "
+                              "new run without --resume")
+        saved = json.loads((out / "config.json").read_text())
+        if saved.get("run_format", RUN_FORMAT) > RUN_FORMAT:
+            raise EdgetlError(f"run '{out}' was written by a newer edgetl (run format "
+                              f"{saved['run_format']}); upgrade edgetl to resume it")
+        resumed = TrainConfig.from_dict(dict(saved["train"], resume=True, quiet=cfg.quiet,
+                                             out=str(out)))
+        state = json.loads(state_file.read_text()) if state_file.is_file() else None
+        return out, resumed, state
+    if out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise EdgetlError(f"run directory '{out}' already exists: pass --overwrite to replace "
+                              "it, --resume to continue it, or choose another --out")
+        if not (out / "config.json").is_file():
+            raise EdgetlError(f"--overwrite refused: '{out}' is not an edgetl run directory "
+                              "(no config.json); choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, cfg, None
+
+
+class _EpochEnd:
+    """Keras callback factory: checkpoint, history row and state after each finished epoch."""
+
+    @staticmethod
+    def make(run: Path, phase_index: int, phase: Phase, model, optimizer, quiet: bool,
+             first_global_epoch: int):
+        from edgetl.keras import keras, tf
+
+        class Callback(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self.t0 = time.time()
+
+            def on_epoch_end(self, epoch, logs=None):
+                done = epoch + 1
+                name = f"p{phase_index}-e{done:03d}"
+                ckpt_root = run / "checkpoints"
+                ckpt_root.mkdir(exist_ok=True)
+                tmp = ckpt_root / f".tmp-{name}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                tf.train.Checkpoint(model=model, optimizer=optimizer).write(str(tmp / "ckpt"))
+                final = ckpt_root / name
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+                row = {"epoch": first_global_epoch + done, "phase": phase.name,
+                       "phase_epoch": done, "seconds": round(time.time() - self.t0, 2)}
+                row.update({k: round(float(v), 6) for k, v in (logs or {}).items()})
+                hist = run / "history.csv"
+                new = not hist.exists()
+                cols = ["epoch", "phase", "phase_epoch", "seconds", "loss", "accuracy",
+                        "val_loss", "val_accuracy"]
+                with open(hist, "a", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+                    if new:
+                        w.writeheader()
+                    w.writerow(row)
+                _atomic_write(run / "state.json", json.dumps(
+                    {"phase": phase_index, "epoch": done, "checkpoint": name}))
+                # Older checkpoints of this phase are superseded; keep the newest two.
+                mine = sorted(p for p in ckpt_root.glob(f"p{phase_index}-e*") if p.is_dir())
+                for old in mine[:-2]:
+                    shutil.rmtree(old, ignore_errors=True)
+                if not quiet:
+                    acc = row.get("val_accuracy", row.get("accuracy"))
+                    print(f"  {phase.name} epoch {done}/{phase.epochs} done in {row['seconds']} s"
+                          f"{'' if acc is None else f', val_accuracy {acc:.4f}'}",
+                          file=sys.stderr, flush=True)
+
+        return Callback()
+
+
+def _prune_history(run: Path, keep_epochs: int) -> None:
+    """Drops history rows of epochs that were in flight when a run was killed."""
+    hist = run / "history.csv"
+    if not hist.exists():
+        return
+    with open(hist) as f:
+        rows = list(csv.DictReader(f))
+    if len(rows) == keep_epochs:
+        return
+    rows = rows[:keep_epochs]
+    cols = ["epoch", "phase", "phase_epoch", "seconds", "loss", "accuracy", "val_loss",
+            "val_accuracy"]
+    buf = [",".join(cols)] + [",".join(str(r.get(c, "")) for c in cols) for r in rows]
+    _atomic_write(hist, "\n".join(buf) + "\n")
+
+
+# --- training ------------------------------------------------------------------------------------
+
+def _datasets(cfg: TrainConfig, size: int):
+    train_folder = scan_folder(cfg.data, (size, size), strict=cfg.strict)
+    names = list(train_folder.class_names)
+    skipped = list(train_folder.skipped)
+    if cfg.val_data:
+        val_folder = scan_folder(cfg.val_data, (size, size), class_names=names, strict=cfg.strict)
+        train_items, val_items = list(train_folder.items), list(val_folder.items)
+        skipped += list(val_folder.skipped)
+    else:
+        frac = cfg.val_split if cfg.val_split is not None else 0.2
+        train_items, val_items = stratified_split(train_folder.items, frac, cfg.seed)
+    if not val_items:
+        raise EdgetlError(f"no validation images: '{cfg.data}' is too small for --val-split; add "
+                          "images or pass --val-data DIR")
+    return names, train_items, val_items, skipped
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Runs (or resumes) a training run and writes its run directory.
+
+    Raises:
+        EdgetlError: for bad input, before anything is written where possible.
+    """
+    cfg.check()
+    if cfg.base_model is None:
+        backbones.get_backbone(cfg.backbone)  # unknown names fail before any data is read
+    run, cfg, state = _prepare_run_dir(cfg)
+    created = not cfg.resume
+    try:
+        return _train(cfg, run, state)
+    except EdgetlError:
+        if created and not (run / "state.json").exists():
+            shutil.rmtree(run, ignore_errors=True)  # nothing half-written for a refused run
+        raise
+
+
+def _train(cfg: TrainConfig, run: Path, state: dict | None) -> TrainResult:
+    from edgetl.keras import keras, tf, versions
+
+    spec = None if cfg.base_model else backbones.get_backbone(cfg.backbone)
+    size = resolve_size(cfg, spec)
+    names, train_items, val_items, skipped = _datasets(cfg, size)
+    log = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    if skipped:
+        log(f"skipped {len(skipped)} unreadable file(s), e.g. {skipped[0][0]}: {skipped[0][1]}")
+
+    model, n_base, spec = build_model(cfg, len(names), size)
+    prep = backbones.preprocessing(spec) if spec else _base_model_prep(cfg)
+    if not cfg.resume:
+        config = {
+            "run_format": RUN_FORMAT,
+            "train": cfg.to_dict(),
+            "backbone": spec.name if spec else "custom",
+            "input_size": size,
+            "preprocessing": prep,
+            "class_names": names,
+            "n_base_layers": n_base,
+            "data_hash": list_hash(train_items + val_items),
+            "counts": {"train": len(train_items), "val": len(val_items),
+                       "skipped": len(skipped)},
+            "versions": versions(),
+        }
+        _atomic_write(run / "config.json", json.dumps(config, indent=2))
+        _atomic_write(run / "labels.txt", "\n".join(names) + "\n")
+        _atomic_write(run / "split.json", json.dumps(
+            {"train": train_items, "val": val_items, "skipped": skipped}, indent=1))
+    else:
+        split = json.loads((run / "split.json").read_text())
+        train_items = [tuple(x) for x in split["train"]]
+        val_items = [tuple(x) for x in split["val"]]
+
+    train_ds = make_dataset(train_items, (size, size), prep, cfg.batch_size, True, cfg.augment,
+                            cfg.seed)
+    val_ds = make_dataset(val_items, (size, size), prep, cfg.batch_size, False, False, cfg.seed)
+    weights = class_weights(train_items, len(names)) if cfg.class_weights == "auto" else None
+
+    plan = phases(cfg)
+    done_phase, done_epoch = (state["phase"], state["epoch"]) if state else (-1, 0)
+    float_model, qat_model = model, None
+    global_epoch = 0
+    for pi, phase in enumerate(plan):
+        if pi < done_phase:  # the newest checkpoint (a later phase) holds the whole model
+            global_epoch += phase.epochs
+            continue
+        set_trainable(float_model, n_base, cfg, phase.unfreeze)
+        current = float_model
+        if phase.qat:
+            current = quantize(float_model, cfg.qat_scope)
+            qat_model = current
+        optimizer = keras.optimizers.Adam(phase.lr)
+        current.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
+                        metrics=["accuracy"])
+        initial = 0
+        if pi == done_phase:
+            ckpt = run / "checkpoints" / state["checkpoint"] / "ckpt"
+            tf.train.Checkpoint(model=current, optimizer=optimizer).read(
+                str(ckpt)).expect_partial()
+            initial = done_epoch
+            _prune_history(run, global_epoch + done_epoch)
+            log(f"resuming {phase.name} after epoch {done_epoch}/{phase.epochs}")
+            if done_epoch >= phase.epochs:
+                global_epoch += phase.epochs
+                if phase.qat:
+                    qat_to_float(current, float_model)
+                continue
+        log(f"phase {pi + 1}/{len(plan)}: {phase.name}, {phase.epochs} epoch(s), lr {phase.lr}"
+            f"{', QAT' if phase.qat else ''}; trainable weights: "
+            f"{sum(int(tf.size(w)) for w in current.trainable_weights):,}")
+        callback = _EpochEnd.make(run, pi, phase, current, optimizer, cfg.quiet, global_epoch)
+        current.fit(train_ds, validation_data=val_ds, epochs=phase.epochs, initial_epoch=initial,
+                    class_weight=weights, callbacks=[callback],
+                    verbose=0 if cfg.quiet else (1 if sys.stderr.isatty() else 2))
+        global_epoch += phase.epochs
+        if phase.qat:
+            qat_to_float(current, float_model)
+
+    final = qat_model if qat_model is not None else float_model
+    metrics = evaluate_keras(final, val_ds, names)
+    metrics["model"] = "qat" if qat_model is not None else "float"
+    _save_model(float_model, run / "model.keras")
+    if qat_model is not None:
+        _save_model(qat_model, run / "qat.keras")
+    _atomic_write(run / "metrics.json", json.dumps(metrics, indent=2))
+    _atomic_write(run / "state.json", json.dumps({"phase": len(plan) - 1,
+                                                  "epoch": plan[-1].epochs,
+                                                  "checkpoint": (json.loads(
+                                                      (run / "state.json").read_text()) or {}
+                                                  ).get("checkpoint"), "complete": True}))
+    log(f"val accuracy {metrics['accuracy']:.4f} ({metrics['model']} model); run: {run}")
+    return TrainResult(str(run), metrics["accuracy"], global_epoch, qat_model is not None)
+
+
+def _base_model_prep(cfg: TrainConfig) -> dict:
+    from edgetl.basemodel import base_model_preprocessing
+
+    return base_model_preprocessing(cfg.base_model)
+
+
+def _save_model(model, path: Path) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    model.save(str(tmp))
+    os.replace(tmp, path)
+
+
+def evaluate_keras(model, ds, names: list[str]) -> dict:
+    """Accuracy, per-class accuracy and confusion matrix of a Keras model on a dataset."""
+    import numpy as np
+
+    y_true, y_pred = [], []
+    for x, y in ds:
+        p = model(x, training=False).numpy()
+        y_pred.append(p.argmax(-1))
+        y_true.append(y.numpy())
+    y_true = np.concatenate(y_true)
+    y_pred = np.concatenate(y_pred)
+    k = len(names)
+    cm = np.zeros((k, k), int)
+    for t, p in zip(y_true, y_pred):
+        cm[t, p] += 1
+    per_class = {names[i]: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None)
+                 for i in range(k)}
+    return {"accuracy": float((y_true == y_pred).mean()), "count": int(len(y_true)),
+            "per_class": per_class, "confusion": cm.tolist(), "labels": names}
+
+
+def load_run(run: str | os.PathLike) -> dict:
+    """Reads a run's config.json, refusing what is not a finished edgetl run."""
+    run = Path(run)
+    cfg_file = run / "config.json"
+    if not run.is_dir() or not cfg_file.is_file():
+        raise EdgetlError(f"'{run}' is not an edgetl run directory (no config.json); train one "
+                          "with `edgetl train`")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except ValueError:
+        raise EdgetlError(f"'{cfg_file}' is corrupt (not JSON)") from None
+    if config.get("run_format", 0) > RUN_FORMAT:
+        raise EdgetlError(f"run '{run}' was written by a newer edgetl (run format "
+                          f"{config['run_format']}); upgrade edgetl")
+    if not (run / "model.keras").exists():
+        raise EdgetlError(f"run '{run}' has no model.keras: the run did not finish; continue it "
+                          "with `edgetl train --out RUN --resume`")
+    return config
+
+
+def load_model(path: str | os.PathLike):
+    """Loads a model a run saved (float or QAT)."""
+    from edgetl.keras import keras, quantize_scope
+
+    try:
+        with quantize_scope():
+            return keras.models.load_model(str(path), compile=False)
+    except Exception as e:
+        raise EdgetlError(f"cannot load model '{path}': {str(e).splitlines()[0][:200]}; "
+                          "re-train the run") from None
