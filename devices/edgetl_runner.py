@@ -1,0 +1,2126 @@
+#!/usr/bin/env python3
+"""edgetl runner: time and evaluate a .tflite image classifier on the device it runs on.
+
+One standalone file: the Python standard library, numpy and a TFLite interpreter (ai-edge-litert,
+tflite-runtime or, last resort, TensorFlow). Pillow is needed only to decode images (``--data``).
+The same file is importable as ``edgetl.runner``; training and export verification use it, so the
+device and the workstation see identical pixels and identical quantization.
+
+Usage::
+
+    python3 edgetl_runner.py MODEL.tflite                      # latency, throughput, memory
+    python3 edgetl_runner.py MODEL.tflite --data test/         # + top-1/top-5, per class, confusion
+    python3 edgetl_runner.py MODEL.tflite --delegate edgetpu   # Coral Edge TPU (libedgetpu)
+    python3 edgetl_runner.py mobilenet_quant.tflite --labels labels.txt --data photos/   # third-party
+
+An edgetl model carries its labels and preprocessing in a zip archive appended to the .tflite (the
+TFLite Support "associated files" convention; interpreters ignore trailing bytes). Models without it
+are fed their input "raw" by default (pixels unchanged in the model's input dtype, the convention of
+the official quantized MobileNets); ``--mean``/``--std``/``--bgr``/``--raw`` change that.
+
+Labels rule: a labels file must have one label per model output. A file with exactly one label fewer
+than the outputs is accepted by assuming output 0 is a "background" class (TF-slim/Coral ImageNet
+models have 1001 outputs, many label files 1000 lines); the report says so. Anything else is an error.
+
+Exit codes: 0 success, 2 bad input (one ``error: ...`` line on stderr), 130 interrupted.
+Runs on Python >= 3.9 and numpy >= 1.19.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+import platform
+import struct
+import sys
+import tempfile
+import time
+import warnings
+import zipfile
+
+try:
+    import numpy as np
+except ImportError as _exc:  # pragma: no cover - a device without numpy
+    raise ImportError(
+        "edgetl_runner needs numpy: `pip install numpy` or `sudo apt install python3-numpy`"
+    ) from _exc
+
+__all__ = [
+    "RUNNER_VERSION",
+    "RunnerError",
+    "TensorInfo",
+    "OpInfo",
+    "ModelInfo",
+    "IOInfo",
+    "Model",
+    "check_tflite",
+    "read_model",
+    "attach_metadata",
+    "strip_metadata",
+    "read_metadata",
+    "read_labels",
+    "read_labels_file",
+    "match_labels",
+    "prep_from_metadata",
+    "load_image",
+    "preprocess",
+    "list_images",
+    "benchmark",
+    "evaluate",
+    "machine_info",
+    "memory_info",
+    "build_parser",
+    "run",
+    "format_report",
+    "main",
+]
+
+RUNNER_VERSION = "1"
+METADATA_JSON = "edgetl.json"
+METADATA_LABELS = "labels.txt"
+METADATA_FORMAT = "edgetl"
+METADATA_FORMAT_VERSION = 1
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default: 0.25 GB of RGBA, ~9459 x 9459
+EDGETPU_CUSTOM_OP = "edgetpu-custom-op"
+DELEGATES = ("xnnpack", "edgetpu", "none")
+INTERPRETERS = ("ai_edge_litert", "tflite_runtime", "tensorflow")
+CORAL_README = "devices/coral/README.md"
+
+_MAX_METADATA_MEMBER = 16 * 1024 * 1024
+_ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+class RunnerError(Exception):
+    """Bad input for the runner: the message names the bad value and what to do next.
+
+    ``main()`` prints it as one ``error: ...`` line and exits with code 2.
+    """
+
+    exit_code = 2
+
+
+# --------------------------------------------------------------------------------------------
+# TFLite schema tables (tensorflow/compiler/mlir/lite/schema/schema.fbs)
+# --------------------------------------------------------------------------------------------
+
+# TensorType enum, in value order.
+_TENSOR_TYPES = (
+    "float32 float16 int32 uint8 int64 string bool int16 complex64 int8 float64 complex128 uint64 "
+    "resource variant uint32 uint16 int4 bfloat16 int2 uint4 float8_e4m3fn float8_e5m2"
+).split()
+
+# BuiltinOperator enum, in value order (0..209).
+_BUILTIN_OPS = """
+    ADD AVERAGE_POOL_2D CONCATENATION CONV_2D DEPTHWISE_CONV_2D DEPTH_TO_SPACE DEQUANTIZE
+    EMBEDDING_LOOKUP FLOOR FULLY_CONNECTED HASHTABLE_LOOKUP L2_NORMALIZATION L2_POOL_2D
+    LOCAL_RESPONSE_NORMALIZATION LOGISTIC LSH_PROJECTION LSTM MAX_POOL_2D MUL RELU RELU_N1_TO_1
+    RELU6 RESHAPE RESIZE_BILINEAR RNN SOFTMAX SPACE_TO_DEPTH SVDF TANH CONCAT_EMBEDDINGS
+    SKIP_GRAM CALL CUSTOM EMBEDDING_LOOKUP_SPARSE PAD UNIDIRECTIONAL_SEQUENCE_RNN GATHER
+    BATCH_TO_SPACE_ND SPACE_TO_BATCH_ND TRANSPOSE MEAN SUB DIV SQUEEZE
+    UNIDIRECTIONAL_SEQUENCE_LSTM STRIDED_SLICE BIDIRECTIONAL_SEQUENCE_RNN EXP TOPK_V2 SPLIT
+    LOG_SOFTMAX DELEGATE BIDIRECTIONAL_SEQUENCE_LSTM CAST PRELU MAXIMUM ARG_MAX MINIMUM LESS
+    NEG PADV2 GREATER GREATER_EQUAL LESS_EQUAL SELECT SLICE SIN TRANSPOSE_CONV SPARSE_TO_DENSE
+    TILE EXPAND_DIMS EQUAL NOT_EQUAL LOG SUM SQRT RSQRT SHAPE POW ARG_MIN FAKE_QUANT
+    REDUCE_PROD REDUCE_MAX PACK LOGICAL_OR ONE_HOT LOGICAL_AND LOGICAL_NOT UNPACK REDUCE_MIN
+    FLOOR_DIV REDUCE_ANY SQUARE ZEROS_LIKE FILL FLOOR_MOD RANGE RESIZE_NEAREST_NEIGHBOR
+    LEAKY_RELU SQUARED_DIFFERENCE MIRROR_PAD ABS SPLIT_V UNIQUE CEIL REVERSE_V2 ADD_N GATHER_ND
+    COS WHERE RANK ELU REVERSE_SEQUENCE MATRIX_DIAG QUANTIZE MATRIX_SET_DIAG ROUND HARD_SWISH
+    IF WHILE NON_MAX_SUPPRESSION_V4 NON_MAX_SUPPRESSION_V5 SCATTER_ND SELECT_V2 DENSIFY
+    SEGMENT_SUM BATCH_MATMUL PLACEHOLDER_FOR_GREATER_OP_CODES CUMSUM CALL_ONCE BROADCAST_TO
+    RFFT2D CONV_3D IMAG REAL COMPLEX_ABS HASHTABLE HASHTABLE_FIND HASHTABLE_IMPORT
+    HASHTABLE_SIZE REDUCE_ALL CONV_3D_TRANSPOSE VAR_HANDLE READ_VARIABLE ASSIGN_VARIABLE
+    BROADCAST_ARGS RANDOM_STANDARD_NORMAL BUCKETIZE RANDOM_UNIFORM MULTINOMIAL GELU
+    DYNAMIC_UPDATE_SLICE RELU_0_TO_1 UNSORTED_SEGMENT_PROD UNSORTED_SEGMENT_MAX
+    UNSORTED_SEGMENT_SUM ATAN2 UNSORTED_SEGMENT_MIN SIGN BITCAST BITWISE_XOR RIGHT_SHIFT
+    STABLEHLO_LOGISTIC STABLEHLO_ADD STABLEHLO_DIVIDE STABLEHLO_MULTIPLY STABLEHLO_MAXIMUM
+    STABLEHLO_RESHAPE STABLEHLO_CLAMP STABLEHLO_CONCATENATE STABLEHLO_BROADCAST_IN_DIM
+    STABLEHLO_CONVOLUTION STABLEHLO_SLICE STABLEHLO_CUSTOM_CALL STABLEHLO_REDUCE STABLEHLO_ABS
+    STABLEHLO_AND STABLEHLO_COSINE STABLEHLO_EXPONENTIAL STABLEHLO_FLOOR STABLEHLO_LOG
+    STABLEHLO_MINIMUM STABLEHLO_NEGATE STABLEHLO_OR STABLEHLO_POWER STABLEHLO_REMAINDER
+    STABLEHLO_RSQRT STABLEHLO_SELECT STABLEHLO_SUBTRACT STABLEHLO_TANH STABLEHLO_SCATTER
+    STABLEHLO_COMPARE STABLEHLO_CONVERT STABLEHLO_DYNAMIC_SLICE STABLEHLO_DYNAMIC_UPDATE_SLICE
+    STABLEHLO_PAD STABLEHLO_IOTA STABLEHLO_DOT_GENERAL STABLEHLO_REDUCE_WINDOW STABLEHLO_SORT
+    STABLEHLO_WHILE STABLEHLO_GATHER STABLEHLO_TRANSPOSE DILATE STABLEHLO_RNG_BIT_GENERATOR
+    REDUCE_WINDOW STABLEHLO_COMPOSITE STABLEHLO_SHIFT_LEFT STABLEHLO_CBRT STABLEHLO_CASE
+""".split()
+_CUSTOM_CODE = 32  # BuiltinOperator.CUSTOM
+_PLACEHOLDER_FOR_GREATER_OP_CODES = 127
+
+
+def builtin_op_name(code: int) -> str:
+    """Name of a BuiltinOperator value, e.g. 3 -> ``CONV_2D``; unknown values -> ``BUILTIN_<n>``."""
+    if 0 <= code < len(_BUILTIN_OPS):
+        return _BUILTIN_OPS[code]
+    return "BUILTIN_%d" % code
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of subgraph 0.
+
+    Attributes:
+        index: tensor index in the subgraph.
+        name: tensor name.
+        dtype: ``int8``, ``uint8``, ``float32``, ``int32``, ``int16``, ``float16``, ``int64``, ...
+        shape: dimensions (batch first for activations).
+        scale: quantization scales (one per tensor or per channel); empty when not quantized.
+        zero_point: quantization zero points, same length as ``scale``.
+        quantized_dimension: axis of per-channel quantization.
+        buffer: index of the buffer holding constant data (0: none, i.e. an activation).
+    """
+
+    index: int
+    name: str
+    dtype: str
+    shape: list
+    scale: list
+    zero_point: list
+    quantized_dimension: int = 0
+    buffer: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class OpInfo:
+    """One operator of subgraph 0.
+
+    Attributes:
+        index: execution position.
+        op: builtin name (``CONV_2D``) or custom code (``edgetpu-custom-op``).
+        inputs: tensor indices (-1: optional input left out).
+        outputs: tensor indices.
+        custom: True for custom operators.
+        version: operator version from the operator code.
+    """
+
+    index: int
+    op: str
+    inputs: list
+    outputs: list
+    custom: bool = False
+    version: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What a .tflite holds, read without an interpreter.
+
+    Attributes:
+        version: schema version (3).
+        description: the converter's description string.
+        operator_codes: op name per operator code (``CONV_2D``, ``edgetpu-custom-op``, ...).
+        tensors: subgraph 0 tensors.
+        operators: subgraph 0 operators in execution order.
+        inputs: subgraph 0 input tensor indices.
+        outputs: subgraph 0 output tensor indices.
+        metadata_names: names of the flatbuffer metadata entries (``min_runtime_version``, ...).
+        num_subgraphs: number of subgraphs.
+        num_buffers: number of buffers.
+        min_runtime_version: the ``min_runtime_version`` metadata string, when present.
+        size_bytes: size of the flatbuffer plus anything appended (bytes given to the reader).
+    """
+
+    version: int
+    description: str
+    operator_codes: list
+    tensors: list
+    operators: list
+    inputs: list
+    outputs: list
+    metadata_names: list
+    num_subgraphs: int
+    num_buffers: int = 0
+    min_runtime_version: str = ""
+    size_bytes: int = 0
+
+    @property
+    def input_tensors(self) -> list:
+        return [self.tensors[i] for i in self.inputs]
+
+    @property
+    def output_tensors(self) -> list:
+        return [self.tensors[i] for i in self.outputs]
+
+    @property
+    def op_names(self) -> list:
+        return [op.op for op in self.operators]
+
+    def op_counts(self) -> dict:
+        """``{op name: count}`` over subgraph 0, most frequent first."""
+        counts = {}  # type: dict
+        for op in self.operators:
+            counts[op.op] = counts.get(op.op, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    @property
+    def is_edgetpu(self) -> bool:
+        """True when the model was compiled by ``edgetpu_compiler`` (has an edgetpu-custom-op)."""
+        return any(op.op == EDGETPU_CUSTOM_OP for op in self.operators)
+
+
+# --------------------------------------------------------------------------------------------
+# A bounds-checked flatbuffer reader
+# --------------------------------------------------------------------------------------------
+
+
+class _FlatBuffer:
+    """Reads a flatbuffer; every access is bounds-checked and the total work is capped."""
+
+    def __init__(self, data: bytes, name: str):
+        self.data = data
+        self.n = len(data)
+        self.name = name
+        # Work budget in bytes read: a real file reads each byte about once; mutated files whose
+        # offsets all point at one huge vector would otherwise cost O(n^2).
+        self.budget = 4 * self.n + 65536
+
+    def fail(self, what: str) -> RunnerError:
+        return RunnerError(
+            "%s is truncated or corrupt (%s; the file has %d bytes): re-export or re-copy the model"
+            % (self.name, what, self.n)
+        )
+
+    def need(self, pos: int, size: int, what: str) -> None:
+        if pos < 0 or size < 0 or pos + size > self.n:
+            raise self.fail("%s at offset %d points past the end" % (what, pos))
+        self.budget -= size
+        if self.budget < 0:
+            raise self.fail("its tables reference more data than the file holds")
+
+    def unpack(self, fmt: str, pos: int, what: str):
+        self.need(pos, struct.calcsize(fmt), what)
+        return struct.unpack_from(fmt, self.data, pos)
+
+    def u32(self, pos: int, what: str) -> int:
+        return self.unpack("<I", pos, what)[0]
+
+    def table(self, pos: int, what: str) -> "_Table":
+        return _Table(self, pos, what)
+
+    def root(self) -> "_Table":
+        return self.table(self.u32(0, "root offset"), "root table")
+
+
+class _Table:
+    __slots__ = ("fb", "pos", "what", "vt", "vt_size", "obj_size")
+
+    def __init__(self, fb: _FlatBuffer, pos: int, what: str):
+        self.fb, self.pos, self.what = fb, pos, what
+        soffset = fb.unpack("<i", pos, what)[0]
+        self.vt = pos - soffset
+        self.vt_size, self.obj_size = fb.unpack("<HH", self.vt, what + " vtable")
+        if self.vt_size < 4 or self.vt_size % 2:
+            raise fb.fail("%s has a bad vtable size %d" % (what, self.vt_size))
+        fb.need(self.vt, self.vt_size, what + " vtable")
+        fb.need(pos, max(self.obj_size, 4), what)
+
+    def _field(self, slot: int):
+        at = 4 + 2 * slot
+        if at + 2 > self.vt_size:
+            return None
+        off = struct.unpack_from("<H", self.fb.data, self.vt + at)[0]
+        if off == 0:
+            return None
+        if off >= self.obj_size:
+            raise self.fb.fail("%s field %d lies outside its table" % (self.what, slot))
+        return self.pos + off
+
+    def scalar(self, slot: int, fmt: str, default):
+        p = self._field(slot)
+        if p is None:
+            return default
+        return self.fb.unpack("<" + fmt, p, "%s field %d" % (self.what, slot))[0]
+
+    def _target(self, slot: int, what: str):
+        p = self._field(slot)
+        if p is None:
+            return None
+        return p + self.fb.u32(p, what)
+
+    def string(self, slot: int, what: str) -> str:
+        p = self._target(slot, what)
+        if p is None:
+            return ""
+        length = self.fb.u32(p, what)
+        self.fb.need(p + 4, length, what)
+        return self.fb.data[p + 4 : p + 4 + length].decode("utf-8", "replace")
+
+    def _vector(self, slot: int, elem_size: int, what: str):
+        p = self._target(slot, what)
+        if p is None:
+            return None, 0
+        count = self.fb.u32(p, what)
+        if count > (self.fb.n - p - 4) // elem_size:
+            raise self.fb.fail("%s claims %d elements past the end" % (what, count))
+        return p + 4, count
+
+    def scalars(self, slot: int, fmt: str, what: str) -> list:
+        size = struct.calcsize("<" + fmt)
+        start, count = self._vector(slot, size, what)
+        if not count:
+            return []
+        self.fb.need(start, size * count, what)
+        return list(struct.unpack_from("<%d%s" % (count, fmt), self.fb.data, start))
+
+    def vector_length(self, slot: int, what: str) -> int:
+        """Length of a byte vector, checking that its bytes lie inside the file (not read)."""
+        start, count = self._vector(slot, 1, what)
+        if start is not None and start + count > self.fb.n:
+            raise self.fb.fail("%s points past the end" % what)
+        return count
+
+    def tables(self, slot: int, what: str) -> list:
+        start, count = self._vector(slot, 4, what)
+        if not count:
+            return []
+        self.fb.need(start, 4 * count, what)
+        out = []
+        for i in range(count):
+            p = start + 4 * i
+            out.append(self.fb.table(p + struct.unpack_from("<I", self.fb.data, p)[0], what))
+        return out
+
+
+def _parse_model(data: bytes, name: str) -> ModelInfo:
+    """Parse the TFLite schema from ``data`` (identifier already checked)."""
+    fb = _FlatBuffer(data, name)
+    model = fb.root()
+    version = model.scalar(0, "I", 0)
+    description = model.string(3, "model description")
+
+    codes = []
+    versions = []
+    for t in model.tables(1, "operator codes"):
+        deprecated = t.scalar(0, "b", 0)
+        builtin = t.scalar(3, "i", 0)
+        code = max(deprecated, builtin)
+        if code == _CUSTOM_CODE:
+            codes.append(t.string(1, "custom op code") or "CUSTOM")
+        else:
+            codes.append(builtin_op_name(code))
+        versions.append(t.scalar(2, "i", 1))
+
+    subgraphs = model.tables(2, "subgraphs")
+    tensors = []
+    operators = []
+    inputs = []  # type: list
+    outputs = []  # type: list
+    if subgraphs:
+        sg = subgraphs[0]
+        for i, t in enumerate(sg.tables(0, "tensors")):
+            type_code = t.scalar(1, "b", 0)
+            dtype = (
+                _TENSOR_TYPES[type_code]
+                if 0 <= type_code < len(_TENSOR_TYPES)
+                else "unknown(%d)" % type_code
+            )
+            scale, zero_point, qdim = [], [], 0  # type: list, list, int
+            qp = t._target(4, "tensor quantization")
+            if qp is not None:
+                q = fb.table(qp, "tensor quantization")
+                scale = q.scalars(2, "f", "quantization scale")
+                zero_point = q.scalars(3, "q", "quantization zero point")
+                qdim = q.scalar(6, "i", 0)
+            tensors.append(
+                TensorInfo(
+                    index=i,
+                    name=t.string(3, "tensor name"),
+                    dtype=dtype,
+                    shape=t.scalars(0, "i", "tensor shape"),
+                    scale=[float(s) for s in scale],
+                    zero_point=[int(z) for z in zero_point],
+                    quantized_dimension=qdim,
+                    buffer=t.scalar(2, "I", 0),
+                )
+            )
+        n_tensors = len(tensors)
+
+        def check_indices(indices: list, what: str, optional: bool) -> list:
+            for k in indices:
+                if not (0 <= k < n_tensors or (optional and k == -1)):
+                    raise fb.fail("%s refers to tensor %d of %d" % (what, k, n_tensors))
+            return indices
+
+        inputs = check_indices(sg.scalars(1, "i", "subgraph inputs"), "subgraph input", False)
+        outputs = check_indices(sg.scalars(2, "i", "subgraph outputs"), "subgraph output", False)
+        for i, o in enumerate(sg.tables(3, "operators")):
+            opcode = o.scalar(0, "I", 0)
+            if opcode >= len(codes):
+                raise fb.fail("operator %d uses operator code %d of %d" % (i, opcode, len(codes)))
+            operators.append(
+                OpInfo(
+                    index=i,
+                    op=codes[opcode],
+                    inputs=check_indices(o.scalars(1, "i", "operator inputs"), "operator", True),
+                    outputs=check_indices(o.scalars(2, "i", "operator outputs"), "operator", True),
+                    custom=codes[opcode] not in _BUILTIN_OPS,
+                    version=versions[opcode],
+                )
+            )
+
+    # Buffers: check every data vector (and >2 GB style offset/size) lies inside the file; this
+    # is what catches a truncated copy, whose weights run past the end.
+    buffers = model.tables(4, "buffers")
+    buffer_lengths = []
+    for b in buffers:
+        buffer_lengths.append(b.vector_length(0, "buffer data"))
+        offset = b.scalar(1, "Q", 0)
+        size = b.scalar(2, "Q", 0)
+        if offset > 1 and offset + size > fb.n:
+            raise fb.fail("a buffer at offset %d of %d bytes lies past the end" % (offset, size))
+
+    metadata_names = []
+    min_runtime = ""
+    for m in model.tables(6, "metadata"):
+        meta_name = m.string(0, "metadata name")
+        metadata_names.append(meta_name)
+        index = m.scalar(1, "I", 0)
+        if meta_name == "min_runtime_version" and index < len(buffers):
+            start, count = buffers[index]._vector(0, 1, "buffer data")
+            if start is not None:
+                raw = data[start : start + min(count, 64)]
+                min_runtime = raw.split(b"\0", 1)[0].decode("ascii", "replace")
+
+    return ModelInfo(
+        version=version,
+        description=description,
+        operator_codes=codes,
+        tensors=tensors,
+        operators=operators,
+        inputs=list(inputs),
+        outputs=list(outputs),
+        metadata_names=metadata_names,
+        num_subgraphs=len(subgraphs),
+        num_buffers=len(buffers),
+        min_runtime_version=min_runtime,
+        size_bytes=len(data),
+    )
+
+
+def _read_file(path, what: str = "model file") -> bytes:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise RunnerError("%s not found: %s" % (what, path))
+    if not os.path.isfile(path):
+        raise RunnerError("%s %s is not a file" % (what, path))
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise RunnerError("cannot read %s %s: %s" % (what, path, exc.strerror or exc)) from None
+
+
+def _check_identifier(data: bytes, name: str) -> None:
+    if len(data) < 16:
+        raise RunnerError(
+            "%s is too small to be a TFLite model (%d bytes): re-export or re-copy it"
+            % (name, len(data))
+        )
+    if data[4:8] != b"TFL3":
+        hint = ""
+        if data[:4] == b"PK\x03\x04":
+            hint = " (it is a zip archive)"
+        elif data[:8] == b"\x89HDF\r\n\x1a\n":
+            hint = " (it is a Keras .h5 file: export it to .tflite first)"
+        raise RunnerError(
+            "%s is not a TFLite model (no TFL3 identifier)%s: pass a .tflite file" % (name, hint)
+        )
+
+
+def _model_bytes(path_or_bytes) -> "tuple[bytes, str]":
+    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+        data = bytes(path_or_bytes)
+        name = "the model bytes"
+    else:
+        name = os.fspath(path_or_bytes)
+        data = _read_file(name)
+    _check_identifier(data, name)
+    return data, name
+
+
+def check_tflite(path) -> bytes:
+    """Read a .tflite file and check it is a complete TFLite flatbuffer.
+
+    Args:
+        path: the model file.
+
+    Returns:
+        The file's bytes.
+
+    Raises:
+        RunnerError: missing, not a file, too small, no ``TFL3`` identifier, or truncated/corrupt.
+    """
+    data, name = _model_bytes(path)
+    _parse_model(data, name)
+    return data
+
+
+def read_model(path_or_bytes) -> ModelInfo:
+    """Read a .tflite's ops, tensors and quantization with a pure-Python flatbuffer reader.
+
+    Args:
+        path_or_bytes: a path or the model bytes (an appended metadata archive is ignored).
+
+    Raises:
+        RunnerError: not a TFLite model, truncated or corrupt.
+    """
+    data, name = _model_bytes(path_or_bytes)
+    return _parse_model(data, name)
+
+
+# --------------------------------------------------------------------------------------------
+# Metadata: a zip archive appended to the .tflite
+# --------------------------------------------------------------------------------------------
+
+
+def _has_eocd(data: bytes) -> bool:
+    """True when the bytes end with a zip end-of-central-directory record (+ its comment)."""
+    n = len(data)
+    lo = max(8, n - 22 - 65535)
+    pos = data.rfind(b"PK\x05\x06", lo)
+    while pos >= 0:
+        if pos + 22 <= n and pos + 22 + struct.unpack_from("<H", data, pos + 20)[0] == n:
+            return True
+        pos = data.rfind(b"PK\x05\x06", lo, pos)
+    return False
+
+
+def _corrupt_archive(name: str, exc) -> RunnerError:
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return RunnerError(
+        "%s has a corrupt metadata archive appended (%s): re-export the model" % (name, reason)
+    )
+
+
+def _appended_zip(data: bytes, name: str):
+    """``(start, ZipFile)`` of the zip appended to a model, or ``(len(data), None)``.
+
+    Both layouts are read: member offsets counted from the start of the file (the TFLite Support
+    convention, which this runner writes) and from the start of the archive (plain concatenation).
+    """
+    if len(data) < 8 + 22 or not _has_eocd(data):
+        return len(data), None
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        infos = zf.infolist()
+        if not infos:
+            raise ValueError("the archive is empty")
+        start = min(info.header_offset for info in infos)
+    except Exception as exc:  # zipfile raises many types on corrupt input
+        raise _corrupt_archive(name, exc) from None
+    if start < 8 or data[start : start + 4] != b"PK\x03\x04":
+        raise _corrupt_archive(name, "no local file header at offset %d" % start)
+    return start, zf
+
+
+def strip_metadata(model_bytes: bytes) -> bytes:
+    """The model without any appended zip archive (edgetl metadata or TFLite associated files)."""
+    data, name = _model_bytes(model_bytes)
+    return data[: _appended_zip(data, name)[0]]
+
+
+def _zip_member(info_name: str, payload: bytes) -> "tuple[zipfile.ZipInfo, bytes]":
+    info = zipfile.ZipInfo(info_name, date_time=_ZIP_DATE_TIME)
+    info.compress_type = zipfile.ZIP_STORED  # stored: byte-identical on every zlib version
+    info.create_system = 3
+    info.external_attr = 0o644 << 16
+    return info, payload
+
+
+def attach_metadata(model_bytes: bytes, metadata: dict, labels: list) -> bytes:
+    """Append edgetl metadata (``edgetl.json`` + ``labels.txt`` in a zip) to a .tflite.
+
+    Deterministic: fixed zip timestamps, sorted JSON keys, stored (uncompressed) members. Any zip
+    already appended is removed first, so attaching twice gives the same bytes as attaching once.
+
+    Args:
+        model_bytes: the .tflite bytes.
+        metadata: the metadata dict (``format``/``format_version`` are filled in when missing).
+        labels: one label per model output.
+
+    Returns:
+        The model bytes with the archive appended.
+
+    Raises:
+        RunnerError: not a TFLite model, metadata not JSON-serialisable, a label with a newline.
+    """
+    base = strip_metadata(model_bytes)
+    labels = [str(label) for label in labels]
+    for label in labels:
+        if "\n" in label or "\r" in label:
+            raise RunnerError("label %r contains a line break: labels must be single lines" % label)
+    meta = dict(metadata)
+    meta.setdefault("format", METADATA_FORMAT)
+    meta.setdefault("format_version", METADATA_FORMAT_VERSION)
+    meta["labels"] = labels
+    try:
+        text = json.dumps(meta, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise RunnerError("metadata cannot be written as JSON: %s" % exc) from None
+    members = [
+        _zip_member(METADATA_JSON, (text + "\n").encode("utf-8")),
+        _zip_member(METADATA_LABELS, "".join(label + "\n" for label in labels).encode("utf-8")),
+    ]
+    # Written after the model in one buffer, so member offsets count from the start of the file
+    # as TFLite Support's MetadataPopulator writes them (``unzip -l model.tflite`` works).
+    buf = io.BytesIO()
+    buf.write(base)
+    with zipfile.ZipFile(buf, "w") as zf:
+        for info, payload in members:
+            zf.writestr(info, payload)
+    return buf.getvalue()
+
+
+def _read_zip_members(path_or_bytes):
+    """``(members, name)``: the .json/.txt members of the archive appended to a model (or None)."""
+    data, name = _model_bytes(path_or_bytes)
+    start, zf = _appended_zip(data, name)
+    if zf is None:
+        return None, name
+    members = {}
+    try:
+        with zf:
+            for info in zf.infolist():
+                if not info.filename.lower().endswith((".json", ".txt")):
+                    continue
+                if info.file_size > _MAX_METADATA_MEMBER:
+                    raise ValueError("%s is implausibly large" % info.filename)
+                with zf.open(info) as f:
+                    payload = f.read(_MAX_METADATA_MEMBER + 1)
+                if len(payload) > _MAX_METADATA_MEMBER:
+                    raise ValueError("%s is implausibly large" % info.filename)
+                members[info.filename] = payload
+    except Exception as exc:  # zipfile raises many types on corrupt input
+        raise _corrupt_archive(name, exc) from None
+    return members, name
+
+
+def _decode_labels(payload: bytes, name: str) -> list:
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RunnerError("%s: labels are not UTF-8 text: re-export the model" % name) from None
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return [line.strip() for line in lines]
+
+
+def read_metadata(path_or_bytes) -> "dict | None":
+    """The edgetl metadata dict of a model, with ``labels``; None when it has none.
+
+    Raises:
+        RunnerError: not a TFLite model, or metadata present but corrupt.
+    """
+    members, name = _read_zip_members(path_or_bytes)
+    if not members or METADATA_JSON not in members:
+        return None
+    try:
+        meta = json.loads(members[METADATA_JSON].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise RunnerError("%s: metadata %s is not valid JSON" % (name, METADATA_JSON)) from None
+    if not isinstance(meta, dict) or meta.get("format") != METADATA_FORMAT:
+        raise RunnerError("%s: %s is not edgetl metadata (no format: edgetl)" % (name, METADATA_JSON))
+    fv = meta.get("format_version")
+    if not isinstance(fv, int) or fv > METADATA_FORMAT_VERSION:
+        raise RunnerError(
+            "%s: metadata format_version %r is newer than this runner understands (%d): "
+            "update edgetl_runner.py" % (name, fv, METADATA_FORMAT_VERSION)
+        )
+    if METADATA_LABELS in members:
+        meta["labels"] = _decode_labels(members[METADATA_LABELS], name)
+    labels = meta.get("labels")
+    if labels is not None and (
+        not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)
+    ):
+        raise RunnerError("%s: metadata labels are not a list of strings" % name)
+    return meta
+
+
+def read_labels(path_or_bytes) -> "list | None":
+    """The labels a model carries, or None.
+
+    edgetl metadata first; otherwise a TFLite Support associated labels file (the only ``.txt``
+    member, or the one whose name contains ``label``), as in Google's official models.
+    """
+    labels, _ = _labels_and_source(path_or_bytes)
+    return labels
+
+
+def _labels_and_source(path_or_bytes):
+    members, name = _read_zip_members(path_or_bytes)
+    if not members:
+        return None, None
+    if METADATA_JSON in members:
+        meta = read_metadata(path_or_bytes)
+        return (meta or {}).get("labels"), "edgetl metadata"
+    texts = sorted(k for k in members if k.lower().endswith(".txt"))
+    named = [k for k in texts if "label" in k.lower()]
+    pick = named if len(named) == 1 else texts
+    if len(pick) != 1:
+        return None, None
+    return _decode_labels(members[pick[0]], name), "associated file " + pick[0]
+
+
+def read_labels_file(path) -> list:
+    """Read a labels file: one label per line, or Coral's ``<index> <label>`` lines.
+
+    Trailing blank lines are ignored. When every line starts with a number followed by a space,
+    tab or colon, the number is the output index (gaps are filled with ``#<index>``).
+    """
+    data = _read_file(path, "labels file")
+    name = os.fspath(path)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise RunnerError("labels file %s is not UTF-8 text" % name) from None
+    lines = [line.strip() for line in text.splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        raise RunnerError("labels file %s is empty: write one label per line" % name)
+    indexed = {}
+    for line in lines:
+        head, sep, rest = line.replace(":", " ", 1).partition(" ")
+        if not (sep and head.isdigit() and rest.strip()) or int(head) in indexed:
+            indexed = {}
+            break
+        indexed[int(head)] = rest.strip()
+    if indexed and len(indexed) == len(lines) and max(indexed) < 4 * len(lines) + 16:
+        return [indexed.get(i, "#%d" % i) for i in range(max(indexed) + 1)]
+    return lines
+
+
+def match_labels(labels: list, num_outputs: int, source: str) -> "tuple[list, str]":
+    """Apply the labels rule: exact count, or one fewer with output 0 taken as background.
+
+    Returns:
+        ``(labels, note)``; the note is empty unless a background label was assumed.
+    """
+    if len(labels) == num_outputs:
+        return list(labels), ""
+    if len(labels) == num_outputs - 1 and num_outputs > 1:
+        return ["background"] + list(labels), (
+            "%s has %d labels for %d outputs: output 0 is taken as background"
+            % (source, len(labels), num_outputs)
+        )
+    raise RunnerError(
+        "%s has %d labels but the model has %d outputs: give one label per output "
+        "(or one fewer when output 0 is a background class)" % (source, len(labels), num_outputs)
+    )
+
+
+def prep_from_metadata(metadata: dict) -> dict:
+    """The preprocessing dict (mean, std, channel_order, resize) from edgetl metadata."""
+    inp = metadata.get("input") or {}
+    if not isinstance(inp, dict):
+        raise RunnerError("model metadata 'input' is not a mapping: re-export the model")
+    prep = {
+        "mean": inp.get("mean", [0.0, 0.0, 0.0]),
+        "std": inp.get("std", [1.0, 1.0, 1.0]),
+        "channel_order": inp.get("channel_order", "RGB"),
+        "resize": inp.get("resize", "bilinear"),
+    }
+    _check_prep(prep, "model metadata")
+    return prep
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------
+
+_RESAMPLE_NAMES = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+
+
+def _pil():
+    try:
+        from PIL import Image, ImageOps
+    except ImportError:
+        raise RunnerError(
+            "decoding images needs Pillow: `pip install pillow` or `sudo apt install python3-pil`"
+        ) from None
+    return Image, ImageOps
+
+
+def _to_rgb(img, Image):
+    """Any Pillow mode -> RGB; 16-bit and 32-bit modes are scaled to 8 bits, not clipped."""
+    np_mod = np
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np_mod.asarray(img)
+        if mode.startswith("I;16") or mode == "I":
+            # 16-bit data (PNG/TIFF); "I" images outside 0..65535 are clipped to it.
+            a = np_mod.clip(a.astype(np_mod.float64), 0, 65535) * (255.0 / 65535.0)
+        else:
+            a = np_mod.nan_to_num(a.astype(np_mod.float64))
+            a = a * 255.0 if a.size and a.min() >= 0.0 and a.max() <= 1.0 else a
+            a = np_mod.clip(a, 0, 255)
+        grey = Image.fromarray(np_mod.round(a).astype(np_mod.uint8), "L")
+        return grey.convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def load_image(path, size: "tuple[int, int]", resample: str = "bilinear") -> np.ndarray:
+    """Decode one image to RGB uint8 pixels of shape ``(height, width, 3)``.
+
+    EXIF orientation is applied, the first frame of an animation is used, any mode becomes RGB
+    (16-bit scaled, not clipped) and the image is resized with Pillow (``reducing_gap=None``).
+    Training and the device both call this, so they see identical pixels.
+
+    Args:
+        path: image file.
+        size: ``(height, width)``.
+        resample: ``bilinear`` (default), ``nearest``, ``bicubic``, ``lanczos``, ``box``, ``hamming``.
+
+    Raises:
+        RunnerError: unreadable, truncated, not an image, or a decompression bomb.
+    """
+    Image, ImageOps = _pil()
+    height, width = int(size[0]), int(size[1])
+    if resample not in _RESAMPLE_NAMES:
+        raise RunnerError(
+            "unknown resize method %r: use one of %s" % (resample, ", ".join(_RESAMPLE_NAMES))
+        )
+    filters = getattr(Image, "Resampling", Image)
+    method = getattr(filters, resample.upper())
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    name = os.fspath(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(name) as img:
+                img.seek(0)
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                img = _to_rgb(img, Image)
+                if img.size != (width, height):
+                    img = img.resize((width, height), method, reducing_gap=None)
+                pixels = np.asarray(img, dtype=np.uint8)
+    except RunnerError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise RunnerError(
+            "%s is too large to decode safely (over %d pixels): resize it first"
+            % (name, MAX_IMAGE_PIXELS)
+        ) from None
+    except FileNotFoundError:
+        raise RunnerError("image not found: %s" % name) from None
+    except MemoryError:
+        raise RunnerError("%s is too large to decode in memory" % name) from None
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, ...
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RunnerError("cannot read image %s: %s" % (name, reason)) from None
+    if pixels.shape != (height, width, 3):
+        raise RunnerError("cannot read image %s: decoded to shape %s" % (name, pixels.shape))
+    return pixels
+
+
+def _check_prep(prep: dict, source: str) -> None:
+    for key in ("mean", "std"):
+        values = prep.get(key)
+        if values is None:
+            continue
+        try:
+            arr = np.asarray(values, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            raise RunnerError("%s: %s %r is not a list of numbers" % (source, key, values)) from None
+        if arr.size not in (1, 3) or not np.all(np.isfinite(arr)):
+            raise RunnerError(
+                "%s: %s %r must be 1 or 3 finite numbers" % (source, key, values)
+            )
+        if key == "std" and np.any(arr == 0):
+            raise RunnerError("%s: std %r contains 0" % (source, values))
+    order = str(prep.get("channel_order", "RGB")).upper()
+    if order not in ("RGB", "BGR"):
+        raise RunnerError("%s: channel_order %r must be RGB or BGR" % (source, order))
+    resize = prep.get("resize", "bilinear")
+    if resize not in _RESAMPLE_NAMES:
+        raise RunnerError(
+            "%s: resize %r is not one of %s" % (source, resize, ", ".join(_RESAMPLE_NAMES))
+        )
+
+
+def preprocess(pixels_uint8: np.ndarray, prep: "dict | None") -> np.ndarray:
+    """Pixels -> model input floats: optional RGB->BGR, then ``(x - mean) / std`` per channel.
+
+    Args:
+        pixels_uint8: ``(h, w, 3)`` or ``(n, h, w, 3)`` RGB pixels.
+        prep: ``{"mean": [...], "std": [...], "channel_order": "RGB"|"BGR"}`` (mean/std in the final
+            channel order); None means raw 0..255 floats.
+
+    Returns:
+        float32 array of the same shape.
+    """
+    x = np.asarray(pixels_uint8)
+    if x.ndim not in (3, 4) or x.shape[-1] != 3:
+        raise RunnerError("expected RGB pixels of shape (h, w, 3) or (n, h, w, 3), got %s" % (x.shape,))
+    x = x.astype(np.float32)
+    if not prep:
+        return x
+    _check_prep(prep, "preprocessing")
+    if str(prep.get("channel_order", "RGB")).upper() == "BGR":
+        x = x[..., ::-1]
+    mean = np.asarray(prep.get("mean", [0.0]), dtype=np.float32).reshape(-1)
+    std = np.asarray(prep.get("std", [1.0]), dtype=np.float32).reshape(-1)
+    return ((x - mean) / std).astype(np.float32)
+
+
+def list_images(folder, labels: "list | None" = None):
+    """Find ``folder/<class>/**/<image>`` files.
+
+    Args:
+        folder: one sub-folder per class; images are .jpg .jpeg .png .bmp .gif (any case).
+        labels: the model's labels; sub-folder names are then looked up in it (exact text, then
+            case-insensitive, then the text before the first comma, then a plain output index).
+
+    Returns:
+        ``(items, class_names, skipped)``: ``items`` is a sorted list of ``(path, class_index)``,
+        ``class_names`` the labels (or the sorted folder names), ``skipped`` a list of
+        ``(path, reason)`` for files that are not images.
+
+    Raises:
+        RunnerError: folder missing or without images, or a folder name not among the labels.
+    """
+    root = os.fspath(folder)
+    if not os.path.isdir(root):
+        raise RunnerError(
+            "data folder not found: %s (give a folder with one sub-folder of images per class)" % root
+        )
+    try:
+        entries = sorted(os.listdir(root))
+    except OSError as exc:
+        raise RunnerError("cannot list data folder %s: %s" % (root, exc.strerror or exc)) from None
+    skipped = []
+    class_dirs = []
+    for entry in entries:
+        if entry.startswith("."):
+            continue
+        full = os.path.join(root, entry)
+        if os.path.isdir(full):
+            class_dirs.append(entry)
+        else:
+            skipped.append((full, "not in a class sub-folder"))
+    if not class_dirs:
+        raise RunnerError(
+            "data folder %s has no class sub-folders: put each class's images in a sub-folder "
+            "named after the class" % root
+        )
+
+    if labels is None:
+        class_names = list(class_dirs)
+        index_of = {name: i for i, name in enumerate(class_names)}
+    else:
+        class_names = list(labels)
+        index_of, unknown = _folder_label_indices(class_dirs, class_names)
+        if unknown:
+            shown = ", ".join(repr(u) for u in unknown[:10])
+            more = " and %d more" % (len(unknown) - 10) if len(unknown) > 10 else ""
+            raise RunnerError(
+                "data folder %s has sub-folders that match no label: %s%s; name each sub-folder "
+                "after a label (or its output index)" % (root, shown, more)
+            )
+
+    items = []
+    for d in class_dirs:
+        for path in _walk_images(os.path.join(root, d), skipped):
+            items.append((path, index_of[d]))
+    if not items:
+        raise RunnerError(
+            "data folder %s has no images (%s) in its class sub-folders"
+            % (root, " ".join(IMAGE_EXTENSIONS))
+        )
+    return items, class_names, skipped
+
+
+def _folder_label_indices(folders: list, labels: list):
+    exact, lower, first = {}, {}, {}  # type: dict, dict, dict
+    for i, label in enumerate(labels):
+        exact.setdefault(label, []).append(i)
+        lower.setdefault(label.lower(), []).append(i)
+        first.setdefault(label.split(",")[0].strip().lower(), []).append(i)
+    index_of, unknown = {}, []
+    for d in folders:
+        for table, key in ((exact, d), (lower, d.lower()), (first, d.lower())):
+            hits = table.get(key)
+            if hits:
+                if len(hits) > 1:
+                    raise RunnerError(
+                        "sub-folder %r matches labels %s: rename it to the output index you "
+                        "mean, e.g. %r" % (d, hits, str(hits[0]))
+                    )
+                index_of[d] = hits[0]
+                break
+        else:
+            if d.isdigit() and int(d) < len(labels):
+                index_of[d] = int(d)
+            else:
+                unknown.append(d)
+    return index_of, unknown
+
+
+def _walk_images(top: str, skipped: list) -> list:
+    found = []
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+            key = (st.st_dev, st.st_ino)
+        except OSError:
+            key = os.path.realpath(dirpath)
+        if key in seen:  # a symlink loop or a second link to the same folder
+            dirnames[:] = []
+            continue
+        seen.add(key)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fn in sorted(filenames):
+            if fn.startswith("."):
+                continue
+            path = os.path.join(dirpath, fn)
+            if fn.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(path)
+            else:
+                skipped.append((path, "not an image file (%s)" % " ".join(IMAGE_EXTENSIONS)))
+    return sorted(found)
+
+
+# --------------------------------------------------------------------------------------------
+# Interpreter
+# --------------------------------------------------------------------------------------------
+
+
+def _version_of(module, dist: str) -> str:
+    version = getattr(module, "__version__", None)
+    if version:
+        return str(version)
+    try:
+        from importlib import metadata as importlib_metadata
+
+        return importlib_metadata.version(dist)
+    except Exception:
+        return "unknown"
+
+
+def _import_interpreter(preferred: "str | None" = None):
+    """``(name, version, Interpreter, load_delegate, OpResolverType or None)`` of the first found."""
+    order = INTERPRETERS if preferred in (None, "", "auto") else (preferred,)
+    if preferred not in (None, "", "auto") and preferred not in INTERPRETERS:
+        raise RunnerError(
+            "unknown interpreter %r: use one of auto, %s" % (preferred, ", ".join(INTERPRETERS))
+        )
+    tried = []
+    for name in order:
+        try:
+            if name == "ai_edge_litert":
+                import ai_edge_litert
+                from ai_edge_litert import interpreter as mod
+
+                version = _version_of(ai_edge_litert, "ai-edge-litert")
+                return name, version, mod.Interpreter, mod.load_delegate, getattr(
+                    mod, "OpResolverType", None
+                )
+            if name == "tflite_runtime":
+                import tflite_runtime
+                from tflite_runtime import interpreter as mod
+
+                version = _version_of(tflite_runtime, "tflite-runtime")
+                return name, version, mod.Interpreter, mod.load_delegate, getattr(
+                    mod, "OpResolverType", None
+                )
+            import tensorflow as tf  # last resort: heavy
+
+            exp = tf.lite.experimental
+            return "tensorflow.lite", tf.__version__, tf.lite.Interpreter, exp.load_delegate, getattr(
+                exp, "OpResolverType", None
+            )
+        except Exception as exc:  # ImportError, or a broken install (numpy ABI mismatch, ...)
+            tried.append("%s (%s)" % (name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+    raise RunnerError(
+        "no TFLite interpreter could be imported (tried %s): `pip install ai-edge-litert` "
+        "(64-bit OS) or `pip install tflite-runtime` (32-bit Raspberry Pi OS)" % "; ".join(tried)
+    )
+
+
+def _edgetpu_library() -> str:
+    system = platform.system()
+    if system == "Darwin":
+        return "libedgetpu.1.dylib"
+    if system == "Windows":
+        return "edgetpu.dll"
+    return "libedgetpu.so.1"
+
+
+@contextlib.contextmanager
+def _swallow_unraisable():
+    """Silence 'Exception ignored in Delegate.__del__' noise from a failed load_delegate."""
+    hook = getattr(sys, "unraisablehook", None)
+    if hook is not None:
+        sys.unraisablehook = lambda unraisable: None
+    try:
+        yield
+    finally:
+        import gc
+
+        gc.collect()
+        if hook is not None:
+            sys.unraisablehook = hook
+
+
+def _load_edgetpu_delegate(load_delegate):
+    library = _edgetpu_library()
+    import ctypes
+
+    try:
+        ctypes.CDLL(library)
+    except OSError as exc:
+        raise RunnerError(
+            "cannot load the Edge TPU delegate library %s (%s): install the Edge TPU runtime "
+            "`sudo apt install libedgetpu1-std` from the Coral apt repository (see %s)"
+            % (library, str(exc).splitlines()[0], CORAL_README)
+        ) from None
+    error = None
+    with _swallow_unraisable():
+        try:
+            delegate = load_delegate(library, {})
+        except Exception as exc:
+            error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            delegate = None
+    if delegate is None:
+        raise RunnerError(
+            "the Edge TPU delegate %s loaded but found no usable Edge TPU (%s): plug in the Coral "
+            "USB Accelerator (USB 3 port), check `lsusb` lists it and that you are in the plugdev "
+            "group (see %s)" % (library, error, CORAL_README)
+        )
+    return delegate
+
+
+def _edgetpu_error(name: str) -> RunnerError:
+    return RunnerError(
+        "%s was compiled for the Coral Edge TPU (it contains an %s): run it with "
+        "--delegate edgetpu on a machine with a Coral device and libedgetpu1-std installed "
+        "(see %s), or run the model from before edgetpu_compiler on the CPU"
+        % (name, EDGETPU_CUSTOM_OP, CORAL_README)
+    )
+
+
+def _interpreter_error(name: str, exc: Exception, interpreter: str, what: str) -> RunnerError:
+    text = str(exc)
+    if EDGETPU_CUSTOM_OP in text:
+        return _edgetpu_error(name)
+    marker = "unresolved custom op:"
+    if marker in text.lower():
+        op = text[text.lower().index(marker) + len(marker) :].strip().split()[0].rstrip(".")
+        return RunnerError(
+            "%s cannot run: it uses the custom op %r, which %s does not provide "
+            "(re-export the model with built-in ops only)" % (name, op, interpreter)
+        )
+    first = " ".join(text.split())[:300] or type(exc).__name__
+    return RunnerError("%s: %s failed: %s" % (name, what, first))
+
+
+@dataclasses.dataclass(frozen=True)
+class IOInfo:
+    """The model's input or output tensor as the interpreter sees it.
+
+    Attributes:
+        name: tensor name.
+        index: interpreter tensor index.
+        dtype: numpy dtype name (``uint8``, ``int8``, ``float32``, ...).
+        shape: dimensions.
+        scale: quantization scale (0.0: not quantized).
+        zero_point: quantization zero point.
+    """
+
+    name: str
+    index: int
+    dtype: str
+    shape: list
+    scale: float
+    zero_point: int
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _io_info(detail: dict) -> IOInfo:
+    scale, zero_point = detail.get("quantization", (0.0, 0)) or (0.0, 0)
+    return IOInfo(
+        name=str(detail.get("name", "")),
+        index=int(detail["index"]),
+        dtype=np.dtype(detail["dtype"]).name,
+        shape=[int(d) for d in detail["shape"]],
+        scale=float(scale),
+        zero_point=int(zero_point),
+    )
+
+
+class Model:
+    """A .tflite loaded in the best available interpreter.
+
+    Attributes:
+        path: the model file.
+        info: what the flatbuffer holds (``ModelInfo``).
+        metadata: edgetl metadata dict, or None.
+        labels: labels the model carries (edgetl metadata or an associated labels file), or None.
+        labels_source: where ``labels`` came from (``edgetl metadata``, ``associated file ...``).
+        interpreter_name: ``ai_edge_litert``, ``tflite_runtime`` or ``tensorflow.lite``.
+        interpreter_version: its version.
+        delegate: ``xnnpack`` (the interpreter's default), ``edgetpu`` or ``none``.
+        threads: requested thread count (None: the interpreter's default).
+        input: input tensor (``IOInfo``).
+        output: output tensor (``IOInfo``).
+        load_seconds: time to build the interpreter and allocate its tensors.
+        first_invoke_ms: duration of the first invoke (None until one ran).
+        notes: things the report should mention (e.g. a delegate option the interpreter lacks).
+    """
+
+    def __init__(
+        self,
+        path,
+        threads: "int | None" = None,
+        delegate: str = "xnnpack",
+        interpreter: "str | None" = None,
+    ):
+        self.path = os.fspath(path)
+        if delegate not in DELEGATES:
+            raise RunnerError("unknown delegate %r: use one of %s" % (delegate, ", ".join(DELEGATES)))
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise RunnerError("threads must be a positive integer, got %r" % (threads,))
+        self.delegate = delegate
+        self.threads = threads
+        self.notes = []  # type: list
+        data = check_tflite(self.path)
+        self.size_bytes = len(data)
+        self.info = _parse_model(data, self.path)
+        self.metadata = read_metadata(data)
+        self.labels, self.labels_source = _labels_and_source(data)
+        if self.info.is_edgetpu and delegate != "edgetpu":
+            raise _edgetpu_error(self.path)
+        if len(self.info.inputs) != 1 or len(self.info.outputs) != 1:
+            raise RunnerError(
+                "%s has %d inputs and %d outputs: the runner handles image classifiers with one "
+                "input and one output" % (self.path, len(self.info.inputs), len(self.info.outputs))
+            )
+        (
+            self.interpreter_name,
+            self.interpreter_version,
+            interpreter_cls,
+            load_delegate,
+            resolver,
+        ) = _import_interpreter(interpreter)
+        t0 = time.perf_counter()
+        kwargs = {"model_content": data}
+        if threads is not None:
+            kwargs["num_threads"] = threads
+        if delegate == "edgetpu":
+            kwargs["experimental_delegates"] = [_load_edgetpu_delegate(load_delegate)]
+            if not self.info.is_edgetpu:
+                self.notes.append(
+                    "the model has no %s (not compiled with edgetpu_compiler): it runs on the CPU"
+                    % EDGETPU_CUSTOM_OP
+                )
+        elif delegate == "none":
+            if resolver is not None and hasattr(resolver, "BUILTIN_WITHOUT_DEFAULT_DELEGATES"):
+                kwargs["experimental_op_resolver_type"] = resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+            else:
+                self.notes.append(
+                    "%s %s cannot disable its default delegates: --delegate none ran with them"
+                    % (self.interpreter_name, self.interpreter_version)
+                )
+        self._data = data  # the interpreter reads the model from this buffer
+        label = "%s %s" % (self.interpreter_name, self.interpreter_version)
+        try:
+            self._interp = interpreter_cls(**kwargs)
+            self._interp.allocate_tensors()
+        except RunnerError:
+            raise
+        except Exception as exc:
+            raise _interpreter_error(self.path, exc, label, "loading the model in " + label) from None
+        self.load_seconds = time.perf_counter() - t0
+        self.input = _io_info(self._interp.get_input_details()[0])
+        self.output = _io_info(self._interp.get_output_details()[0])
+        self.first_invoke_ms = None  # type: float | None
+        self._in_dtype = np.dtype(self.input.dtype)
+        self._out_dtype = np.dtype(self.output.dtype)
+
+    def __repr__(self) -> str:
+        return "Model(%r, interpreter=%s %s, delegate=%s)" % (
+            self.path,
+            self.interpreter_name,
+            self.interpreter_version,
+            self.delegate,
+        )
+
+    # -- sizes --------------------------------------------------------------------------------
+    @property
+    def input_size(self) -> "tuple[int, int]":
+        """``(height, width)`` of the image input."""
+        shape = self.input.shape
+        if len(shape) != 4 or shape[3] != 3:
+            raise RunnerError(
+                "%s input shape %s is not an image batch (n, h, w, 3)" % (self.path, shape)
+            )
+        return int(shape[1]), int(shape[2])
+
+    @property
+    def num_outputs(self) -> int:
+        """Scores per image (the output size without the batch dimension)."""
+        return int(np.prod(self.output.shape[1:])) if len(self.output.shape) > 1 else 1
+
+    # -- preprocessing --------------------------------------------------------------------------
+    def raw_prep(self) -> dict:
+        """Preprocessing that feeds the pixels unchanged in the model's input dtype.
+
+        For a uint8 input the quantized value equals the pixel (the convention of Google's
+        quantized MobileNets); for int8, pixel - 128; for float inputs, 0..255 floats.
+        """
+        mean, std = 0.0, 1.0
+        if self._in_dtype.kind in "iu" and self.input.scale > 0:
+            std = 1.0 / self.input.scale
+            mean = float(self.input.zero_point) + (128.0 if self._in_dtype == np.int8 else 0.0)
+        return {"mean": [mean] * 3, "std": [std] * 3, "channel_order": "RGB", "resize": "bilinear"}
+
+    def default_prep(self) -> dict:
+        """The metadata's preprocessing when present, else :meth:`raw_prep`."""
+        if self.metadata is not None and "input" in self.metadata:
+            return prep_from_metadata(self.metadata)
+        return self.raw_prep()
+
+    def quantize_input(self, x: np.ndarray) -> np.ndarray:
+        """Float model input -> the model's input dtype (quantized with its own parameters)."""
+        x = np.asarray(x, dtype=np.float32)
+        dt = self._in_dtype
+        if dt.kind in "iu":
+            if self.input.scale > 0:
+                x = np.round(x / np.float32(self.input.scale) + np.float32(self.input.zero_point))
+            info = np.iinfo(dt)
+            return np.clip(x, info.min, info.max).astype(dt)
+        return x.astype(dt)
+
+    def dequantize_output(self, y: np.ndarray) -> np.ndarray:
+        if self._out_dtype.kind in "iu" and self.output.scale > 0:
+            return (
+                (y.astype(np.float32) - np.float32(self.output.zero_point))
+                * np.float32(self.output.scale)
+            ).astype(np.float32)
+        return np.asarray(y, dtype=np.float32)
+
+    # -- inference ----------------------------------------------------------------------------
+    def _invoke(self) -> None:
+        try:
+            if self.first_invoke_ms is None:
+                t0 = time.perf_counter_ns()
+                self._interp.invoke()
+                self.first_invoke_ms = (time.perf_counter_ns() - t0) / 1e6
+            else:
+                self._interp.invoke()
+        except Exception as exc:
+            raise _interpreter_error(self.path, exc, self.interpreter_name, "invoke") from None
+
+    def invoke_raw(self, x_in_model_dtype: np.ndarray) -> np.ndarray:
+        """Set the input (already in the model's dtype and shape), invoke, return the raw output."""
+        try:
+            self._interp.set_tensor(self.input.index, x_in_model_dtype)
+        except Exception as exc:
+            raise RunnerError(
+                "%s: cannot set input of shape %s dtype %s (model wants %s %s): %s"
+                % (
+                    self.path,
+                    getattr(x_in_model_dtype, "shape", "?"),
+                    getattr(x_in_model_dtype, "dtype", "?"),
+                    self.input.shape,
+                    self.input.dtype,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                )
+            ) from None
+        self._invoke()
+        return self._interp.get_tensor(self.output.index)
+
+    def predict(self, x_float: np.ndarray) -> np.ndarray:
+        """Scores for one image ``(h, w, 3)`` or a batch ``(n, h, w, 3)`` of preprocessed floats.
+
+        Inputs are quantized with the model's input parameters; outputs dequantized likewise.
+
+        Returns:
+            float32 scores of shape ``(num_outputs,)`` or ``(n, num_outputs)``.
+        """
+        x = np.asarray(x_float)
+        single = x.ndim == len(self.input.shape) - 1
+        if single:
+            x = x[None]
+        if x.ndim != len(self.input.shape) or list(x.shape[1:]) != self.input.shape[1:]:
+            raise RunnerError(
+                "%s: input of shape %s does not fit the model input %s"
+                % (self.path, list(np.asarray(x_float).shape), self.input.shape)
+            )
+        q = self.quantize_input(x)
+        batch = max(1, int(self.input.shape[0]))
+        n = q.shape[0]
+        out = np.empty((n, self.num_outputs), dtype=np.float32)
+        for start in range(0, n, batch):
+            chunk = q[start : start + batch]
+            m = chunk.shape[0]
+            if m < batch:  # pad the last chunk of a fixed-batch model
+                pad = np.zeros((batch - m,) + chunk.shape[1:], dtype=chunk.dtype)
+                chunk = np.concatenate([chunk, pad])
+            y = self.invoke_raw(np.ascontiguousarray(chunk))
+            out[start : start + m] = self.dequantize_output(y.reshape(batch, -1)[:m])
+        return out[0] if single else out
+
+
+# --------------------------------------------------------------------------------------------
+# Benchmark and evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def benchmark(model: Model, runs: int = 200, warmup: int = 20) -> dict:
+    """Time ``invoke()`` alone: the input is set once beforehand, warm-up runs are excluded.
+
+    Returns:
+        ``runs``, ``warmup``, ``first_ms`` and ``min_ms``, ``mean_ms``, ``p50_ms``, ``p90_ms``,
+        ``p99_ms``, ``max_ms``, ``throughput_ips`` (images/s = batch * 1000 / mean).
+    """
+    if not isinstance(runs, int) or runs < 1:
+        raise RunnerError("runs must be at least 1, got %r" % (runs,))
+    if not isinstance(warmup, int) or warmup < 0:
+        raise RunnerError("warmup must be 0 or more, got %r" % (warmup,))
+    rng = np.random.RandomState(0)
+    dt = np.dtype(model.input.dtype)
+    shape = tuple(max(1, d) for d in model.input.shape)
+    if dt.kind in "iu":
+        info = np.iinfo(dt)
+        x = rng.randint(max(info.min, -128), min(info.max, 255) + 1, size=shape).astype(dt)
+    else:
+        x = rng.uniform(-1.0, 1.0, size=shape).astype(dt)
+    model.invoke_raw(x)  # sets the input; the first invoke is timed inside the model
+    invoke = model._interp.invoke
+    clock = time.perf_counter_ns
+    try:
+        for _ in range(warmup):
+            invoke()
+        times = [0] * runs
+        for i in range(runs):
+            t0 = clock()
+            invoke()
+            times[i] = clock() - t0
+    except Exception as exc:
+        raise _interpreter_error(model.path, exc, model.interpreter_name, "invoke") from None
+    ms = np.asarray(times, dtype=np.float64) / 1e6
+    mean = float(ms.mean())
+    batch = max(1, int(model.input.shape[0]))
+    return {
+        "runs": runs,
+        "warmup": warmup,
+        "first_ms": model.first_invoke_ms,
+        "min_ms": float(ms.min()),
+        "mean_ms": mean,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "max_ms": float(ms.max()),
+        "throughput_ips": batch * 1000.0 / mean if mean > 0 else float("inf"),
+        "batch": batch,
+    }
+
+
+def evaluate(
+    model: Model,
+    items: list,
+    prep: "dict | None",
+    class_names: list,
+    batch_size: int = 32,
+) -> dict:
+    """Top-1/top-5 accuracy, per-class accuracy and a confusion matrix over labelled images.
+
+    Images are streamed ``batch_size`` at a time. Unreadable images are skipped and listed.
+
+    Args:
+        model: the loaded model.
+        items: ``(path, class_index)`` pairs; ``class_index`` indexes ``class_names`` and the
+            model outputs.
+        prep: preprocessing dict (see :func:`preprocess`); its ``resize`` names the filter.
+        class_names: one name per model output.
+        batch_size: images decoded at once.
+
+    Returns:
+        ``images``, ``evaluated``, ``skipped``, ``skipped_files`` (``[{path, reason}]``),
+        ``top1``, ``top5`` (None under 5 outputs), ``correct_top1``, ``correct_top5``,
+        ``per_class`` (``[{index, label, total, correct, accuracy}]`` for classes with images),
+        ``confusion_labels`` (rows: true classes with images), ``confusion_columns`` (the same,
+        plus ``(other)`` when a prediction can fall outside them), ``confusion_matrix``,
+        ``predictions`` and ``targets`` (output indices per item, -1 for skipped images).
+    """
+    n_out = model.num_outputs
+    if len(class_names) != n_out:
+        raise RunnerError(
+            "%d class names for a model with %d outputs: give one name per output"
+            % (len(class_names), n_out)
+        )
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise RunnerError("batch_size must be at least 1, got %r" % (batch_size,))
+    for _, c in items:
+        if not 0 <= c < n_out:
+            raise RunnerError("class index %d is outside the model's %d outputs" % (c, n_out))
+    size = model.input_size
+    resample = (prep or {}).get("resize", "bilinear")
+    present = sorted({c for _, c in items})
+    row_of = {c: i for i, c in enumerate(present)}
+    other = len(present) < n_out
+    cols = len(present) + (1 if other else 0)
+    confusion = [[0] * cols for _ in present]
+    predictions = [-1] * len(items)
+    targets = [c for _, c in items]
+    skipped = []
+    correct1 = correct5 = 0
+    k = min(5, n_out)
+
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        pixels, where = [], []
+        for j, (path, _) in enumerate(chunk):
+            try:
+                pixels.append(load_image(path, size, resample))
+                where.append(start + j)
+            except RunnerError as exc:
+                skipped.append({"path": os.fspath(path), "reason": str(exc)})
+        if not pixels:
+            continue
+        scores = model.predict(preprocess(np.stack(pixels), prep))
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        for row, i in enumerate(where):
+            truth = targets[i]
+            pred = int(top[row, 0])
+            predictions[i] = pred
+            correct1 += pred == truth
+            correct5 += truth in top[row]
+            col = row_of.get(pred, len(present))
+            confusion[row_of[truth]][col] += 1
+
+    evaluated = len(items) - len(skipped)
+    per_class = []
+    for c in present:
+        r = confusion[row_of[c]]
+        total = sum(r)
+        per_class.append(
+            {
+                "index": c,
+                "label": class_names[c],
+                "total": total,
+                "correct": r[row_of[c]],
+                "accuracy": r[row_of[c]] / total if total else None,
+            }
+        )
+    labels_present = [class_names[c] for c in present]
+    return {
+        "images": len(items),
+        "evaluated": evaluated,
+        "skipped": len(skipped),
+        "skipped_files": skipped,
+        "top1": correct1 / evaluated if evaluated else None,
+        "top5": (correct5 / evaluated if evaluated else None) if n_out >= 5 else None,
+        "correct_top1": int(correct1),
+        "correct_top5": int(correct5) if n_out >= 5 else None,
+        "num_classes": len(present),
+        "per_class": per_class,
+        "confusion_labels": labels_present,
+        "confusion_columns": labels_present + (["(other)"] if other else []),
+        "confusion_matrix": confusion,
+        "predictions": predictions,
+        "targets": targets,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Machine
+# --------------------------------------------------------------------------------------------
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, "r", encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def memory_info() -> dict:
+    """``peak_rss_mb`` (getrusage) and ``rss_mb`` (/proc/self/status) of this process."""
+    peak = None
+    try:
+        import resource
+
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = maxrss / (1024.0 * 1024.0) if sys.platform == "darwin" else maxrss / 1024.0
+    except (ImportError, OSError, ValueError):
+        pass
+    current = None
+    for line in _read_text("/proc/self/status").splitlines():
+        if line.startswith("VmRSS:"):
+            try:
+                current = int(line.split()[1]) / 1024.0
+            except (IndexError, ValueError):
+                pass
+    return {"peak_rss_mb": peak, "rss_mb": current}
+
+
+def machine_info() -> dict:
+    """CPU, board, architecture, cores, OS, Python and numpy versions, memory use."""
+    cpu = board = hardware = ""
+    for line in _read_text("/proc/cpuinfo").splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key == "model name" and not cpu:
+            cpu = value
+        elif key == "Model" and not board:
+            board = value
+        elif key == "Hardware" and not hardware:
+            hardware = value
+    if not board:
+        board = _read_text("/proc/device-tree/model").strip("\0\n ")
+    os_name = ""
+    for line in _read_text("/etc/os-release").splitlines():
+        if line.startswith("PRETTY_NAME="):
+            os_name = line.split("=", 1)[1].strip().strip('"')
+    if not os_name:
+        os_name = "%s %s" % (platform.system(), platform.release())
+    info = {
+        "cpu": cpu or hardware or board or platform.processor() or platform.machine(),
+        "board": board or None,
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "os": os_name,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
+    info.update(memory_info())
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other bad input
+        raise RunnerError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _ArgumentParser(
+        prog="edgetl_runner.py",
+        description="Time and evaluate a .tflite image classifier on this device "
+        "(edgetl runner %s)." % RUNNER_VERSION,
+        epilog="Exit codes: 0 ok, 2 bad input. Models without edgetl metadata get their pixels "
+        "raw (unchanged in the input dtype) unless --mean/--std are given; --data then needs "
+        "--labels. A labels file with one label fewer than the outputs means output 0 is "
+        "background.",
+    )
+    p.add_argument("model", help="the .tflite model")
+    p.add_argument("--data", help="folder with one sub-folder of images per class: adds accuracy")
+    p.add_argument("--labels", help="labels file (one per line) for models without metadata")
+    p.add_argument("--runs", type=int, default=200, help="timed runs (default 200)")
+    p.add_argument("--warmup", type=int, default=20, help="untimed warm-up runs (default 20)")
+    p.add_argument("--threads", type=int, default=None, help="interpreter threads (default: its own)")
+    p.add_argument(
+        "--delegate",
+        choices=DELEGATES,
+        default="xnnpack",
+        help="xnnpack: the interpreter's default CPU path; edgetpu: Coral (libedgetpu); "
+        "none: plain built-in kernels",
+    )
+    p.add_argument(
+        "--interpreter",
+        choices=("auto",) + INTERPRETERS,
+        default="auto",
+        help="force an interpreter (default: ai_edge_litert, tflite_runtime, tensorflow in order)",
+    )
+    p.add_argument("--mean", type=float, nargs="+", metavar="M", help="per-channel mean (1 or 3)")
+    p.add_argument("--std", type=float, nargs="+", metavar="S", help="per-channel std (1 or 3)")
+    p.add_argument("--raw", action="store_true", help="feed pixels unchanged in the input dtype")
+    p.add_argument("--bgr", action="store_true", help="the model wants BGR channel order")
+    p.add_argument("--batch-size", type=int, default=32, help="images decoded at once (--data)")
+    p.add_argument("--json", metavar="OUT", help="write the full report as JSON")
+    p.add_argument("--quiet", action="store_true", help="print no table (errors still go to stderr)")
+    p.add_argument("--version", action="version", version="edgetl runner %s" % RUNNER_VERSION)
+    return p
+
+
+@contextlib.contextmanager
+def _filtered_native_stderr():
+    """Hide the interpreter's C++ ``INFO:`` lines (printed on fd 2) while a model loads."""
+    try:
+        fd = sys.stderr.fileno()
+        sys.stderr.flush()
+        saved = os.dup(fd)
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield
+        finally:
+            try:
+                sys.stderr.flush()
+            except Exception:
+                pass
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode("utf-8", "replace")
+            rest = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("INFO:")]
+            if rest:
+                sys.stderr.write("\n".join(rest) + "\n")
+
+
+def _resolve_prep(args, model: Model) -> "tuple[dict, str]":
+    if args.raw and (args.mean or args.std):
+        raise RunnerError("--raw feeds pixels unchanged: leave out --mean/--std, or drop --raw")
+    if args.raw:
+        prep, source = model.raw_prep(), "raw pixels (--raw)"
+    elif model.metadata is not None and "input" in model.metadata:
+        prep, source = prep_from_metadata(model.metadata), "edgetl metadata"
+    else:
+        prep, source = model.raw_prep(), "raw pixels (no edgetl metadata)"
+    prep = dict(prep)
+    if args.mean:
+        prep["mean"] = list(args.mean)
+    if args.std:
+        prep["std"] = list(args.std)
+    if args.mean or args.std:
+        source = "--mean/--std flags"
+    if args.bgr:
+        prep["channel_order"] = "BGR"
+        source += ", BGR (--bgr)"
+    _check_prep(prep, "--mean/--std" if (args.mean or args.std) else source)
+    return prep, source
+
+
+def run(options) -> dict:
+    """Run the CLI's work and return the report dict.
+
+    Args:
+        options: the argument list (as for the command line) or a parsed ``argparse.Namespace``.
+
+    Raises:
+        RunnerError: any bad input.
+    """
+    args = options if isinstance(options, argparse.Namespace) else build_parser().parse_args(
+        [str(o) for o in options]
+    )
+    if args.runs < 1:
+        raise RunnerError("--runs must be at least 1, got %d" % args.runs)
+    if args.warmup < 0:
+        raise RunnerError("--warmup must be 0 or more, got %d" % args.warmup)
+    if args.threads is not None and args.threads < 1:
+        raise RunnerError("--threads must be at least 1, got %d" % args.threads)
+    if args.batch_size < 1:
+        raise RunnerError("--batch-size must be at least 1, got %d" % args.batch_size)
+    for flag in ("mean", "std"):
+        values = getattr(args, flag)
+        if values is not None and len(values) not in (1, 3):
+            raise RunnerError("--%s takes 1 or 3 numbers, got %d" % (flag, len(values)))
+
+    quiet_native = getattr(args, "_filter_native_stderr", True)
+    with _filtered_native_stderr() if quiet_native else contextlib.nullcontext():
+        model = Model(
+            args.model,
+            threads=args.threads,
+            delegate=args.delegate,
+            interpreter=None if args.interpreter == "auto" else args.interpreter,
+        )
+    notes = list(model.notes)
+    n_out = model.num_outputs
+
+    labels, labels_source = None, None
+    if args.labels:
+        labels, note = match_labels(read_labels_file(args.labels), n_out, "labels file " + args.labels)
+        labels_source = args.labels
+        if note:
+            notes.append(note)
+        if model.labels is not None:
+            notes.append("--labels replaces the labels stored in the model")
+    elif model.labels is not None:
+        labels, note = match_labels(model.labels, n_out, "the model's " + model.labels_source)
+        labels_source = model.labels_source
+        if note:
+            notes.append(note)
+
+    prep, prep_source = _resolve_prep(args, model)
+    meta_in = (model.metadata or {}).get("input") or {}
+    if meta_in:
+        try:
+            h, w = int(meta_in.get("height", 0)), int(meta_in.get("width", 0))
+        except (TypeError, ValueError):
+            h = w = 0
+        if (h, w) != (0, 0) and [h, w] != list(model.input_size):
+            raise RunnerError(
+                "%s: metadata input size %dx%d does not match the model input %s: re-export it"
+                % (args.model, h, w, model.input.shape)
+            )
+
+    items = class_names = listing_skipped = None
+    if args.data:
+        if labels is None:
+            raise RunnerError(
+                "--data needs class labels: %s has no edgetl metadata, pass --labels FILE"
+                % args.model
+            )
+        model.input_size  # an image model is required for --data
+        items, class_names, listing_skipped = list_images(args.data, labels)
+
+    bench = benchmark(model, runs=args.runs, warmup=args.warmup)
+
+    accuracy = None
+    if items is not None:
+        accuracy = evaluate(model, items, prep, class_names, batch_size=args.batch_size)
+        listed = [{"path": p, "reason": r} for p, r in listing_skipped]
+        accuracy["ignored_files"] = listed
+
+    machine = machine_info()
+    info = model.info
+    report = {
+        "runner": {"name": "edgetl_runner", "version": RUNNER_VERSION},
+        "model": {
+            "path": os.path.abspath(model.path),
+            "size_bytes": model.size_bytes,
+            "name": (model.metadata or {}).get("name"),
+            "has_metadata": model.metadata is not None,
+            "mode": (model.metadata or {}).get("mode"),
+            "ops": len(info.operators),
+            "op_counts": info.op_counts(),
+            "edgetpu": info.is_edgetpu,
+        },
+        "interpreter": {"name": model.interpreter_name, "version": model.interpreter_version},
+        "delegate": model.delegate,
+        "threads": model.threads,
+        "load_ms": model.load_seconds * 1000.0,
+        "first_inference_ms": bench["first_ms"],
+        "latency_ms": {k: bench[k + "_ms"] for k in ("min", "mean", "p50", "p90", "p99", "max")},
+        "throughput_ips": bench["throughput_ips"],
+        "runs": bench["runs"],
+        "warmup": bench["warmup"],
+        "memory": {"peak_rss_mb": machine["peak_rss_mb"], "rss_mb": machine["rss_mb"]},
+        "machine": machine,
+        "input": model.input.as_dict(),
+        "output": model.output.as_dict(),
+        "preprocessing": dict(prep, source=prep_source),
+        "labels": {"source": labels_source, "count": len(labels) if labels else 0},
+        "accuracy": accuracy,
+        "notes": notes,
+    }
+    return report
+
+
+def _fmt_ms(v) -> str:
+    return "-" if v is None else ("%.3f" % v if v < 10 else "%.1f" % v)
+
+
+def _fmt_pct(v) -> str:
+    return "-" if v is None else "%.2f%%" % (100.0 * v)
+
+
+def _fmt_io(d: dict) -> str:
+    q = " scale %.6g zero point %d" % (d["scale"], d["zero_point"]) if d["scale"] else ""
+    return "%s %s%s" % (d["dtype"], d["shape"], q)
+
+
+def format_report(report: dict) -> str:
+    """The report as an aligned text table."""
+    rows = []
+    m = report["model"]
+    mach = report["machine"]
+    lat = report["latency_ms"]
+    prep = report["preprocessing"]
+    rows.append(("model", "%s (%s bytes)" % (m["path"], format(m["size_bytes"], ","))))
+    if m["has_metadata"]:
+        rows.append(("metadata", "edgetl: %s, mode %s" % (m["name"], m["mode"])))
+    else:
+        rows.append(("metadata", "none"))
+    lab = report["labels"]
+    rows.append(("labels", "%d from %s" % (lab["count"], lab["source"]) if lab["source"] else "none"))
+    rows.append(
+        ("interpreter", "%s %s" % (report["interpreter"]["name"], report["interpreter"]["version"]))
+    )
+    rows.append(("delegate", report["delegate"]))
+    rows.append(("threads", "default" if report["threads"] is None else str(report["threads"])))
+    rows.append(("input", _fmt_io(report["input"])))
+    rows.append(("output", _fmt_io(report["output"])))
+    rows.append(
+        (
+            "preprocessing",
+            "%s: mean %s std %s %s"
+            % (
+                prep["source"],
+                [round(float(x), 4) for x in prep["mean"]],
+                [round(float(x), 4) for x in prep["std"]],
+                prep.get("channel_order", "RGB"),
+            ),
+        )
+    )
+    rows.append(("load", "%s ms" % _fmt_ms(report["load_ms"])))
+    rows.append(("first inference", "%s ms" % _fmt_ms(report["first_inference_ms"])))
+    rows.append(
+        (
+            "latency",
+            "min %s  mean %s  p50 %s  p90 %s  p99 %s  max %s ms  (%d runs, %d warm-up)"
+            % tuple(
+                [_fmt_ms(lat[k]) for k in ("min", "mean", "p50", "p90", "p99", "max")]
+                + [report["runs"], report["warmup"]]
+            ),
+        )
+    )
+    rows.append(("throughput", "%.1f images/s" % report["throughput_ips"]))
+    mem = report["memory"]
+    rows.append(
+        (
+            "memory",
+            "peak %s MB RSS (now %s MB)"
+            % (
+                "-" if mem["peak_rss_mb"] is None else "%.1f" % mem["peak_rss_mb"],
+                "-" if mem["rss_mb"] is None else "%.1f" % mem["rss_mb"],
+            ),
+        )
+    )
+    rows.append(
+        (
+            "machine",
+            "%s, %s, %s cores, %s, Python %s, numpy %s"
+            % (
+                (mach["board"] + " / " if mach.get("board") else "") + str(mach["cpu"]),
+                mach["machine"],
+                mach["cores"],
+                mach["os"],
+                mach["python"],
+                mach["numpy"],
+            ),
+        )
+    )
+    acc = report["accuracy"]
+    if acc is not None:
+        rows.append(
+            (
+                "accuracy",
+                "top-1 %s (%d/%d)  top-5 %s"
+                % (_fmt_pct(acc["top1"]), acc["correct_top1"], acc["evaluated"], _fmt_pct(acc["top5"])),
+            )
+        )
+        rows.append(("images", "%d evaluated, %d skipped" % (acc["evaluated"], acc["skipped"])))
+    for note in report["notes"]:
+        rows.append(("note", note))
+    width = max(len(k) for k, _ in rows)
+    lines = ["edgetl runner %s" % report["runner"]["version"]]
+    lines += ["%-*s  %s" % (width, k, v) for k, v in rows]
+
+    if acc is not None:
+        per = acc["per_class"]
+        if per:
+            lines.append("")
+            lines.append("per class accuracy")
+            name_w = min(40, max(len(c["label"]) for c in per))
+            for c in per[:100]:
+                lines.append(
+                    "  %-*s  %7s  (%d/%d)"
+                    % (name_w, c["label"][:name_w], _fmt_pct(c["accuracy"]), c["correct"], c["total"])
+                )
+            if len(per) > 100:
+                lines.append("  ... %d more classes in the JSON report" % (len(per) - 100))
+        cols = acc["confusion_columns"]
+        if acc["confusion_matrix"] and len(cols) <= 20:
+            lines.append("")
+            lines.append("confusion matrix (rows: true class, columns: predicted)")
+            tags = ["c%d" % i for i in range(len(acc["confusion_labels"]))]
+            tags += ["other"] if len(cols) > len(tags) else []
+            cell = max([len(t) for t in tags] + [len(str(v)) for r in acc["confusion_matrix"] for v in r])
+            lines.append("  %-*s  %s" % (5, "", " ".join("%*s" % (cell, t) for t in tags)))
+            for i, r in enumerate(acc["confusion_matrix"]):
+                lines.append(
+                    "  %-5s  %s  %s"
+                    % (tags[i], " ".join("%*d" % (cell, v) for v in r), acc["confusion_labels"][i])
+                )
+        elif acc["confusion_matrix"]:
+            lines.append("confusion matrix: %d classes, see --json" % len(cols))
+        if acc["skipped_files"]:
+            lines.append("")
+            lines.append("skipped images")
+            for s in acc["skipped_files"][:20]:
+                lines.append("  " + s["reason"])
+            if len(acc["skipped_files"]) > 20:
+                lines.append("  ... %d more in the JSON report" % (len(acc["skipped_files"]) - 20))
+    return "\n".join(lines)
+
+
+def _write_json(path: str, report: dict) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise RunnerError("cannot write --json %s: folder %s does not exist" % (path, directory))
+    fd, tmp = tempfile.mkstemp(prefix=".edgetl-report-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, sort_keys=False, default=_json_default)
+            f.write("\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise RunnerError("cannot write --json %s: %s" % (path, exc.strerror or exc)) from None
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError("not JSON serialisable: %r" % type(obj))
+
+
+def _finite(report):
+    """Replace inf/nan (e.g. throughput of a 0 ms mean) by None so the JSON stays standard."""
+    if isinstance(report, dict):
+        return {k: _finite(v) for k, v in report.items()}
+    if isinstance(report, list):
+        return [_finite(v) for v in report]
+    if isinstance(report, float) and not math.isfinite(report):
+        return None
+    return report
+
+
+def main(argv=None) -> int:
+    """Command-line entry point; returns the exit code (0 ok, 2 bad input)."""
+    try:
+        args = build_parser().parse_args(argv)
+        if args.json:
+            folder = os.path.dirname(os.path.abspath(args.json))
+            if not os.path.isdir(folder):
+                raise RunnerError("cannot write --json %s: folder %s does not exist" % (args.json, folder))
+        report = _finite(run(args))
+        if args.json:
+            _write_json(args.json, report)
+        if not args.quiet:
+            print(format_report(report))
+            if args.json:
+                print("report written to %s" % args.json)
+        return 0
+    except RunnerError as exc:
+        sys.stdout.flush()
+        print("error: %s" % " ".join(str(exc).split()), file=sys.stderr)
+        return RunnerError.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

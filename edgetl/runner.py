@@ -1,0 +1,1 @@
+../devices/edgetl_runner.py
