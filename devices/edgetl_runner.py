@@ -150,6 +150,25 @@ _BUILTIN_OPS = """
     REDUCE_WINDOW STABLEHLO_COMPOSITE STABLEHLO_SHIFT_LEFT STABLEHLO_CBRT STABLEHLO_CASE
 """.split()
 _CUSTOM_CODE = 32  # BuiltinOperator.CUSTOM
+
+# Field (slot) of fused_activation_function in each op's builtin options table.
+_FUSED_ACTIVATION_SLOT = {
+    "CONV_2D": 3,
+    "DEPTHWISE_CONV_2D": 4,
+    "AVERAGE_POOL_2D": 5,
+    "MAX_POOL_2D": 5,
+    "L2_POOL_2D": 5,
+    "CONCATENATION": 1,
+    "FULLY_CONNECTED": 0,
+    "ADD": 0,
+    "SUB": 0,
+    "MUL": 0,
+    "DIV": 0,
+    "TRANSPOSE_CONV": 3,
+    "CONV_3D": 4,
+    "CONV_3D_TRANSPOSE": 4,
+}
+_ACTIVATIONS = ("NONE", "RELU", "RELU_N1_TO_1", "RELU6", "TANH", "SIGN_BIT")
 _PLACEHOLDER_FOR_GREATER_OP_CODES = 127
 
 
@@ -173,6 +192,7 @@ class TensorInfo:
         zero_point: quantization zero points, same length as ``scale``.
         quantized_dimension: axis of per-channel quantization.
         buffer: index of the buffer holding constant data (0: none, i.e. an activation).
+        shape_signature: shape with -1 for dynamic dimensions; empty when the model has none.
     """
 
     index: int
@@ -183,6 +203,7 @@ class TensorInfo:
     zero_point: list
     quantized_dimension: int = 0
     buffer: int = 0
+    shape_signature: list = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +217,8 @@ class OpInfo:
         outputs: tensor indices.
         custom: True for custom operators.
         version: operator version from the operator code.
+        fused_activation: ``NONE``, ``RELU``, ``RELU6``, ... for ops whose options carry one
+            (convolutions, pooling, fully connected, concatenation, add/sub/mul/div); else "".
     """
 
     index: int
@@ -204,6 +227,7 @@ class OpInfo:
     outputs: list
     custom: bool = False
     version: int = 1
+    fused_activation: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -436,6 +460,7 @@ def _parse_model(data: bytes, name: str) -> ModelInfo:
                     zero_point=[int(z) for z in zero_point],
                     quantized_dimension=qdim,
                     buffer=t.scalar(2, "I", 0),
+                    shape_signature=t.scalars(7, "i", "tensor shape signature"),
                 )
             )
         n_tensors = len(tensors)
@@ -452,6 +477,14 @@ def _parse_model(data: bytes, name: str) -> ModelInfo:
             opcode = o.scalar(0, "I", 0)
             if opcode >= len(codes):
                 raise fb.fail("operator %d uses operator code %d of %d" % (i, opcode, len(codes)))
+            fused = ""
+            slot = _FUSED_ACTIVATION_SLOT.get(codes[opcode])
+            if slot is not None:
+                options = o._target(4, "operator options")
+                code = 0
+                if options is not None:
+                    code = fb.table(options, "operator options").scalar(slot, "b", 0)
+                fused = _ACTIVATIONS[code] if 0 <= code < len(_ACTIVATIONS) else "ACTIVATION_%d" % code
             operators.append(
                 OpInfo(
                     index=i,
@@ -460,6 +493,7 @@ def _parse_model(data: bytes, name: str) -> ModelInfo:
                     outputs=check_indices(o.scalars(2, "i", "operator outputs"), "operator", True),
                     custom=codes[opcode] not in _BUILTIN_OPS,
                     version=versions[opcode],
+                    fused_activation=fused,
                 )
             )
 
@@ -1486,7 +1520,8 @@ def benchmark(model: Model, runs: int = 200, warmup: int = 20) -> dict:
 
     Returns:
         ``runs``, ``warmup``, ``first_ms`` and ``min_ms``, ``mean_ms``, ``p50_ms``, ``p90_ms``,
-        ``p99_ms``, ``max_ms``, ``throughput_ips`` (images/s = batch * 1000 / mean).
+        ``p99_ms``, ``max_ms``, ``throughput_ips`` (images/s = batch * 1000 / mean), ``batch`` and
+        ``runs_ms`` (every timed run, in order).
     """
     if not isinstance(runs, int) or runs < 1:
         raise RunnerError("runs must be at least 1, got %r" % (runs,))
@@ -1528,6 +1563,7 @@ def benchmark(model: Model, runs: int = 200, warmup: int = 20) -> dict:
         "max_ms": float(ms.max()),
         "throughput_ips": batch * 1000.0 / mean if mean > 0 else float("inf"),
         "batch": batch,
+        "runs_ms": [round(float(v), 6) for v in ms],
     }
 
 
@@ -1906,7 +1942,10 @@ def run(options) -> dict:
         "threads": model.threads,
         "load_ms": model.load_seconds * 1000.0,
         "first_inference_ms": bench["first_ms"],
-        "latency_ms": {k: bench[k + "_ms"] for k in ("min", "mean", "p50", "p90", "p99", "max")},
+        "latency_ms": dict(
+            {k: bench[k + "_ms"] for k in ("min", "mean", "p50", "p90", "p99", "max")},
+            runs_ms=bench["runs_ms"],
+        ),
         "throughput_ips": bench["throughput_ips"],
         "runs": bench["runs"],
         "warmup": bench["warmup"],
