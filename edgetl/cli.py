@@ -41,6 +41,10 @@ def _guard(fn, *args, **kwargs):
         _fail("interrupted", 130)
 
 
+def _reraise(e: Exception):
+    raise e
+
+
 @app.command()
 def train(
     data: Path = typer.Option(..., help="Folder with one sub-folder of images per class."),
@@ -109,6 +113,78 @@ def backbones() -> None:
     typer.echo("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:
         typer.echo("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="Training run directory."),
+    int8: bool = typer.Option(False, "--int8", help="Full-integer int8 (calibrated)."),
+    float32: bool = typer.Option(False, "--float32", help="Plain float32."),
+    float16: bool = typer.Option(False, "--float16", help="float16 weights."),
+    dynamic: bool = typer.Option(False, "--dynamic", help="Dynamic-range (int8 weights)."),
+    int16x8: bool = typer.Option(False, "--int16x8", help="int16 activations, int8 weights."),
+    io: IOType = typer.Option(IOType.int8, help="I/O type of integer models."),
+    num_calibration: int = typer.Option(200, help="Calibration images (class-balanced)."),
+    calibration: Optional[Path] = typer.Option(None, help="Your own calibration folder."),
+    calibration_manifest: Optional[Path] = typer.Option(None, help="Replay a calibration."),
+    max_drop: float = typer.Option(2.0, help="Largest accepted top-1 drop, in points."),
+    edgetpu: bool = typer.Option(False, help="Enforce and report Edge TPU compatibility."),
+    debug: bool = typer.Option(False, help="Report the layers with the worst quantization "
+                                           "error."),
+    keep_float: Optional[List[str]] = typer.Option(None, help="Leave this layer in float "
+                                                              "(repeatable)."),
+    name: Optional[str] = typer.Option(None, help="File stem [the run's name]."),
+    seed: int = typer.Option(0, help="Seed of the calibration sample."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the accuracy check."),
+    overwrite: bool = typer.Option(False, help="Replace existing exports."),
+    as_json: bool = typer.Option(False, "--json", help="Print the reports as JSON."),
+) -> None:
+    """Convert a run to TFLite, then prove it: integer-only ops and accuracy parity."""
+    from edgetl.config import ExportConfig
+    from edgetl.errors import VerificationError
+
+    modes = tuple(m for m, on in ((Quantization.int8, int8), (Quantization.float32, float32),
+                                  (Quantization.float16, float16),
+                                  (Quantization.dynamic, dynamic),
+                                  (Quantization.int16x8, int16x8)) if on)
+    cfg = ExportConfig(run=str(run), modes=modes or (Quantization.int8,), io=io,
+                       num_calibration=num_calibration,
+                       calibration=str(calibration) if calibration else None,
+                       calibration_manifest=str(calibration_manifest)
+                       if calibration_manifest else None,
+                       max_drop=max_drop, edgetpu=edgetpu, debug=debug,
+                       keep_float=tuple(keep_float or ()), name=name, seed=seed,
+                       overwrite=overwrite, verify=not no_verify)
+    from edgetl.export import export as run_export, format_reports
+
+    try:
+        result = run_export(cfg)
+    except VerificationError as e:  # written but failed: show the figures, then the reason
+        result = getattr(e, "result", None)
+        if result is not None:
+            typer.echo(json.dumps(result.reports, indent=2) if as_json
+                       else format_reports(result))
+        _fail(str(e), e.exit_code)
+    except Exception as e:
+        _guard(_reraise, e)
+    if as_json:
+        typer.echo(json.dumps(result.reports, indent=2))
+    else:
+        typer.echo(format_reports(result))
+
+
+@app.command()
+def inspect(
+    model: Path = typer.Argument(..., help="A .tflite file (edgetl's or anyone's)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    no_compiler: bool = typer.Option(False, "--no-compiler",
+                                     help="Do not run edgetpu_compiler even if installed."),
+) -> None:
+    """Ops, dtypes, I/O quantization, size, metadata and Edge TPU compatibility of a model."""
+    from edgetl.inspect import format_inspect, inspect_model
+
+    report = _guard(inspect_model, model, compiler=not no_compiler)
+    typer.echo(json.dumps(report, indent=2) if as_json else format_inspect(report))
 
 
 @data_app.command("synth")

@@ -179,12 +179,23 @@ def build_model(cfg: TrainConfig, n_classes: int, size: int):
         x = keras.layers.Dropout(cfg.dropout, name=f"{HEAD_PREFIX}dropout")(x)
     out = keras.layers.Dense(n_classes, activation="softmax", name=f"{HEAD_PREFIX}predictions")(x)
     model = keras.Model(base.inputs, out, name=f"edgetl_{spec.name if spec else 'custom'}")
+    if cfg.weights == "none" and not cfg.base_model:
+        # From scratch, the applications' BatchNorm momentum (0.99-0.999) leaves the moving
+        # statistics near their initial values for thousands of steps, so short runs evaluate
+        # at chance. 0.9 settles within tens of steps.
+        for layer in base.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = min(layer.momentum, 0.9)
     n_base = len(base.layers)
     return model, n_base, spec
 
 
 def set_trainable(model, n_base: int, cfg: TrainConfig, unfreeze: bool) -> int:
-    """Freezes per strategy; BatchNorm layers of the base always stay frozen (inference mode).
+    """Freezes per strategy.
+
+    BatchNorm layers of a pretrained base stay frozen (inference mode) even where the base
+    trains: updating their statistics on a small dataset is the classic fine-tuning trap. With
+    --weights none there are no statistics to protect, so they train with their block.
 
     Returns the index of the first trainable base layer (n_base when the base is frozen).
     """
@@ -206,9 +217,11 @@ def set_trainable(model, n_base: int, cfg: TrainConfig, unfreeze: bool) -> int:
                 raise EdgetlError(f"--unfreeze {n} is larger than the base model "
                                   f"({n_base - 1} layers)")
             start = n_base - n
+    pretrained = cfg.weights != "none" or cfg.base_model is not None
     for i, layer in enumerate(model.layers):
         if i < n_base:
-            layer.trainable = i >= start and not isinstance(layer, keras.layers.BatchNormalization)
+            is_bn = isinstance(layer, keras.layers.BatchNormalization)
+            layer.trainable = i >= start and not (is_bn and pretrained)
         else:
             layer.trainable = True
     return start
