@@ -1736,6 +1736,8 @@ def machine_info() -> dict:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "numpy": np.__version__,
+        # Set by devices/emulate/pi.sh (e.g. "qemu cortex-a72"): timings are then not device latency.
+        "emulated": os.environ.get("EDGETL_EMULATED") or None,
     }
     info.update(memory_info())
     return info
