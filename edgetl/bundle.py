@@ -1,0 +1,224 @@
+"""One folder (or tarball) to copy to a Raspberry Pi or Coral board: runner, model, labels, script.
+
+The bundle needs no edgetl on the device: ``edgetl_runner.py`` is the standalone runner (stdlib +
+numpy + pillow + a LiteRT interpreter) and the model carries its own metadata.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import shlex
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+from edgetl.errors import EdgetlError
+
+RUNNER_NAME = "edgetl_runner.py"
+TAR_SUFFIXES = (".tar.gz", ".tgz")
+EXECUTABLE = ("run.sh", RUNNER_NAME)
+
+REQUIREMENTS = """\
+# What the edgetl runner needs on the device.
+# 64-bit Raspberry Pi OS / Debian 12+ / Python 3.9+: ai-edge-litert (LiteRT, the successor of
+# tflite-runtime). On 32-bit Pi OS (armv7l) ai-edge-litert has no wheels: replace the last line
+# with `tflite-runtime` (which stopped at 2.14, Python <= 3.11).
+numpy
+pillow
+ai-edge-litert
+"""
+
+RUN_SH = """\
+#!/bin/sh
+# Run {model} with the standalone edgetl runner. Arguments are passed on, e.g.
+#   ./run.sh --help
+# The first run creates .venv (with --system-site-packages, so apt's python3-numpy etc. are
+# reused) and installs requirements.txt, unless python3 already has what the runner needs.
+set -eu
+cd "$(dirname "$0")"
+has_deps() {{
+  "$1" -c "import numpy, PIL" >/dev/null 2>&1 || return 1
+  "$1" -c "import ai_edge_litert" >/dev/null 2>&1 || "$1" -c "import tflite_runtime" >/dev/null 2>&1
+}}
+if [ -x .venv/bin/python ]; then
+  PY=.venv/bin/python
+elif has_deps python3; then
+  PY=python3
+else
+  echo "run.sh: creating .venv and installing requirements.txt (first run only)" >&2
+  python3 -m venv --system-site-packages .venv
+  .venv/bin/python -m pip install --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -r requirements.txt
+  PY=.venv/bin/python
+fi
+exec "$PY" {runner} {model_q} "$@"
+"""
+
+README = """\
+edgetl bundle: {model}
+
+Files
+  {model:<24} the model (edgetl metadata embedded: labels, input size, preprocessing)
+  {runner:<24} the standalone runner (Python 3 + numpy + pillow + a LiteRT interpreter)
+{extra}  run.sh                   creates .venv on first use if needed, then runs the runner
+  requirements.txt         numpy, pillow, ai-edge-litert (32-bit Pi OS: tflite-runtime)
+
+Run
+  ./run.sh                      latency, throughput and peak memory on this device
+  ./run.sh --data photos/       + top-1/top-5 accuracy on a folder with one sub-folder per class
+  ./run.sh --json report.json   also write the full report as JSON
+  ./run.sh --help               every option
+  python3 {runner} {model_q}   the same, without run.sh
+
+Coral Edge TPU: install the Edge TPU runtime (libedgetpu1-std, https://coral.ai/software/), then
+  ./run.sh --delegate edgetpu
+with a model compiled by edgetpu_compiler.
+"""
+
+
+def _runner_file() -> Path:
+    """The runner's source file, symlinks resolved (``edgetl/runner.py`` links to ``devices/``)."""
+    from edgetl import runner
+
+    return Path(runner.__file__).resolve()
+
+
+def _is_tar(out: Path) -> bool:
+    return out.name.endswith(TAR_SUFFIXES)
+
+
+def _sidecar(model: Path) -> Path | None:
+    for candidate in (model.with_suffix(".json"), model.with_name(model.name + ".json")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _labels(model: Path) -> list[str] | None:
+    from edgetl import runner
+
+    try:
+        meta = runner.read_metadata(model)
+    except Exception:  # a foreign or damaged zip tail: bundle without labels.txt
+        return None
+    labels = (meta or {}).get("labels")
+    return [str(x) for x in labels] if labels else None
+
+
+def bundle_files(model_path: str | os.PathLike) -> dict[str, bytes]:
+    """Everything that goes into a bundle, by file name.
+
+    Args:
+        model_path: the ``.tflite`` to ship.
+
+    Returns:
+        File name -> content: the runner, the model, its sidecar JSON if any, ``labels.txt``
+        (when the metadata has labels), ``requirements.txt``, ``run.sh`` and ``README.txt``.
+
+    Raises:
+        EdgetlError: the model is missing or not a TFLite file.
+    """
+    from edgetl import runner
+
+    model = Path(model_path)
+    if not model.is_file():
+        raise EdgetlError(f"model file not found: {model}; pass the path of a .tflite file")
+    try:
+        runner.check_tflite(model)
+    except runner.RunnerError as e:
+        raise EdgetlError(str(e)) from e
+    files: dict[str, bytes] = {
+        RUNNER_NAME: _runner_file().read_bytes(),
+        model.name: model.read_bytes(),
+    }
+    extra = ""
+    sidecar = _sidecar(model)
+    if sidecar is not None:
+        files[sidecar.name] = sidecar.read_bytes()
+        extra += f"  {sidecar.name:<24} the export's settings and results (also in the model)\n"
+    labels = _labels(model)
+    if labels:
+        files["labels.txt"] = ("\n".join(labels) + "\n").encode()
+        extra += f"  {'labels.txt':<24} the {len(labels)} class names, one a line\n"
+    model_q = shlex.quote(model.name)
+    files["requirements.txt"] = REQUIREMENTS.encode()
+    files["run.sh"] = RUN_SH.format(model=model.name, model_q=model_q, runner=RUNNER_NAME).encode()
+    files["README.txt"] = README.format(
+        model=model.name, model_q=model_q, runner=RUNNER_NAME, extra=extra
+    ).encode()
+    return files
+
+
+def _write_dir(files: dict[str, bytes], target: Path) -> None:
+    target.mkdir()
+    for name, data in sorted(files.items()):
+        p = target / name
+        p.write_bytes(data)
+        p.chmod(0o755 if name in EXECUTABLE else 0o644)
+
+
+def _write_tar(files: dict[str, bytes], target: Path, root: str) -> None:
+    """A reproducible tar.gz: sorted entries, mtime 0, owner root, fixed modes, bare gzip header."""
+    with open(target, "wb") as raw, gzip.GzipFile(
+        filename="", mode="wb", fileobj=raw, mtime=0
+    ) as gz, tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        top = tarfile.TarInfo(root)
+        top.type, top.mode, top.mtime = tarfile.DIRTYPE, 0o755, 0
+        tar.addfile(top)
+        for name, data in sorted(files.items()):
+            info = tarfile.TarInfo(f"{root}/{name}")
+            info.size, info.mtime = len(data), 0
+            info.mode = 0o755 if name in EXECUTABLE else 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+
+
+def bundle(
+    model_path: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False
+) -> Path:
+    """Write a device bundle: a folder, or a ``.tar.gz``/``.tgz`` when ``out`` ends so.
+
+    The bundle is written under a temporary name next to ``out`` and renamed into place, so an
+    interrupted run never leaves a half bundle. A tarball is reproducible: same inputs, same bytes.
+    Its entries sit in one top folder named after the tarball (``pi.tar.gz`` -> ``pi/``).
+
+    Args:
+        model_path: the ``.tflite`` to ship.
+        out: the folder to create, or a path ending in ``.tar.gz``/``.tgz``.
+        overwrite: replace an existing ``out``.
+
+    Returns:
+        The path written (``out``).
+
+    Raises:
+        EdgetlError: the model is not a TFLite file, ``out`` exists and ``overwrite`` is False,
+            or ``out``'s parent folder does not exist.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise EdgetlError(
+            f"{out} already exists; pass --overwrite to replace it or choose another --out"
+        )
+    if not out.parent.is_dir():
+        raise EdgetlError(f"folder {out.parent} does not exist; create it or choose another --out")
+    files = bundle_files(model_path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        if _is_tar(out):
+            root = out.name[: -len(next(s for s in TAR_SUFFIXES if out.name.endswith(s)))]
+            staged = tmp / out.name
+            _write_tar(files, staged, root or "bundle")
+        else:
+            staged = tmp / "bundle"
+            _write_dir(files, staged)
+        if out.exists():  # overwrite: move the old one aside first, remove it after the swap
+            old = tmp / "old"
+            os.replace(out, old)
+        os.replace(staged, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
