@@ -1993,7 +1993,16 @@ def format_report(report: dict) -> str:
     rows.append(
         ("interpreter", "%s %s" % (report["interpreter"]["name"], report["interpreter"]["version"]))
     )
-    rows.append(("delegate", report["delegate"]))
+    rows.append(
+        (
+            "delegate",
+            {
+                "xnnpack": "xnnpack (the interpreter's default CPU path)",
+                "none": "none (built-in kernels, no default delegates)",
+                "edgetpu": "edgetpu (%s)" % _edgetpu_library(),
+            }.get(report["delegate"], report["delegate"]),
+        )
+    )
     rows.append(("threads", "default" if report["threads"] is None else str(report["threads"])))
     rows.append(("input", _fmt_io(report["input"])))
     rows.append(("output", _fmt_io(report["output"])))

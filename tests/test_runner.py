@@ -310,6 +310,24 @@ def test_edgetpu_error_explains_the_coral_setup():
     assert "unresolved custom op" not in msg
 
 
+def test_delegate_that_loads_but_finds_no_tpu_is_one_clean_error(monkeypatch, capfd):
+    class FakeDelegate:
+        def __init__(self):
+            raise_later = self  # noqa: F841 - like ai_edge_litert's Delegate, fails half-built
+
+        def __del__(self):
+            raise AttributeError("'Delegate' object has no attribute '_library'")
+
+    def load_delegate(library, options=None):
+        FakeDelegate()
+        raise ValueError("Failed to load delegate from " + library)
+
+    monkeypatch.setattr(r, "_edgetpu_library", lambda: "libc.so.6")  # a library that does load
+    with pytest.raises(r.RunnerError, match="found no usable Edge TPU.*Failed to load delegate"):
+        r._load_edgetpu_delegate(load_delegate)
+    assert "Exception ignored" not in capfd.readouterr().err
+
+
 def test_labels_rule_background(imagenet_labels, tmp_path):
     assert r.match_labels(imagenet_labels, 1001, "x") == (imagenet_labels, "")
     labels, note = r.match_labels(imagenet_labels[1:], 1001, "x")
