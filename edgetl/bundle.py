@@ -33,50 +33,61 @@ ai-edge-litert
 
 RUN_SH = """\
 #!/bin/sh
-# Run {model} with the standalone edgetl runner. Arguments are passed on, e.g.
-#   ./run.sh --help
-# The first run creates .venv (with --system-site-packages, so apt's python3-numpy etc. are
-# reused) and installs requirements.txt, unless python3 already has what the runner needs.
+# Run {model} with the standalone edgetl runner; arguments are passed on (./run.sh --help).
+# Relative paths in arguments (--data photos/) are relative to where you run it from.
+# The first run creates .venv next to this script (--system-site-packages, so apt's python3-numpy
+# etc. are reused) and installs requirements.txt, unless python3 already has what is needed.
 set -eu
-cd "$(dirname "$0")"
+HERE=$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)
 has_deps() {{
   "$1" -c "import numpy, PIL" >/dev/null 2>&1 || return 1
   "$1" -c "import ai_edge_litert" >/dev/null 2>&1 || "$1" -c "import tflite_runtime" >/dev/null 2>&1
 }}
-if [ -x .venv/bin/python ]; then
-  PY=.venv/bin/python
+if [ -x "$HERE/.venv/bin/python" ]; then
+  PY="$HERE/.venv/bin/python"
 elif has_deps python3; then
   PY=python3
 else
-  echo "run.sh: creating .venv and installing requirements.txt (first run only)" >&2
-  python3 -m venv --system-site-packages .venv
-  .venv/bin/python -m pip install --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -r requirements.txt
-  PY=.venv/bin/python
+  echo "run.sh: creating $HERE/.venv and installing requirements.txt (first run only)" >&2
+  python3 -m venv --system-site-packages "$HERE/.venv"
+  "$HERE/.venv/bin/python" -m pip install --upgrade pip >/dev/null
+  "$HERE/.venv/bin/python" -m pip install -r "$HERE/requirements.txt"
+  PY="$HERE/.venv/bin/python"
 fi
-exec "$PY" {runner} {model_q} "$@"
+exec "$PY" "$HERE/{runner}" "$HERE/"{model_q} "$@"
 """
+
 
 README = """\
 edgetl bundle: {model}
 
 Files
-  {model:<24} the model (edgetl metadata embedded: labels, input size, preprocessing)
-  {runner:<24} the standalone runner (Python 3 + numpy + pillow + a LiteRT interpreter)
-{extra}  run.sh                   creates .venv on first use if needed, then runs the runner
-  requirements.txt         numpy, pillow, ai-edge-litert (32-bit Pi OS: tflite-runtime)
+  {model}
+      the model; {model_note}
+  {runner}
+      the standalone runner: Python 3 + numpy + pillow + a LiteRT interpreter, no edgetl needed
+{extra}  run.sh
+      creates .venv on first use when python3 lacks the packages, then runs the runner
+  requirements.txt
+      numpy, pillow, ai-edge-litert (32-bit Raspberry Pi OS: tflite-runtime instead)
 
 Run
   ./run.sh                      latency, throughput and peak memory on this device
   ./run.sh --data photos/       + top-1/top-5 accuracy on a folder with one sub-folder per class
   ./run.sh --json report.json   also write the full report as JSON
   ./run.sh --help               every option
-  python3 {runner} {model_q}   the same, without run.sh
+Without run.sh, from this folder: python3 {runner} {model_q} [options]
 
 Coral Edge TPU: install the Edge TPU runtime (libedgetpu1-std, https://coral.ai/software/), then
   ./run.sh --delegate edgetpu
 with a model compiled by edgetpu_compiler.
 """
+
+WITH_METADATA = "edgetl metadata embedded (labels, input size, preprocessing)"
+WITHOUT_METADATA = (
+    "no edgetl metadata: pixels are fed raw unless --mean/--std\n"
+    "      are given, and --data needs --labels FILE"
+)
 
 
 def _runner_file() -> Path:
@@ -97,15 +108,16 @@ def _sidecar(model: Path) -> Path | None:
     return None
 
 
-def _labels(model: Path) -> list[str] | None:
+def _labels(model: Path) -> tuple[bool, list[str] | None]:
+    """(has edgetl metadata, its labels or None)."""
     from edgetl import runner
 
     try:
         meta = runner.read_metadata(model)
-    except Exception:  # a foreign or damaged zip tail: bundle without labels.txt
-        return None
+    except runner.RunnerError as e:  # damaged metadata would fail on the device too
+        raise EdgetlError(str(e)) from e
     labels = (meta or {}).get("labels")
-    return [str(x) for x in labels] if labels else None
+    return meta is not None, ([str(x) for x in labels] if labels else None)
 
 
 def bundle_files(model_path: str | os.PathLike) -> dict[str, bytes]:
@@ -138,16 +150,22 @@ def bundle_files(model_path: str | os.PathLike) -> dict[str, bytes]:
     sidecar = _sidecar(model)
     if sidecar is not None:
         files[sidecar.name] = sidecar.read_bytes()
-        extra += f"  {sidecar.name:<24} the export's settings and results (also in the model)\n"
-    labels = _labels(model)
+        extra += f"  {sidecar.name}\n      the export's settings and verification results\n"
+    has_meta, labels = _labels(model)
     if labels:
         files["labels.txt"] = ("\n".join(labels) + "\n").encode()
-        extra += f"  {'labels.txt':<24} the {len(labels)} class names, one a line\n"
+        extra += (
+            f"  labels.txt\n      the {len(labels)} class names, one a line (as in the model)\n"
+        )
     model_q = shlex.quote(model.name)
     files["requirements.txt"] = REQUIREMENTS.encode()
     files["run.sh"] = RUN_SH.format(model=model.name, model_q=model_q, runner=RUNNER_NAME).encode()
     files["README.txt"] = README.format(
-        model=model.name, model_q=model_q, runner=RUNNER_NAME, extra=extra
+        model=model.name,
+        model_q=model_q,
+        runner=RUNNER_NAME,
+        extra=extra,
+        model_note=WITH_METADATA if has_meta else WITHOUT_METADATA,
     ).encode()
     return files
 

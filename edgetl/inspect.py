@@ -756,7 +756,10 @@ def edgetpu_section(
                 f"{result['cpu_ops']} on CPU"
             )
         return section
-    section["source"] = NO_COMPILER if compiler or path is None else OFFLINE_SOURCE
+    if shutil.which("edgetpu_compiler") is None:
+        section["source"] = NO_COMPILER
+    else:
+        section["source"] = OFFLINE_SOURCE + "; edgetpu_compiler not run"
     reqs_ok = all(r["ok"] for r in section["requirements"])
     if tpu == len(rows) and reqs_ok:
         section["verdict"] = f"should fully map: all {tpu} ops on the Edge TPU"

@@ -89,8 +89,9 @@ def test_bundle_folder_has_everything_and_runs(tmp_path, edgetl_model, photos):
     assert "tflite-runtime" in reqs and "32-bit" in reqs
     run_sh = (out / "run.sh").read_text()
     assert run_sh.startswith("#!/bin/sh\n")
-    assert "--system-site-packages" in run_sh and "pip install -r requirements.txt" in run_sh
-    assert 'edgetl_runner.py mnv1.tflite "$@"' in run_sh
+    assert "--system-site-packages" in run_sh
+    assert 'pip install -r "$HERE/requirements.txt"' in run_sh
+    assert 'exec "$PY" "$HERE/edgetl_runner.py" "$HERE/"mnv1.tflite "$@"' in run_sh
     assert os.access(out / "run.sh", os.X_OK) and os.access(out / "edgetl_runner.py", os.X_OK)
     subprocess.run(["sh", "-n", str(out / "run.sh")], check=True)
     assert "./run.sh --delegate edgetpu" in (out / "README.txt").read_text()
@@ -110,12 +111,15 @@ def test_run_sh_uses_an_existing_venv(tmp_path, edgetl_model):
     py = out / ".venv" / "bin" / "python"
     py.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     py.chmod(0o755)
+    # Run from another folder: relative arguments are the caller's, the bundle finds its files.
     proc = subprocess.run(
-        ["sh", str(out / "run.sh"), "--runs", "1", "--warmup", "0"],
+        ["sh", str(out / "run.sh"), "--runs", "1", "--warmup", "0", "--json", "r.json"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     assert "mnv1.tflite" in proc.stdout and "throughput" in proc.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["model"]["path"] == str(out / "mnv1.tflite")
 
 
 def test_bundle_tarball_is_reproducible_and_runs(tmp_path, edgetl_model):
