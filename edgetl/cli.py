@@ -187,6 +187,53 @@ def inspect(
     typer.echo(json.dumps(report, indent=2) if as_json else format_inspect(report))
 
 
+@app.command()
+def bench(
+    models: List[Path] = typer.Argument(..., help="One or more .tflite files to compare."),
+    data: Optional[Path] = typer.Option(None, help="Labelled folder for accuracy."),
+    labels: Optional[Path] = typer.Option(None, help="Labels file for models without "
+                                                     "metadata."),
+    runs: int = typer.Option(200, help="Timed runs per model."),
+    warmup: int = typer.Option(20, help="Untimed runs first."),
+    threads: Optional[int] = typer.Option(None, help="Interpreter threads."),
+    delegate: str = typer.Option("xnnpack", help="xnnpack, edgetpu or none."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
+    markdown: Optional[Path] = typer.Option(None, help="Write a Markdown table."),
+    plots: Optional[Path] = typer.Option(None, help="Write PNG plots here (matplotlib)."),
+) -> None:
+    """Run each model through the device runner; one comparison table (size, accuracy, latency)."""
+    from edgetl import bench as b
+
+    rows = _guard(b.bench, [str(m) for m in models], data=str(data) if data else None,
+                  runs=runs, warmup=warmup, threads=threads, delegate=delegate,
+                  labels=str(labels) if labels else None)
+    typer.echo(b.format_table(rows))
+    if json_out:
+        _guard(b.write_json, rows, json_out)
+    if markdown:
+        _guard(b.write_markdown, rows, markdown)
+    if plots:
+        for p in _guard(b.plot, rows, plots):
+            typer.echo(f"plot: {p}")
+    failed = [r for r in rows if r.get("error")]
+    if failed:
+        _fail(f"{len(failed)} model(s) could not run: {failed[0]['name']}: {failed[0]['error']}",
+              1)
+
+
+@app.command()
+def bundle(
+    model: Path = typer.Argument(..., help="The .tflite to ship."),
+    out: Path = typer.Option(..., help="Folder, or a .tar.gz, to create."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out."),
+) -> None:
+    """Runner + model + metadata + requirements + run script, ready to copy to a device."""
+    from edgetl.bundle import bundle as make_bundle
+
+    path = _guard(make_bundle, model, out, overwrite)
+    typer.echo(f"bundle: {path}  (on the device: ./run.sh [--data DIR])")
+
+
 @data_app.command("synth")
 def data_synth(
     out: Path = typer.Argument(..., help="Folder to create."),

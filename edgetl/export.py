@@ -318,8 +318,8 @@ def export(cfg: ExportConfig) -> ExportResult:
         raise EdgetlError(f"'{existing[0]}' already exists: pass --overwrite to replace it")
     split = json.loads((run / "split.json").read_text())
     size, prep, names = run_cfg["input_size"], run_cfg["preprocessing"], run_cfg["class_names"]
-    qat = (run / "qat.keras").exists()
-    source_model = run / ("qat.keras" if qat else "model.keras")
+    qat = (run / "qat.h5").exists()
+    source_model = run / ("qat.h5" if qat else "model.keras")
     needs_calibration = any(m in (Quantization.int8, Quantization.int16x8) for m in modes)
 
     timings = {}

@@ -252,15 +252,16 @@ def quantize(model, scope: QatScope):
 
 
 def qat_to_float(qat_model, float_model) -> None:
-    """Copies QAT-trained weights back into the float model (same layers, unwrapped)."""
-    by_name = {}
-    for layer in qat_model.layers:
-        inner = getattr(layer, "layer", layer)
-        by_name[inner.name] = inner
-    for layer in float_model.layers:
-        src = by_name.get(layer.name)
-        if src is not None and layer.weights:
-            layer.set_weights(src.get_weights())
+    """Copies QAT-trained weights back into the float model.
+
+    tfmot's wrappers take over their layer's kernel but keep its variable name ('Conv1/kernel'),
+    so variables are matched by name.
+    """
+    by_name = {w.name: w for w in qat_model.weights}
+    for w in float_model.weights:
+        src = by_name.get(w.name)
+        if src is not None and tuple(src.shape) == tuple(w.shape):
+            w.assign(src)
 
 
 # --- run directory -------------------------------------------------------------------------------
@@ -493,7 +494,7 @@ def _train(cfg: TrainConfig, run: Path, state: dict | None) -> TrainResult:
     metrics["model"] = "qat" if qat_model is not None else "float"
     _save_model(float_model, run / "model.keras")
     if qat_model is not None:
-        _save_model(qat_model, run / "qat.keras")
+        _save_model(qat_model, run / "qat.h5")
     _atomic_write(run / "metrics.json", json.dumps(metrics, indent=2))
     _atomic_write(run / "state.json", json.dumps({"phase": len(plan) - 1,
                                                   "epoch": plan[-1].epochs,
@@ -511,8 +512,13 @@ def _base_model_prep(cfg: TrainConfig) -> dict:
 
 
 def _save_model(model, path: Path) -> None:
+    import warnings
+
+    # QAT models go to HDF5: tf_keras' .keras format drops tfmot's quantizer variables.
     tmp = path.with_name(f".tmp-{path.name}")
-    model.save(str(tmp))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model.save(str(tmp), **({"save_format": "h5"} if path.suffix == ".h5" else {}))
     os.replace(tmp, path)
 
 

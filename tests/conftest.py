@@ -1,0 +1,56 @@
+"""Shared fixtures: generated datasets, tiny training runs, and the real data in ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REALDATA = ROOT.parent / "shared" / "realdata"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# Keras 2 for everything, whichever test imports TensorFlow first.
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def realdata(sub: str = "") -> Path:
+    """Path into ../shared/realdata; skips when absent, except in CI where it must be there."""
+    path = REALDATA / sub
+    if not path.exists():
+        if IN_CI:
+            pytest.fail(f"{path} is missing in CI: the real-data tests must run there")
+        pytest.skip(f"{path} not found (real third-party data lives in ../shared/realdata)")
+    return path
+
+
+TINY = dict(backbone="mobilenetv2", alpha=0.35, input_size=32, weights="none", batch_size=8,
+            augment=False, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory) -> Path:
+    """3 classes x 12 generated 32 px images."""
+    from edgetl.data import make_synth
+
+    out = tmp_path_factory.mktemp("synth") / "data"
+    make_synth(out, classes=3, per_class=12, size=32, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def learnable(tmp_path_factory) -> Path:
+    """4 classes x 60 generated 48 px images: enough for a tiny model to learn."""
+    from edgetl.data import make_synth
+
+    out = tmp_path_factory.mktemp("learnable") / "data"
+    make_synth(out, classes=4, per_class=60, size=48, seed=3)
+    return out
+
+
+def tiny_config(data, out, **kw):
+    from edgetl.config import TrainConfig
+
+    return TrainConfig(data=str(data), out=str(out), **{**TINY, **kw})
