@@ -100,7 +100,11 @@ def parse_head(spec: str) -> list[tuple[str, float]]:
 def resolve_size(cfg: TrainConfig, spec: backbones.BackboneSpec | None) -> int:
     if cfg.input_size:
         return cfg.input_size
-    return spec.default_size if spec else 224
+    if spec:
+        return spec.default_size
+    from edgetl.basemodel import base_model_input_size
+
+    return base_model_input_size(cfg.base_model) or 224
 
 
 def build_base(cfg: TrainConfig, size: int):
