@@ -57,6 +57,13 @@ EOF
 
 die() { echo "$PROG: error: $*" >&2; exit 1; }
 unavailable() { echo "$PROG: unavailable: $*" >&2; exit 3; }
+# A download failed: exit 3 if the log shows the network was the reason, else it is an error here.
+failed_download() {  # $1 = log, $2 = message
+  if grep -Eqi "could not resolve|temporary failure|unable to connect|connection (refused|reset|timed out)|failed to establish|newconnectionerror|max retries|network is unreachable|proxyerror|timed out|no route to host|(403|404|407|50[0-9]) " "$1" 2>/dev/null; then
+    unavailable "$2 (network; see $1)"
+  fi
+  die "$2 (see $1)"
+}
 log() { [[ "${QUIET:-0}" == 1 ]] || echo "$PROG: $*" >&2; }
 
 # ---------------------------------------------------------------- arguments
@@ -247,7 +254,7 @@ build_root() {
     || unavailable "apt could not reach $MIRROR for arm64 (see $CACHE/apt-arm64.log; set EDGETL_DEBIAN_MIRROR)"
   rm -f "$d/cache/archives/"*.deb
   apt_private "$d" install -y --download-only "${DEBS[@]}" >>"$CACHE/apt-arm64.log" 2>&1 \
-    || unavailable "could not download the arm64 packages (see $CACHE/apt-arm64.log)"
+    || failed_download "$CACHE/apt-arm64.log" "could not download the arm64 packages ${DEBS[*]}"
   tmp="$CACHE/root.tmp"
   rm -rf "$tmp"; mkdir -p "$tmp"
   for deb in "$d/cache/archives/"*.deb; do
@@ -287,7 +294,7 @@ install_wheels() {
         --platform manylinux_2_28_aarch64 --platform manylinux_2_27_aarch64 \
         --platform manylinux_2_17_aarch64 --platform manylinux2014_aarch64 \
         $PIP_SPEC >"$CACHE/pip.log" 2>&1 \
-      || unavailable "pip could not get the aarch64 wheels for '$PIP_SPEC' (see $CACHE/pip.log)"
+      || failed_download "$CACHE/pip.log" "pip could not get the aarch64 wheels for '$PIP_SPEC'"
   else
     # No pip on the host: Debian's pip, run under emulation (slower, same result).
     log "no host pip: using Debian's python3-pip under emulation"
@@ -295,14 +302,21 @@ install_wheels() {
     d="$(private_apt arm64 bookworm bookworm-updates bookworm-security)"
     apt_private "$d" update >>"$CACHE/apt-arm64.log" 2>&1 || unavailable "apt could not reach $MIRROR"
     (cd "$d/cache/archives" && apt_private "$d" download python3-pip) >>"$CACHE/apt-arm64.log" 2>&1 \
-      || unavailable "could not download python3-pip (see $CACHE/apt-arm64.log)"
+      || failed_download "$CACHE/apt-arm64.log" "could not download python3-pip"
     mkdir -p "$CACHE/pip-root"
     dpkg-deb -x "$d/cache/archives/"python3-pip_*.deb "$CACHE/pip-root"
     rm -rf "$d"
+    # Host pip config files and path options (find-links, constraints) name host paths that the
+    # guest would resolve inside the sysroot: leave them out; index URLs and proxies from the
+    # environment still apply.
+    GUEST_UNSET=(-u PIP_FIND_LINKS -u PIP_CONSTRAINT -u PIP_REQUIREMENT -u PIP_EXTRA_INDEX_URL)
+    GUEST_PATH_EXTRA="$CACHE/pip-root/usr/lib/python3/dist-packages"
     # shellcheck disable=SC2086
-    GUEST_PATH_EXTRA="$CACHE/pip-root/usr/lib/python3/dist-packages" guest_python -m pip install --quiet \
+    PIP_CONFIG_FILE=/dev/null guest_python -m pip install --quiet \
         --disable-pip-version-check --no-compile --target "$tmp" --only-binary=:all: $PIP_SPEC \
-        >"$CACHE/pip.log" 2>&1 || unavailable "emulated pip failed (see $CACHE/pip.log)"
+        >"$CACHE/pip.log" 2>&1 || failed_download "$CACHE/pip.log" "emulated pip could not get '$PIP_SPEC'"
+    GUEST_UNSET=(); GUEST_PATH_EXTRA=""
+    rm -rf "$CACHE/pip-root"
   fi
   rm -rf "$site"; mv "$tmp" "$site"
   precompile "$SITE_GUEST"
@@ -362,9 +376,10 @@ make_profile() {
 }
 
 GUEST_PATH_EXTRA=""
+GUEST_UNSET=()
 guest_python() {  # run the emulated python3.11 with a clean Python environment (no host PYTHONPATH)
   env -u PYTHONHOME -u PYTHONSTARTUP -u PYTHONSAFEPATH -u VIRTUAL_ENV -u LD_LIBRARY_PATH -u LD_PRELOAD \
-      -u QEMU_LD_PREFIX -u QEMU_CPU \
+      -u QEMU_LD_PREFIX -u QEMU_CPU ${GUEST_UNSET[@]+"${GUEST_UNSET[@]}"} \
       PYTHONPATH="${GUEST_PATH_EXTRA:+$GUEST_PATH_EXTRA:}$SITE_GUEST" PYTHONNOUSERSITE=1 \
       EDGETL_EMULATED="qemu $CPU" \
       "$QEMU" -cpu "$CPU" -L "$PROFILE" "$PROFILE/usr/bin/python3.11" "$@"
@@ -420,7 +435,9 @@ EOF
 mark_report() {
   local report="$1"
   [[ -s "$report" ]] || return 0
-  guest_python - "$report" "qemu $CPU" <<'EOF' || true
+  local py=guest_python
+  command -v python3 >/dev/null 2>&1 && py=python3
+  "$py" - "$report" "qemu $CPU" <<'EOF' || true
 import json, sys
 path, emulated = sys.argv[1], sys.argv[2]
 with open(path) as f:
@@ -446,7 +463,7 @@ if [[ $SETUP_ONLY == 1 ]]; then
 fi
 flock -u 9 2>/dev/null || true
 
-BANNER="emulated Raspberry Pi $PI ($CPU) under $("$QEMU" --version | head -1 | awk '{print $1, $3}'): outputs are the device's; timings are NOT device latency (emulation is 70-700x slower)"
+BANNER="emulated Raspberry Pi $PI ($CPU) under $("$QEMU" --version | head -1 | awk '{print $1, $3}'): outputs are the device's; timings are NOT device latency (qemu translates every instruction: emulated times say nothing about a real Pi)"
 if [[ "$MODE" == python ]]; then
   log "$BANNER"
   set +e; guest_python "$@"; rc=$?; set -e
