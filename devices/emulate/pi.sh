@@ -193,7 +193,8 @@ fetch_qemu() {  # a static qemu-aarch64 from Debian, without installing it: book
   command -v apt-get >/dev/null 2>&1 || return 1
   local d tmp deb f
   d="$(private_apt amd64 bookworm bookworm-backports bookworm-security)"
-  apt_private "$d" update >"$CACHE/qemu-fetch.log" 2>&1 || return 1
+  # Failures are not fatal here: without backports, bookworm's qemu 7.2 will do.
+  APT_CONFIG="$d/apt.conf" apt-get -q update >"$CACHE/qemu-fetch.log" 2>&1 || true
   tmp="$(mktemp -d "$CACHE/qemu.tmp.XXXXXX")"
   # qemu >= 9.1 ships static binaries in qemu-user; bookworm's 7.2 has them in qemu-user-static.
   if (cd "$tmp" && apt_private "$d" download qemu-user/bookworm-backports) >>"$CACHE/qemu-fetch.log" 2>&1; then
@@ -201,11 +202,11 @@ fetch_qemu() {  # a static qemu-aarch64 from Debian, without installing it: book
   elif (cd "$tmp" && apt_private "$d" download qemu-user-static) >>"$CACHE/qemu-fetch.log" 2>&1; then
     f=./usr/bin/qemu-aarch64-static
   else
-    rm -rf "$tmp"; return 1
+    rm -rf "$tmp" "$d"; return 1
   fi
   deb="$(ls "$tmp"/*.deb)"
-  dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$tmp" "$f" || { rm -rf "$tmp"; return 1; }
-  "$tmp/$f" --version >/dev/null 2>&1 || { rm -rf "$tmp"; return 1; }
+  dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$tmp" "$f" || { rm -rf "$tmp" "$d"; return 1; }
+  "$tmp/$f" --version >/dev/null 2>&1 || { rm -rf "$tmp" "$d"; return 1; }
   mkdir -p "$QEMU_DIR"
   mv -f "$tmp/$f" "$QEMU_DIR/qemu-aarch64"
   basename "$deb" > "$QEMU_DIR/FROM"
