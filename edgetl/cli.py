@@ -131,8 +131,9 @@ def export(
     edgetpu: bool = typer.Option(False, help="Enforce and report Edge TPU compatibility."),
     debug: bool = typer.Option(False, help="Report the layers with the worst quantization "
                                            "error."),
-    keep_float: Optional[List[str]] = typer.Option(None, help="Leave this layer in float "
-                                                              "(repeatable)."),
+    keep_float: Optional[List[str]] = typer.Option(None, help="Leave in float: a tensor name "
+                                                              "from --debug, or an op type like "
+                                                              "MEAN (repeatable)."),
     name: Optional[str] = typer.Option(None, help="File stem [the run's name]."),
     seed: int = typer.Option(0, help="Seed of the calibration sample."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the accuracy check."),

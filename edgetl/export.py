@@ -62,9 +62,6 @@ def calibration_items(cfg: ExportConfig, run_cfg: dict, split: dict) -> tuple[li
     """The calibration image paths and where they came from (train split, folder or manifest)."""
     from edgetl.data import balanced_sample, scan_folder
 
-    if cfg.num_calibration < 1:
-        raise EdgetlError(f"--num-calibration {cfg.num_calibration} must be at least 1 "
-                          f"(the default is 200; at least {MIN_CALIBRATION} recommended)")
     size = run_cfg["input_size"]
     if cfg.calibration_manifest:
         return _replay_manifest(cfg.calibration_manifest, run_cfg), "manifest"
@@ -171,7 +168,6 @@ def convert(model, mode: Quantization, io: IOType, calibration: np.ndarray | Non
     holder = tf.Module()
     holder.fn = fn
     holder.variables_ = list(model.variables)
-    conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], holder)
     mode = Quantization(mode)
     io = IOType(io)
 
@@ -179,39 +175,46 @@ def convert(model, mode: Quantization, io: IOType, calibration: np.ndarray | Non
         for i in range(len(calibration)):
             yield [calibration[i:i + 1]]
 
-    if mode == Quantization.float16:
-        conv.optimizations = [tf.lite.Optimize.DEFAULT]
-        conv.target_spec.supported_types = [tf.float16]
-    elif mode == Quantization.dynamic:
-        conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    elif mode in (Quantization.int8, Quantization.int16x8):
-        conv.optimizations = [tf.lite.Optimize.DEFAULT]
-        conv.representative_dataset = representative
-        if mode == Quantization.int8:
-            conv.target_spec.supported_ops = (
-                [tf.lite.OpsSet.TFLITE_BUILTINS_INT8] if not keep_float
-                else [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS])
-            io_dtype = {IOType.int8: tf.int8, IOType.uint8: tf.uint8,
-                        IOType.float32: tf.float32}[io]
-        else:
-            conv.target_spec.supported_ops = [
-                tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
-            io_dtype = tf.float32 if io == IOType.float32 else tf.int16
-        conv.inference_input_type = io_dtype
-        conv.inference_output_type = io_dtype
+    def make():  # a fresh converter each time: the debugger leaves its converter calibrate-only
+        conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], holder)
+        if mode == Quantization.float16:
+            conv.optimizations = [tf.lite.Optimize.DEFAULT]
+            conv.target_spec.supported_types = [tf.float16]
+        elif mode == Quantization.dynamic:
+            conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        elif mode in (Quantization.int8, Quantization.int16x8):
+            conv.optimizations = [tf.lite.Optimize.DEFAULT]
+            conv.representative_dataset = representative
+            if mode == Quantization.int8:
+                conv.target_spec.supported_ops = (
+                    [tf.lite.OpsSet.TFLITE_BUILTINS_INT8] if not keep_float
+                    else [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS])
+                io_dtype = {IOType.int8: tf.int8, IOType.uint8: tf.uint8,
+                            IOType.float32: tf.float32}[io]
+            else:
+                conv.target_spec.supported_ops = [
+                    tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+                io_dtype = tf.float32 if io == IOType.float32 else tf.int16
+            conv.inference_input_type = io_dtype
+            conv.inference_output_type = io_dtype
+        return conv
+
     try:
-        if mode == Quantization.int8 and (keep_float or debug_report is not None):
+        if mode == Quantization.int8 and debug_report is not None:
             debugger = tf.lite.experimental.QuantizationDebugger(
-                converter=conv, debug_dataset=representative,
-                debug_options=tf.lite.experimental.QuantizationDebugOptions(
-                    denylisted_nodes=list(keep_float) or None,
-                    fully_quantize=not keep_float))
-            if debug_report is not None:
-                debugger.run()
-                debug_report.extend(_debug_rows(debugger))
-            if keep_float:
-                return bytes(debugger.get_nondebug_quantized_model())
-        return bytes(conv.convert())
+                converter=make(), debug_dataset=representative)
+            debugger.run()
+            debug_report.extend(_debug_rows(debugger))
+        if mode == Quantization.int8 and keep_float:
+            # Names in UPPER case are op types (MEAN), others tensor names from --debug's table.
+            ops = [k for k in keep_float if k.isupper()]
+            nodes = [k for k in keep_float if not k.isupper()]
+            options = tf.lite.experimental.QuantizationDebugOptions(
+                denylisted_nodes=nodes or None, denylisted_ops=ops or None)
+            debugger = tf.lite.experimental.QuantizationDebugger(
+                converter=make(), debug_dataset=representative, debug_options=options)
+            return bytes(debugger.get_nondebug_quantized_model())
+        return bytes(make().convert())
     except EdgetlError:
         raise
     except Exception as e:  # the converter reports user-caused failures as generic errors
@@ -298,6 +301,9 @@ def _check_config(cfg: ExportConfig) -> tuple:
     if cfg.calibration and cfg.calibration_manifest:
         raise EdgetlError("--calibration and --calibration-manifest contradict each other: "
                           "pick one")
+    if cfg.num_calibration < 1:
+        raise EdgetlError(f"--num-calibration {cfg.num_calibration} must be at least 1 "
+                          f"(the default is 200; at least {MIN_CALIBRATION} are needed)")
     if cfg.max_drop < 0:
         raise EdgetlError(f"--max-drop {cfg.max_drop} must be >= 0 (percentage points)")
     return modes
@@ -403,6 +409,8 @@ def _export_one(cfg, mode, model, float_model, qat, calib, run, run_cfg, name, t
 
     size, prep, names = run_cfg["input_size"], run_cfg["preprocessing"], run_cfg["class_names"]
     io = IOType(cfg.io) if mode in (Quantization.int8, Quantization.int16x8) else IOType.float32
+    if mode == Quantization.int8 and cfg.keep_float:
+        io = IOType.float32  # selective quantization keeps float I/O
     # Float modes have float I/O; QAT models only matter for integer modes.
     src = model if mode in (Quantization.int8, Quantization.int16x8) else float_model
     debug_rows = [] if (cfg.debug and mode == Quantization.int8) else None

@@ -372,7 +372,10 @@ def infer_mode(info: Any) -> str:
     weights = _weight_dtypes(info)
     if weights.get("float16") or ("DEQUANTIZE" in names and "float16" in act_dtypes):
         return "float16"
-    if weights.get("int8") and "float32" in act_dtypes and not weights.get("float32"):
+    # Dynamic range: int8 weights with float activations. The converter leaves tensors under
+    # 1024 elements (small depthwise kernels) in float, so some float weights are normal.
+    if weights.get("int8") and "float32" in act_dtypes and weights["int8"] >= weights.get(
+            "float32", 0):
         return "dynamic"
     if act_dtypes & {"int8", "uint8", "int16"}:
         return "mixed"
