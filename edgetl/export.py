@@ -161,7 +161,7 @@ def convert(model, mode: Quantization, io: IOType, calibration: np.ndarray | Non
     h, w, c = model.input_shape[1:]
     # Batch 1 and static shapes: what the Edge TPU and most device runtimes want.
     fn = tf.function(lambda x: model(x, training=False))
-    concrete = fn.get_concrete_function(tf.TensorSpec([1, h, w, c], tf.float32))
+    concrete = fn.get_concrete_function(tf.TensorSpec([1, h, w, c], tf.float32, name="image"))
     # The converter saves its input as a SavedModel first; handing it the Keras model makes it
     # walk every layer's trackables (80% of the time for MobileNetV2). A bare module holding the
     # function and the variables gives the same bytes about 5x faster.

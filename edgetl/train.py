@@ -7,6 +7,7 @@ the same model and restores the newest checkpoint, so a killed run loses only th
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -240,6 +241,14 @@ def quantize(model, scope: QatScope):
         if QatScope(scope) == QatScope.all:
             return qk.quantize_model(model)
         trainable = {layer.name for layer in model.layers if layer.trainable}
+        # A frozen BatchNormalization after a trained layer is folded into it by the converter;
+        # annotated alone, the conv's raw output would be fake-quantized before the BN.
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                inbound = layer.inbound_nodes[0].inbound_layers if layer.inbound_nodes else []
+                if any(getattr(i, "name", None) in trainable
+                       for i in (inbound if isinstance(inbound, list) else [inbound])):
+                    trainable.add(layer.name)
 
         def annotate(layer):
             if layer.name in trainable and not isinstance(layer, keras.layers.InputLayer):
@@ -253,6 +262,28 @@ def quantize(model, scope: QatScope):
         first = str(e).splitlines()[0][:300]
         raise EdgetlError(f"QAT cannot quantize this model: {first}. Train without --qat and "
                           "export with post-training int8 (edgetl export RUN --int8)") from None
+
+
+@contextlib.contextmanager
+def frozen_stay_frozen(model):
+    """While fitting, hides the kernels of frozen quantized layers from the optimizer.
+
+    tfmot's QuantizeWrapper lists its layer's kernel as trainable even when the layer is frozen
+    (tensorflow/model-optimization#1067), so QAT would train the frozen part of the base. The
+    lists are restored afterwards: HDF5 saving and loading count each layer's weights.
+    """
+    hidden = []
+    for layer in model.layers:
+        inner = getattr(layer, "layer", None)
+        own = getattr(layer, "_trainable_weights", None)
+        if inner is not None and not inner.trainable and own:
+            hidden.append((layer, list(own)))
+            own[:] = []
+    try:
+        yield
+    finally:
+        for layer, own in hidden:
+            layer._trainable_weights[:] = own
 
 
 def qat_to_float(qat_model, float_model) -> None:
@@ -482,13 +513,16 @@ def _train(cfg: TrainConfig, run: Path, state: dict | None) -> TrainResult:
                 if phase.qat:
                     qat_to_float(current, float_model)
                 continue
-        log(f"phase {pi + 1}/{len(plan)}: {phase.name}, {phase.epochs} epoch(s), lr {phase.lr}"
-            f"{', QAT' if phase.qat else ''}; trainable weights: "
-            f"{sum(int(tf.size(w)) for w in current.trainable_weights):,}")
-        callback = _EpochEnd.make(run, pi, phase, current, optimizer, cfg.quiet, global_epoch)
-        current.fit(train_ds, validation_data=val_ds, epochs=phase.epochs, initial_epoch=initial,
-                    class_weight=weights, callbacks=[callback],
-                    verbose=0 if cfg.quiet else (1 if sys.stderr.isatty() else 2))
+        with frozen_stay_frozen(current):
+            log(f"phase {pi + 1}/{len(plan)}: {phase.name}, {phase.epochs} epoch(s), "
+                f"lr {phase.lr}{', QAT' if phase.qat else ''}; trainable weights: "
+                f"{sum(int(tf.size(w)) for w in current.trainable_weights):,}")
+            callback = _EpochEnd.make(run, pi, phase, current, optimizer, cfg.quiet,
+                                      global_epoch)
+            current.fit(train_ds, validation_data=val_ds, epochs=phase.epochs,
+                        initial_epoch=initial, class_weight=weights, callbacks=[callback],
+                        # A progress bar with ETA on a terminal; in logs, one line per epoch from the callback.
+                    verbose=1 if (sys.stderr.isatty() and not cfg.quiet) else 0)
         global_epoch += phase.epochs
         if phase.qat:
             qat_to_float(current, float_model)
