@@ -59,9 +59,15 @@ class BackboneSpec:
     extra: dict = field(default_factory=dict)
 
 
+_QAT_NO_BN = (
+    "it has BatchNormalization layers that do not follow a convolution (pre-activation / "
+    "dense blocks), which tfmot's default 8-bit scheme cannot quantize; train without --qat "
+    "and export with post-training int8"
+)
 _QAT_NO_ADD_MUL = (
-    "its blocks use TF-op layers (hard-swish / squeeze-excite arithmetic) that tfmot's default "
-    "8-bit scheme cannot quantize; train without --qat and export with post-training int8"
+    "it uses layers tfmot's default 8-bit scheme cannot quantize (TF-op arithmetic for "
+    "hard-swish, Rescaling/Normalization inside the model); train without --qat and export "
+    "with post-training int8"
 )
 
 REGISTRY: dict[str, BackboneSpec] = {
@@ -86,15 +92,16 @@ REGISTRY: dict[str, BackboneSpec] = {
         BackboneSpec("resnet50", "ResNet50", 224, "caffe"),
         BackboneSpec("resnet101", "ResNet101", 224, "caffe"),
         BackboneSpec("resnet152", "ResNet152", 224, "caffe"),
-        BackboneSpec("resnet50v2", "ResNet50V2", 224, "tf"),
-        BackboneSpec("resnet101v2", "ResNet101V2", 224, "tf"),
-        BackboneSpec("resnet152v2", "ResNet152V2", 224, "tf"),
+        BackboneSpec("resnet50v2", "ResNet50V2", 224, "tf", qat=False, qat_note=_QAT_NO_BN),
+        BackboneSpec("resnet101v2", "ResNet101V2", 224, "tf", qat=False, qat_note=_QAT_NO_BN),
+        BackboneSpec("resnet152v2", "ResNet152V2", 224, "tf", qat=False, qat_note=_QAT_NO_BN),
         BackboneSpec("vgg16", "VGG16", 224, "caffe"),
         BackboneSpec("vgg19", "VGG19", 224, "caffe"),
         BackboneSpec("inceptionv3", "InceptionV3", 299, "tf", 75),
         BackboneSpec("xception", "Xception", 299, "tf", 71),
-        BackboneSpec("densenet121", "DenseNet121", 224, "torch"),
-        BackboneSpec("nasnetmobile", "NASNetMobile", 224, "tf", 32, (224,)),
+        BackboneSpec("densenet121", "DenseNet121", 224, "torch", qat=False, qat_note=_QAT_NO_BN),
+        BackboneSpec("nasnetmobile", "NASNetMobile", 224, "tf", 32, (224,), qat=False,
+                     qat_note=_QAT_NO_BN),
     ]
 }
 
