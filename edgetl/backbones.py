@@ -140,7 +140,8 @@ def check_combination(spec: BackboneSpec, size: int, weights: str, alpha: float 
                 f"{', '.join(map(str, spec.alphas))}"
             )
     if qat and not spec.qat:
-        raise EdgetlError(f"--qat is not supported for {spec.name}: {spec.qat_note}")
+        raise EdgetlError(f"--qat is not supported for {spec.name}: {spec.qat_note} (or try "
+                          "--qat-scope trained, which wraps only the layers that train)")
 
 
 def preprocessing(spec: BackboneSpec) -> dict:
