@@ -1688,22 +1688,32 @@ def _read_text(path: str) -> str:
 
 
 def memory_info() -> dict:
-    """``peak_rss_mb`` (getrusage) and ``rss_mb`` (/proc/self/status) of this process."""
-    peak = None
-    try:
-        import resource
+    """``peak_rss_mb`` and ``rss_mb`` of this process (/proc/self/status, else getrusage).
 
-        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        peak = maxrss / (1024.0 * 1024.0) if sys.platform == "darwin" else maxrss / 1024.0
-    except (ImportError, OSError, ValueError):
-        pass
-    current = None
+    Linux keeps getrusage's ``ru_maxrss`` across fork and exec, so a runner started by a large
+    process (a TensorFlow training script, pytest) would report its parent's peak; ``VmHWM`` is
+    the peak of this program's own memory.
+    """
+    peak = current = None
     for line in _read_text("/proc/self/status").splitlines():
-        if line.startswith("VmRSS:"):
+        key = line.split(":", 1)[0]
+        if key in ("VmHWM", "VmRSS"):
             try:
-                current = int(line.split()[1]) / 1024.0
+                value = int(line.split()[1]) / 1024.0
             except (IndexError, ValueError):
-                pass
+                continue
+            if key == "VmHWM":
+                peak = value
+            else:
+                current = value
+    if peak is None:
+        try:
+            import resource
+
+            maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            peak = maxrss / (1024.0 * 1024.0) if sys.platform == "darwin" else maxrss / 1024.0
+        except (ImportError, OSError, ValueError):
+            pass
     return {"peak_rss_mb": peak, "rss_mb": current}
 
 
