@@ -258,8 +258,8 @@ def quantize(model, scope: QatScope):
         annotated = keras.models.clone_model(model, clone_function=annotate)
         annotated.set_weights(model.get_weights())
         return qk.quantize_apply(annotated)
-    except (RuntimeError, ValueError, TypeError) as e:
-        first = str(e).splitlines()[0][:300]
+    except Exception as e:  # tfmot fails in many ways (AttributeError for MobileNetV3's TF ops)
+        first = (str(e).splitlines() or [type(e).__name__])[0][:300]
         raise EdgetlError(f"QAT cannot quantize this model: {first}. Train without --qat and "
                           "export with post-training int8 (edgetl export RUN --int8)") from None
 
@@ -434,6 +434,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     cfg.check()
     if cfg.base_model is None:
         backbones.get_backbone(cfg.backbone)  # unknown names fail before any data is read
+    if not cfg.resume:
+        _preflight(cfg)
     run, cfg, state = _prepare_run_dir(cfg)
     created = not cfg.resume
     try:
@@ -444,12 +446,27 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise
 
 
-def _train(cfg: TrainConfig, run: Path, state: dict | None) -> TrainResult:
-    from edgetl.keras import keras, tf, versions
+def _preflight(cfg: TrainConfig) -> None:
+    """The checks build_model would make, before TensorFlow loads: bad flags fail in one line
+    (TensorFlow prints its own start-up lines to stderr) and before the run directory exists."""
+    parse_head(cfg.head)
+    if cfg.base_model is not None:
+        return
+    spec = backbones.get_backbone(cfg.backbone)
+    backbones.check_combination(spec, resolve_size(cfg, spec),
+                                "imagenet" if cfg.weights == "imagenet" else "none", cfg.alpha,
+                                cfg.qat and QatScope(cfg.qat_scope) == QatScope.all)
+    if cfg.weights not in ("imagenet", "none") and not Path(cfg.weights).is_file():
+        raise EdgetlError(f"--weights '{cfg.weights}' is not a file: pass a weights file "
+                          "(.h5), 'imagenet' or 'none'")
 
+
+def _train(cfg: TrainConfig, run: Path, state: dict | None) -> TrainResult:
     spec = None if cfg.base_model else backbones.get_backbone(cfg.backbone)
     size = resolve_size(cfg, spec)
     names, train_items, val_items, skipped = _datasets(cfg, size)
+    from edgetl.keras import keras, tf, versions  # after the data checks, for the same reason
+
     log = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     if skipped:
         log(f"skipped {len(skipped)} unreadable file(s), e.g. {skipped[0][0]}: {skipped[0][1]}")
@@ -486,6 +503,8 @@ def _train(cfg: TrainConfig, run: Path, state: dict | None) -> TrainResult:
 
     plan = phases(cfg)
     done_phase, done_epoch = (state["phase"], state["epoch"]) if state else (-1, 0)
+    if cfg.resume and state is None:
+        _prune_history(run, 0)  # killed after the first history row, before its state.json
     float_model, qat_model = model, None
     global_epoch = 0
     for pi, phase in enumerate(plan):
