@@ -18,9 +18,42 @@ if "tensorflow" in sys.modules and os.environ.get("TF_USE_LEGACY_KERAS") != "1":
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # hide C++ info/warning spam, keep errors
 
-import tensorflow as tf  # noqa: E402
-import tf_keras as keras  # noqa: E402
-import tensorflow_model_optimization as tfmot  # noqa: E402
+
+
+def _quiet_stderr():
+    """Silences the C++ start-up lines (absl, oneDNN, CUDA probing) that TensorFlow writes to
+    file descriptor 2 on import and first use, which no setting turns off; edgetl's own errors
+    must stay one line. EDGETL_TF_LOGS=1 keeps them."""
+    import contextlib
+
+    if os.environ.get("EDGETL_TF_LOGS"):
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def redirect():
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr at all
+            yield
+            return
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
+
+    return redirect()
+
+
+with _quiet_stderr():
+    import tensorflow as tf  # noqa: E402
+    import tf_keras as keras  # noqa: E402
+    import tensorflow_model_optimization as tfmot  # noqa: E402
+
+    tf.constant(0.0) + 0.0  # device discovery happens on first use; keep it inside the silence
 
 tf.get_logger().setLevel("ERROR")
 
