@@ -1064,7 +1064,12 @@ def list_images(folder, labels: "list | None" = None):
             )
 
     items = []
+    root_real = os.path.realpath(root)
     for d in class_dirs:
+        if _is_within(root_real, os.path.realpath(os.path.join(root, d))):
+            # 'cls -> ..' would file every image of the data folder under this class
+            skipped.append((os.path.join(root, d), "symlink loop to the data folder (skipped)"))
+            continue
         for path in _walk_images(os.path.join(root, d), skipped):
             items.append((path, index_of[d]))
     if not items:
@@ -1101,10 +1106,21 @@ def _folder_label_indices(folders: list, labels: list):
     return index_of, unknown
 
 
+def _is_within(path: str, folder: str) -> bool:
+    """True when real path ``path`` is ``folder`` or lies inside it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def _walk_images(top: str, skipped: list) -> list:
     found = []
     seen = set()
+    top_real = os.path.realpath(top)
     for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real != top_real and _is_within(top_real, real):  # 'up -> ..' walks other classes
+            skipped.append((dirpath, "symlink loop to a parent folder (skipped)"))
+            dirnames[:] = []
+            continue
         try:
             st = os.stat(dirpath)
             key = (st.st_dev, st.st_ino)
@@ -1334,8 +1350,11 @@ class Model:
         data = check_tflite(self.path)
         self.size_bytes = len(data)
         self.info = _parse_model(data, self.path)
-        self.metadata = read_metadata(data)
-        self.labels, self.labels_source = _labels_and_source(data)
+        try:
+            self.metadata = read_metadata(data)
+            self.labels, self.labels_source = _labels_and_source(data)
+        except RunnerError as exc:  # read from bytes: name the file, not "the model bytes"
+            raise RunnerError(str(exc).replace("the model bytes", self.path, 1)) from None
         if self.info.is_edgetpu and delegate != "edgetpu":
             raise _edgetpu_error(self.path)
         if len(self.info.inputs) != 1 or len(self.info.outputs) != 1:

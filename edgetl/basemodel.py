@@ -271,6 +271,44 @@ def _check_safe(info: _File, unsafe: bool) -> None:
                           "from the file; pass --unsafe if you trust it")
 
 
+# tfmot's QAT wrappers: installed code named in edgetl's own qat.h5, not code from the file.
+_TRUSTED_MODULES = ("tensorflow_model_optimization.",)
+
+
+def _without_trusted_modules(obj):
+    if isinstance(obj, list):
+        return [_without_trusted_modules(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _without_trusted_modules(v) for k, v in obj.items()
+                if not (k == "module" and str(v).startswith(_TRUSTED_MODULES))}
+    return obj
+
+
+def code_in_model_file(path: str) -> str | None:
+    """What in a saved ``.keras`` / ``.h5`` model would run code from the file when it loads.
+
+    Used for the model files of a run (``edgetl export``): a Lambda layer, a Python function, a
+    class from a module outside Keras (and tfmot) or a custom registered class. Only the config
+    is read; nothing is deserialised.
+
+    Returns:
+        The problem in words ("has a Lambda layer 'x'"), or None.
+
+    Raises:
+        EdgetlError: the file is missing or is not a readable Keras model.
+    """
+    try:
+        info = _read_file(str(path))
+    except EdgetlError as e:  # the reasons are _read_file's, worded for --base-model
+        text, prefix = str(e), f"--base-model '{path}'"
+        rest = text[len(prefix):] if text.startswith(prefix) else " " + text
+        rest = rest[1:].strip() if rest.startswith(":") else "it " + rest.strip()
+        raise EdgetlError(f"cannot load model '{path}': {rest}") from None
+    if info.config is None:  # a SavedModel directory: not something a run holds
+        return "is a SavedModel directory, not a run's model file"
+    return _config_problem(_without_trusted_modules(info.config), None, is_layer=True)
+
+
 # --- loading -------------------------------------------------------------------------------------
 
 def _keras3():

@@ -37,6 +37,9 @@ def _guard(fn, *args, **kwargs):
         _fail(str(e), e.exit_code)
     except RunnerError as e:
         _fail(str(e), 2)
+    except OSError as e:  # the last resort: a full disk or a folder that vanished mid-run
+        where = f" '{e.filename}'" if e.filename else ""
+        _fail(f"cannot read or write{where}: {e.strerror or e}")
     except KeyboardInterrupt:
         _fail("interrupted", 130)
 
@@ -138,6 +141,8 @@ def export(
     seed: int = typer.Option(0, help="Seed of the calibration sample."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the accuracy check."),
     overwrite: bool = typer.Option(False, help="Replace existing exports."),
+    unsafe: bool = typer.Option(False, help="Allow Lambda layers / custom code in the run's "
+                                            "model files (only for runs you trust)."),
     as_json: bool = typer.Option(False, "--json", help="Print the reports as JSON."),
 ) -> None:
     """Convert a run to TFLite, then prove it: integer-only ops and accuracy parity."""
@@ -155,7 +160,7 @@ def export(
                        if calibration_manifest else None,
                        max_drop=max_drop, edgetpu=edgetpu, debug=debug,
                        keep_float=tuple(keep_float or ()), name=name, seed=seed,
-                       overwrite=overwrite, verify=not no_verify)
+                       overwrite=overwrite, verify=not no_verify, unsafe=unsafe)
     from edgetl.export import export as run_export, format_reports
 
     try:

@@ -175,6 +175,8 @@ class ExportConfig:
         seed: seed of the calibration sample.
         overwrite: replace existing exports.
         verify: evaluate on the validation set after converting.
+        unsafe: allow the run's model files to run code when loaded (Lambda layers, custom
+            objects); only for runs you trust.
     """
 
     run: str
@@ -191,3 +193,4 @@ class ExportConfig:
     seed: int = 0
     overwrite: bool = False
     verify: bool = True
+    unsafe: bool = False

@@ -51,6 +51,18 @@ def _class_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
         raise EdgetlError(f"data folder '{root}' is not a folder: give a folder with one "
                           "sub-folder per class")
+    top = os.path.realpath(root)
+    for p in root.iterdir():
+        if p.name.startswith(".") or not p.is_symlink():
+            continue
+        try:
+            target = os.path.realpath(p, strict=True)
+        except (OSError, RuntimeError):  # a loop (ELOOP) or a dangling link
+            raise EdgetlError(f"class folder '{p}' is a broken symlink or a symlink loop (it "
+                              f"points to '{os.readlink(p)}'): fix or remove it") from None
+        if os.path.isdir(target) and _is_within(top, target):
+            raise EdgetlError(f"class folder '{p}' is a symlink loop: it points back to "
+                              f"'{target}', which contains the data folder; remove it")
     dirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
                   key=lambda p: p.name)
     if not dirs:
@@ -59,12 +71,22 @@ def _class_dirs(root: Path) -> list[Path]:
     return dirs
 
 
+def _is_within(path: str, folder: str) -> bool:
+    """True when real path ``path`` is ``folder`` or lies inside it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def _walk_images(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
     """Image files under folder (recursively), not following symlinked folders into loops."""
     found, other = [], []
     seen = set()
+    top = os.path.realpath(folder)
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
+        if real != top and _is_within(top, real):  # e.g. 'up -> ..': would relabel other classes
+            other.append((dirpath, "symlink loop to a parent folder (skipped)"))
+            dirnames[:] = []
+            continue
         if real in seen:
             dirnames[:] = []
             continue

@@ -317,7 +317,7 @@ def export(cfg: ExportConfig) -> ExportResult:
         VerificationError: a file was written but failed its checks (exit 1); it is kept and
             marked as failed in its metadata.
     """
-    from edgetl.train import load_model, load_run
+    from edgetl.train import check_out_dir, load_model, load_run
 
     modes = _check_config(cfg)
     run = Path(cfg.run)
@@ -328,8 +328,19 @@ def export(cfg: ExportConfig) -> ExportResult:
     existing = [str(p) for p in targets.values() if p.exists()]
     if existing and not cfg.overwrite:
         raise EdgetlError(f"'{existing[0]}' already exists: pass --overwrite to replace it")
-    split = json.loads((run / "split.json").read_text())
-    size, prep, names = run_cfg["input_size"], run_cfg["preprocessing"], run_cfg["class_names"]
+    check_out_dir(out_dir, "export folder")
+    if not (run / "split.json").is_file():
+        raise EdgetlError(f"run '{run}' has no split.json (a run copied in part?): copy the "
+                          "whole run directory again")
+    try:
+        split = json.loads((run / "split.json").read_text())
+        size, prep, names = (run_cfg["input_size"], run_cfg["preprocessing"],
+                             run_cfg["class_names"])
+        split["train"], split["val"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        what = f"missing {e}" if isinstance(e, KeyError) else type(e).__name__
+        raise EdgetlError(f"run '{run}' is damaged (config.json or split.json: {what}): copy "
+                          "the whole run directory again, or re-train it") from None
     qat = (run / "qat.h5").exists()
     source_model = run / ("qat.h5" if qat else "model.keras")
     needs_calibration = any(m in (Quantization.int8, Quantization.int16x8) for m in modes)
@@ -345,23 +356,34 @@ def export(cfg: ExportConfig) -> ExportResult:
     timings["calibration_load_s"] = round(time.perf_counter() - t0, 3)
 
     t0 = time.perf_counter()
-    model = load_model(source_model)
-    float_model = load_model(run / "model.keras") if qat else model
+    model = load_model(source_model, cfg.unsafe)
+    float_model = load_model(run / "model.keras", cfg.unsafe) if qat else model
     timings["load_model_s"] = round(time.perf_counter() - t0, 3)
 
+    created_dir = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = None
     if needs_calibration:
         manifest_path = out_dir / f"{name}_calibration.json"
+        manifest_existed = manifest_path.exists()
         write_manifest(manifest_path, calib_paths, run_cfg, source, cfg.seed)
 
     files, reports, failures = [], {}, []
-    for mode in modes:
-        report, failed = _export_one(cfg, mode, model, float_model, qat, calib, run, run_cfg,
-                                     name, targets[mode], manifest_path, split, timings)
-        files.append(str(targets[mode]))
-        reports[mode.value] = report
-        failures += failed
+    try:
+        for mode in modes:
+            report, failed = _export_one(cfg, mode, model, float_model, qat, calib, run,
+                                         run_cfg, name, targets[mode], manifest_path, split,
+                                         timings)
+            files.append(str(targets[mode]))
+            reports[mode.value] = report
+            failures += failed
+    except EdgetlError:
+        if not files:  # refused before any file: leave the export folder as it was
+            if manifest_path is not None and not manifest_existed:
+                manifest_path.unlink(missing_ok=True)
+            if created_dir and not any(out_dir.iterdir()):
+                out_dir.rmdir()
+        raise
     result = ExportResult(tuple(files), reports, str(manifest_path) if manifest_path else None)
     if failures:
         error = VerificationError("; ".join(failures))
@@ -452,31 +474,37 @@ def _export_one(cfg, mode, model, float_model, qat, calib, run, run_cfg, name, t
         "versions": versions(),
     }
     target.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(target, attach_metadata(raw, meta, names))
-
-    if cfg.edgetpu:
-        report["edgetpu"] = edgetpu_section(info, str(target))
-    verification = None
-    if cfg.verify:
-        t0 = time.perf_counter()
-        val = [tuple(x) for x in split["val"]]
-        verification = verify_accuracy(src, target, val, size, prep, names)
-        report["verify_s"] = round(time.perf_counter() - t0, 3)
-        report["accuracy"] = verification
-        if verification["drop_points"] > cfg.max_drop:
-            failures.append(f"{target.name}: top-1 dropped {verification['drop_points']:.2f} "
-                            f"points ({verification['keras_accuracy']:.4f} -> "
-                            f"{verification['tflite_accuracy']:.4f}), more than --max-drop "
-                            f"{cfg.max_drop}")
-    report["passed"] = not failures
-    report["size_bytes"] = target.stat().st_size
-    report["timings"] = dict(timings, convert_s=convert_s)
-    if failures:  # keep the file, marked as failed in its own metadata
-        meta["verification"] = {"passed": False, "failures": failures}
-        _atomic_write_bytes(target, attach_metadata(raw, meta, names))
-    sidecar = dict(meta, verification=report, file=target.name,
-                   created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    _atomic_write_bytes(target.with_suffix(".json"), json.dumps(sidecar, indent=2).encode())
+    # Verified under a hidden name; only a checked file (with its sidecar) gets the real name, so a
+    # killed export never leaves a .tflite that looks finished.
+    staged = target.with_name(f".{target.stem}.partial.tflite")
+    try:
+        _atomic_write_bytes(staged, attach_metadata(raw, meta, names))
+        if cfg.edgetpu:
+            report["edgetpu"] = edgetpu_section(info, str(staged))
+        if cfg.verify:
+            t0 = time.perf_counter()
+            val = [tuple(x) for x in split["val"]]
+            verification = verify_accuracy(src, staged, val, size, prep, names)
+            report["verify_s"] = round(time.perf_counter() - t0, 3)
+            report["accuracy"] = verification
+            if verification["drop_points"] > cfg.max_drop:
+                failures.append(f"{target.name}: top-1 dropped "
+                                f"{verification['drop_points']:.2f} points "
+                                f"({verification['keras_accuracy']:.4f} -> "
+                                f"{verification['tflite_accuracy']:.4f}), more than --max-drop "
+                                f"{cfg.max_drop}")
+        report["passed"] = not failures
+        report["size_bytes"] = staged.stat().st_size
+        report["timings"] = dict(timings, convert_s=convert_s)
+        if failures:  # keep the file, marked as failed in its own metadata
+            meta["verification"] = {"passed": False, "failures": failures}
+            _atomic_write_bytes(staged, attach_metadata(raw, meta, names))
+        sidecar = dict(meta, verification=report, file=target.name,
+                       created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        _atomic_write_bytes(target.with_suffix(".json"), json.dumps(sidecar, indent=2).encode())
+        os.replace(staged, target)
+    finally:
+        staged.unlink(missing_ok=True)
     return report, failures
 
 

@@ -327,6 +327,7 @@ def _prepare_run_dir(cfg: TrainConfig) -> tuple[Path, TrainConfig, dict | None]:
                                              out=str(out)))
         state = json.loads(state_file.read_text()) if state_file.is_file() else None
         return out, resumed, state
+    check_out_dir(out, "--out")
     if out.exists() and any(out.iterdir()):
         if not cfg.overwrite:
             raise EdgetlError(f"run directory '{out}' already exists: pass --overwrite to replace "
@@ -334,9 +335,31 @@ def _prepare_run_dir(cfg: TrainConfig) -> tuple[Path, TrainConfig, dict | None]:
         if not (out / "config.json").is_file():
             raise EdgetlError(f"--overwrite refused: '{out}' is not an edgetl run directory "
                               "(no config.json); choose another --out")
-        shutil.rmtree(out)
+        # Set aside, not deleted: train() puts it back if the new run is refused.
+        shutil.rmtree(_aside(out), ignore_errors=True)
+        os.replace(out, _aside(out))
     out.mkdir(parents=True, exist_ok=True)
     return out, cfg, None
+
+
+def _aside(run: Path) -> Path:
+    """Where --overwrite keeps the replaced run until the new one has started."""
+    return run.with_name(f".{run.name}.replaced")
+
+
+def check_out_dir(out: Path, flag: str) -> None:
+    """Refuses an output folder that cannot be created or written, before anything is written."""
+    if out.exists() and not out.is_dir():
+        raise EdgetlError(f"{flag} '{out}' is a file, not a folder: choose another {flag}")
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise EdgetlError(f"cannot create {flag} '{out}': '{probe}' is a file, not a folder; "
+                          f"choose another {flag}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise EdgetlError(f"cannot write {flag} '{out}': '{probe}' is not writable (read-only "
+                          f"or no permission); choose another {flag}")
 
 
 class _EpochEnd:
@@ -439,11 +462,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     run, cfg, state = _prepare_run_dir(cfg)
     created = not cfg.resume
     try:
-        return _train(cfg, run, state)
+        result = _train(cfg, run, state)
     except EdgetlError:
         if created and not (run / "state.json").exists():
             shutil.rmtree(run, ignore_errors=True)  # nothing half-written for a refused run
+            if _aside(run).exists():
+                os.replace(_aside(run), run)  # --overwrite: nothing deleted either
         raise
+    shutil.rmtree(_aside(run), ignore_errors=True)
+    return result
 
 
 def _preflight(cfg: TrainConfig) -> None:
@@ -620,13 +647,26 @@ def load_run(run: str | os.PathLike) -> dict:
     return config
 
 
-def load_model(path: str | os.PathLike):
-    """Loads a model a run saved (float or QAT)."""
+def load_model(path: str | os.PathLike, unsafe: bool = False):
+    """Loads a model a run saved (float or QAT).
+
+    A run may come from someone else: unless ``unsafe``, a model whose config would run code
+    when loaded (Lambda layers, classes from outside Keras) is refused before it is deserialised,
+    and Keras' safe mode stays on while it loads.
+    """
+    from edgetl.basemodel import code_in_model_file
+
+    problem = code_in_model_file(str(path))
+    if problem and not unsafe:
+        raise EdgetlError(f"model '{path}' {problem}: loading it would run code from the file; "
+                          "pass --unsafe if you trust this run")
     from edgetl.keras import keras, quantize_scope
 
+    # .h5 files ignore safe_mode=; the scope makes their Lambda layers refuse to deserialise.
+    lib = keras.src.saving.serialization_lib
     try:
-        with quantize_scope():
-            return keras.models.load_model(str(path), compile=False)
+        with quantize_scope(), lib.SafeModeScope(not unsafe):
+            return keras.models.load_model(str(path), compile=False, safe_mode=not unsafe)
     except Exception as e:
         raise EdgetlError(f"cannot load model '{path}': {str(e).splitlines()[0][:200]}; "
                           "re-train the run") from None
