@@ -54,3 +54,14 @@ def tiny_config(data, out, **kw):
     from edgetl.config import TrainConfig
 
     return TrainConfig(data=str(data), out=str(out), **{**TINY, **kw})
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Prints the size of the bad-input catalogue (tests/test_bad_inputs.py) and its result."""
+    reports = [r for key in ("passed", "failed") for r in terminalreporter.stats.get(key, [])
+               if getattr(r, "when", "") == "call"
+               and "test_bad_inputs.py::test_catalogue[" in r.nodeid]
+    if reports:
+        failed = sum(r.failed for r in reports)
+        terminalreporter.write_line(f"bad-input catalogue: {len(reports)} cases, "
+                                    f"{len(reports) - failed} passed, {failed} failed")
