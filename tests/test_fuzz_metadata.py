@@ -10,7 +10,7 @@ central directory, end record) and the rest at the flatbuffer header or anywhere
 ``EdgetlError``.
 
 The fuzzer runs in a subprocess with a timeout, so a crash of the interpreter (a signal) or a
-hang is a finding too, not a stuck test run. The budget is ``EDGETL_FUZZ_SECONDS`` (default 40
+hang is a finding too, not a stuck test run. The budget is ``EDGETL_FUZZ_SECONDS`` (default 30
 s); the run is seeded, so CI repeats the same inputs. A finding is written to
 ``<tmp>/finding.tflite`` with its traceback.
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "coral"
-BUDGET = float(os.environ.get("EDGETL_FUZZ_SECONDS", "40"))
+BUDGET = float(os.environ.get("EDGETL_FUZZ_SECONDS", "30"))
 PER_INPUT_DEADLINE_MS = 5000  # a slow input is a finding (quadratic parsing, a zip bomb...)
 MODELS = ("mobilenet_v1_0.25_128_quant.tflite", "mobilenet_v1_0.25_128_quant_edgetpu.tflite",
           "model_invoking_error.tflite", "tf2_mobilenet_v2_1.0_224_ptq.tflite")
