@@ -828,3 +828,22 @@ def test_subprocess_subset(case_id, request, tmp_path, monkeypatch):
     line = _error_line(proc.stdout, proc.stderr)
     assert re.search(case.message, line), line
     assert _snapshot(env.watched) == before
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="root ignores folder permissions; the catalogue row out-read-only "
+                           "checks the message through the os.access answer of a read-only mount")
+def test_read_only_out_for_real(request, tmp_path, monkeypatch):
+    env = Env(request, tmp_path, monkeypatch)
+    data = env.data()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        code, out, err, exc = _invoke(["edgetl", "train", "--data", data, "--out", ro / "run",
+                                       *TINY_FLAGS])
+    finally:
+        ro.chmod(0o755)
+    assert exc is None and code == 2
+    assert re.search(r"cannot write --out '.*ro/run': '.*ro' is not writable", _error_line(out, err))
+    assert list(ro.iterdir()) == []
