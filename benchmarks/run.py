@@ -1,0 +1,987 @@
+#!/usr/bin/env python3
+"""edgetl against its anchors, side by side, as ratios measured in one run.
+
+    .venv/bin/python benchmarks/run.py            # the full run (~30 min on 2 cores)
+    .venv/bin/python benchmarks/run.py --quick    # a few-minute smoke run of every code path
+
+Writes ``benchmarks/results/<date>.json`` (every measurement, the machine, the versions, the
+command) and ``<date>.md`` (the table for the README; ``--update-readme`` puts it there).
+
+How the figures are made (DESIGN.md habit 11): the machine is shared and timings drift, so every
+figure is a ratio of two things measured in the same process, interleaved A B A B (the order
+reversed every other round), and quoted as the median of the per-round ratios with their min-max
+spread. Latency is the runner's own ``benchmark`` (warm-up excluded, ``perf_counter_ns``, p50).
+
+What is measured, goal in brackets (issue 6):
+
+1. edgetl's int8 export of MobileNetV2 1.0/224 (1000 classes, random weights) vs Google's
+   ``tf2_mobilenet_v2_1.0_224_ptq.tflite``, same runner, threads 1 and 2: size and p50 [<= 1.0].
+2. int8 / float32 TFLite p50 of the same model [<= 0.7].
+3. int8 / float32 size of MobileNetV2 without top [<= 0.30; floor 0.25].
+4. runner p50 / bare ``interpreter.invoke()`` loop p50 [<= 1.03].
+5. runner peak RSS on MobileNetV2-224 int8, fresh process [<= 80 MB].
+6. QAT / float training step time [<= 1.5]; input pipeline / training throughput [>= 3].
+7. export time of MobileNetV2-224 int8 with 200 calibration images [<= 60 s], by phase.
+8. Fashion-MNIST accuracy on the 10,000 test images: float Keras, post-training int8, QAT int8
+   (both QAT scopes) [PTQ drop <= 1.0 point, QAT drop <= 0.3, QAT int8 >= PTQ int8].
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+REALDATA = ROOT.parent / "shared" / "realdata"
+GOOGLE_V2 = REALDATA / "coral" / "tf2_mobilenet_v2_1.0_224_ptq.tflite"
+FASHION = REALDATA / "fashion-mnist"
+RUNNER = ROOT / "devices" / "edgetl_runner.py"
+README = ROOT / "README.md"
+MARK_BEGIN, MARK_END = "<!-- performance -->", "<!-- /performance -->"
+
+import numpy as np  # noqa: E402
+
+# Sizes of each run. The full run reproduces the issue's set-up; --quick only proves the code
+# paths work (tiny models: its ratios are not comparable with the anchors).
+FULL = dict(
+    anchor_alpha=1.0, anchor_size=224, anchor_classes=1000, calibration=200, verify_images=40,
+    latency_rounds=15, latency_runs=40, latency_warmup=10, threads=(1, 2),
+    overhead_rounds=15, overhead_runs=60, memory_repeats=3, memory_runs=50,
+    notop_alpha=1.0, notop_size=224,
+    train_alpha=0.5, train_size=48, train_batch=64, step_rounds=12, step_steps=3,
+    train_setups=("fine_tune_top", "whole_model", "fine_tune_top_224"),
+    pipeline_images=6000,
+    fm_train_per_class=2000, fm_test_per_class=None, fm_val_split=0.1,
+    pretrain_epochs=6, pretrain_lr=3e-3, finetune_epochs=3, finetune_lr=1e-3,
+)
+QUICK = dict(
+    anchor_alpha=0.35, anchor_size=96, anchor_classes=1000, calibration=20, verify_images=8,
+    latency_rounds=3, latency_runs=5, latency_warmup=2, threads=(1, 2),
+    overhead_rounds=3, overhead_runs=10, memory_repeats=1, memory_runs=5,
+    notop_alpha=0.35, notop_size=96,
+    train_alpha=0.35, train_size=32, train_batch=16, step_rounds=2, step_steps=2,
+    train_setups=("fine_tune_top",),
+    pipeline_images=200,
+    fm_train_per_class=20, fm_test_per_class=20, fm_val_split=0.2,
+    pretrain_epochs=1, pretrain_lr=3e-3, finetune_epochs=1, finetune_lr=1e-3,
+)
+SECTIONS = ("export", "latency", "overhead", "memory", "notop", "training", "accuracy")
+
+
+# --- statistics ----------------------------------------------------------------------------------
+
+def stats(values) -> dict:
+    """Median, quartiles and min-max of a list of per-round figures."""
+    a = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if not len(a):
+        return {"median": None, "n": 0}
+    return {"median": float(np.median(a)), "min": float(a.min()), "max": float(a.max()),
+            "q1": float(np.percentile(a, 25)), "q3": float(np.percentile(a, 75)),
+            "n": int(len(a)), "values": [round(float(v), 6) for v in a]}
+
+
+def rounds_order(keys: list, r: int) -> list:
+    """A B C in even rounds, C B A in odd ones: drift hits every side alike."""
+    return list(keys) if r % 2 == 0 else list(reversed(keys))
+
+
+def cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+class Log:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def __call__(self, *a):
+        print(f"[{time.perf_counter() - self.t0:7.1f} s]", *a, file=sys.stderr, flush=True)
+
+
+log = Log()
+
+
+# --- 1 + 7: edgetl's export of MobileNetV2 (random weights) -------------------------------------
+
+class TimedCalibration:
+    """The calibration array, recording when the converter asks for its first and last sample.
+
+    The converter traces and converts the float graph, then runs the representative dataset,
+    then quantizes: the first and last fetch split ``convert()`` into those three phases.
+    """
+
+    def __init__(self, array):
+        self.array, self.first, self.last, self.fetches = array, None, None, 0
+
+    def __len__(self):
+        return len(self.array)
+
+    def __getitem__(self, key):
+        now = time.perf_counter()
+        self.first = self.first if self.first is not None else now
+        self.last, self.fetches = now, self.fetches + 1
+        return self.array[key]
+
+
+def timed_export(cfg, phases: dict):
+    """edgetl.export.export(cfg), with convert() split into trace / calibrate / quantize."""
+    import edgetl.export as E
+
+    original = E.convert
+
+    def convert(model, mode, io, calibration, *a, **k):
+        timed = TimedCalibration(calibration) if calibration is not None else None
+        t0 = time.perf_counter()
+        out = original(model, mode, io, timed if timed is not None else calibration, *a, **k)
+        t1 = time.perf_counter()
+        if timed is not None and timed.first is not None:
+            phases.update(trace_and_float_convert_s=timed.first - t0,
+                          calibrate_s=timed.last - timed.first, quantize_s=t1 - timed.last,
+                          calibration_fetches=timed.fetches)
+        else:
+            phases.update(trace_and_convert_s=t1 - t0)
+        return out
+
+    E.convert = convert
+    try:
+        c0, t0 = cpu_seconds(), time.perf_counter()
+        try:
+            result = E.export(cfg)
+        except E.VerificationError as e:  # random weights: parity is not the point here
+            result = e.result
+        phases.update(total_s=time.perf_counter() - t0, cpu_s=cpu_seconds() - c0)
+        return result
+    finally:
+        E.convert = original
+
+
+def fake_run(run: Path, model, size: int, names: list, images: Path, n_cal: int,
+             n_val: int) -> None:
+    """A run directory for ``export`` around a model that was built, not trained."""
+    from edgetl import backbones
+    from edgetl.data import scan_folder, stratified_split
+    from edgetl.keras import versions
+
+    run.mkdir(parents=True)
+    folder = scan_folder(images, (32, 32))
+    train, val = stratified_split(folder.items, n_val / len(folder.items), 0)
+    prep = backbones.preprocessing(backbones.get_backbone("mobilenetv2"))
+    config = {"run_format": 1, "backbone": "mobilenetv2", "input_size": size,
+              "preprocessing": prep, "class_names": names, "data_hash": "synthetic",
+              "train": {"strategy": "none (random weights)", "epochs": 0, "qat": False,
+                        "weights": "none"}, "versions": versions()}
+    (run / "config.json").write_text(json.dumps(config, indent=1))
+    (run / "split.json").write_text(json.dumps({"train": train, "val": val}))
+    (run / "labels.txt").write_text("\n".join(names) + "\n")
+    model.save(str(run / "model.keras"))
+
+
+def section_export(P: dict, work: Path) -> dict:
+    """MobileNetV2 with a 1000-class head, exported int8 (timed by phase) and float32."""
+    from edgetl.config import ExportConfig, Quantization, TrainConfig
+    from edgetl.data import make_synth
+    from edgetl.train import build_model
+
+    size, alpha, k = P["anchor_size"], P["anchor_alpha"], P["anchor_classes"]
+    n_cal, n_val = P["calibration"], P["verify_images"]
+    images = work / "synth224"
+    per_class = (n_cal + n_val + 3) // 4 + 1
+    make_synth(images, classes=4, per_class=per_class, size=size, seed=0, overwrite=True)
+    t0 = time.perf_counter()
+    cfg = TrainConfig(data="-", weights="none", alpha=alpha, input_size=size, dropout=0.0)
+    model, _, _ = build_model(cfg, k, size)
+    build_s = time.perf_counter() - t0
+    run = work / "mnv2"
+    shutil.rmtree(run, ignore_errors=True)
+    names = [f"class_{i:04d}" for i in range(k)]
+    fake_run(run, model, size, names, images, n_cal, n_val)
+    del model
+    phases = {"build_keras_model_s": build_s}
+    r8 = timed_export(ExportConfig(run=str(run), modes=(Quantization.int8,),
+                                   num_calibration=n_cal, overwrite=True), phases)
+    rep = r8.reports["int8"]
+    t = rep["timings"]
+    phases.update(calibration_load_s=t.get("calibration_load_s"),
+                  load_model_s=t.get("load_model_s"), verify_s=rep.get("verify_s"),
+                  verify_images=(rep.get("accuracy") or {}).get("images"))
+    f_phases: dict = {}
+    r32 = timed_export(ExportConfig(run=str(run), modes=(Quantization.float32,),
+                                    overwrite=True, verify=False), f_phases)
+    return {
+        "model": f"MobileNetV2 alpha {alpha} {size} px, {k}-class head, random weights",
+        "int8": r8.files[0], "float32": r32.files[0],
+        "int8_bytes": os.path.getsize(r8.files[0]),
+        "float32_bytes": os.path.getsize(r32.files[0]),
+        "integer_only": rep.get("integer_only"),
+        "calibration_images": n_cal,
+        "phases_int8": {k2: (round(v, 3) if isinstance(v, float) else v)
+                        for k2, v in phases.items()},
+        "phases_float32": {k2: round(v, 3) for k2, v in f_phases.items()},
+    }
+
+
+# --- 1 + 2: latency, interleaved -----------------------------------------------------------------
+
+def section_latency(P: dict, models: dict) -> dict:
+    """p50 of each model through the runner, interleaved per round, at each thread count."""
+    from edgetl.runner import Model, benchmark
+
+    out = {}
+    for threads in P["threads"]:
+        loaded = {name: Model(path, threads=threads) for name, path in models.items()}
+        p50 = {name: [] for name in loaded}
+        for r in range(P["latency_rounds"]):
+            for name in rounds_order(list(loaded), r):
+                b = benchmark(loaded[name], runs=P["latency_runs"], warmup=P["latency_warmup"])
+                p50[name].append(b["p50_ms"])
+        ratios = {}
+        names = list(loaded)
+        if "int8" in p50 and "float32" in p50:
+            ratios["int8_over_float32"] = stats(
+                [a / b for a, b in zip(p50["int8"], p50["float32"])])
+        if "int8" in p50 and "google_int8" in p50:
+            ratios["ours_over_google"] = stats(
+                [a / b for a, b in zip(p50["int8"], p50["google_int8"])])
+        out[str(threads)] = {"p50_ms": {n: stats(p50[n]) for n in names}, "ratios": ratios,
+                             "interpreter": f"{loaded[names[0]].interpreter_name} "
+                                            f"{loaded[names[0]].interpreter_version}"}
+        del loaded
+    return out
+
+
+# --- 4: runner overhead --------------------------------------------------------------------------
+
+def section_overhead(P: dict, path: str) -> dict:
+    """Runner benchmark p50 and predict() p50 against bare interpreter loops, interleaved."""
+    from edgetl.runner import Model, _import_interpreter, benchmark
+
+    name, version, Interpreter, _, _ = _import_interpreter()
+    data = Path(path).read_bytes()
+    bare = Interpreter(model_content=data, num_threads=1)
+    bare.allocate_tensors()
+    inp, outp = bare.get_input_details()[0], bare.get_output_details()[0]
+    rng = np.random.RandomState(0)
+    x_q = rng.randint(-128, 128, size=inp["shape"]).astype(inp["dtype"])
+    bare.set_tensor(inp["index"], x_q)
+    model = Model(path, threads=1)
+    scale, zp = model.input.scale, model.input.zero_point
+    x_f = ((x_q.astype(np.float32) - zp) * scale)[0]
+    runs, warm = P["overhead_runs"], P["latency_warmup"]
+    clock = time.perf_counter_ns
+
+    def bare_invoke():
+        invoke = bare.invoke
+        for _ in range(warm):
+            invoke()
+        t = []
+        for _ in range(runs):
+            t0 = clock()
+            invoke()
+            t.append(clock() - t0)
+        return float(np.median(t)) / 1e6
+
+    in_scale, in_zp = inp["quantization"]
+    out_scale, out_zp = outp["quantization"]
+
+    def bare_full():  # a hand-written loop per image: quantize, set, invoke, get, dequantize
+        t = []
+        for i in range(warm + runs):
+            t0 = clock()
+            q = np.clip(np.round(x_f[None] / in_scale + in_zp), -128, 127).astype(inp["dtype"])
+            bare.set_tensor(inp["index"], q)
+            bare.invoke()
+            (bare.get_tensor(outp["index"]).astype(np.float32) - out_zp) * out_scale
+            t.append(clock() - t0)
+        return float(np.median(t[warm:])) / 1e6
+
+    def runner_bench():
+        return benchmark(model, runs=runs, warmup=warm)["p50_ms"]
+
+    def runner_predict():  # float image in, float scores out
+        t = []
+        for i in range(warm + runs):
+            t0 = clock()
+            model.predict(x_f)
+            t.append(clock() - t0)
+        return float(np.median(t[warm:])) / 1e6
+
+    fns = {"bare_invoke": bare_invoke, "runner_benchmark": runner_bench,
+           "bare_quantize_invoke_dequantize": bare_full, "runner_predict": runner_predict}
+    p50 = {k: [] for k in fns}
+    for r in range(P["overhead_rounds"]):
+        for k in rounds_order(list(fns), r):
+            p50[k].append(fns[k]())
+    return {
+        "model": path, "threads": 1, "interpreter": f"{name} {version}",
+        "p50_ms": {k: stats(v) for k, v in p50.items()},
+        "runner_over_bare": stats([a / b for a, b in zip(p50["runner_benchmark"],
+                                                         p50["bare_invoke"])]),
+        "predict_over_bare_quantize_invoke_dequantize": stats(
+            [a / b for a, b in zip(p50["runner_predict"],
+                                   p50["bare_quantize_invoke_dequantize"])]),
+    }
+
+
+# --- 5: runner memory ----------------------------------------------------------------------------
+
+def _peak_rss(cmd: list) -> float:
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "r.json"
+        subprocess.run(cmd + ["--json", str(out), "--quiet"], check=True, cwd=ROOT,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return json.loads(out.read_text())["memory"]["peak_rss_mb"]
+
+
+def section_memory(P: dict, models: dict) -> dict:
+    """Peak RSS of ``python devices/edgetl_runner.py MODEL --runs N`` in fresh processes."""
+    base_code = ("import numpy\n"
+                 "from ai_edge_litert import interpreter\n"
+                 "print([int(l.split()[1]) / 1024 for l in open('/proc/self/status')\n"
+                 "       if l.startswith('VmHWM:')][0])")
+    out = {"runs": P["memory_runs"], "peak_rss_mb": {}}
+    for name, path in models.items():
+        vals = [_peak_rss([sys.executable, str(RUNNER), str(path), "--runs",
+                           str(P["memory_runs"])]) for _ in range(P["memory_repeats"])]
+        out["peak_rss_mb"][name] = stats(vals)
+    try:
+        base = [float(subprocess.run([sys.executable, "-c", base_code], check=True,
+                                     capture_output=True, text=True).stdout)
+                for _ in range(P["memory_repeats"])]
+        out["python_numpy_litert_import_mb"] = stats(base)
+    except (subprocess.CalledProcessError, ValueError):
+        out["python_numpy_litert_import_mb"] = None
+    return out
+
+
+# --- 3: size without top -------------------------------------------------------------------------
+
+def size_breakdown(data: bytes) -> dict:
+    """Bytes of constant tensors by dtype, of quantization parameters, and the rest."""
+    from edgetl.runner import read_model
+
+    info = read_model(data)
+    itemsize = {"int8": 1, "uint8": 1, "int16": 2, "float16": 2, "int32": 4, "float32": 4,
+                "int64": 8}
+    produced = {i for op in info.operators for i in op.outputs} | set(info.inputs)
+    by = {}
+    qparams = 0
+    for t in info.tensors:
+        if t.index not in produced and t.buffer:
+            n = int(np.prod(t.shape)) if t.shape else 1
+            by[t.dtype] = by.get(t.dtype, 0) + n * itemsize.get(t.dtype, 4)
+        qparams += len(t.scale) * 12  # float32 scale + int64 zero point per channel
+    total = len(data)
+    return {"constants_by_dtype": by, "quant_params": qparams,
+            "rest": total - sum(by.values()) - qparams, "total": total}
+
+
+def section_notop(P: dict, work: Path) -> dict:
+    """int8 / float32 size of MobileNetV2 without its classifier, raw converter output."""
+    from edgetl.config import IOType, Quantization
+    from edgetl.export import convert
+    from edgetl.keras import keras
+
+    size, alpha = P["notop_size"], P["notop_alpha"]
+    keras.utils.set_random_seed(0)
+    base = keras.applications.MobileNetV2(input_shape=(size, size, 3), include_top=False,
+                                          weights=None, alpha=alpha)
+    params = int(base.count_params())
+    calib = np.random.RandomState(0).uniform(-1, 1, (10, size, size, 3)).astype(np.float32)
+    f32 = convert(base, Quantization.float32, IOType.float32, None)
+    i8 = convert(base, Quantization.int8, IOType.int8, calib)
+    return {"model": f"MobileNetV2 alpha {alpha} {size} px, include_top=False",
+            "params": params, "float32_bytes": len(f32), "int8_bytes": len(i8),
+            "ratio": len(i8) / len(f32), "float32": size_breakdown(f32),
+            "int8": size_breakdown(i8)}
+
+
+# --- 6: training cost ----------------------------------------------------------------------------
+
+def section_training(P: dict, fm_train: Path | None, work: Path) -> dict:
+    """Step time of float vs QAT (both scopes), and input-pipeline vs training throughput.
+
+    Each set-up is one fine-tune, built by edgetl's own build_model / set_trainable / quantize;
+    steps are ``train_on_batch`` on a fixed batch (no input pipeline), float and QAT models
+    interleaved. The input pipeline (``make_dataset``, as ``train`` builds it) is timed alone
+    on the same image size and batch, and compared with the float training throughput.
+    """
+    from edgetl import backbones
+    from edgetl.config import QatScope, Strategy, TrainConfig
+    from edgetl.data import make_dataset, make_synth, scan_folder
+    from edgetl.keras import keras, tf
+    from edgetl.train import build_model, frozen_stay_frozen, quantize, set_trainable
+
+    setups = {
+        # the transfer fine-tune of section 8: pretrained base (--weights FILE), the top 20 %
+        # of the base trains, BatchNorm frozen
+        "fine_tune_top": dict(alpha=P["train_alpha"], size=P["train_size"],
+                              batch=P["train_batch"], weights="pretrained.h5",
+                              unfreeze_from=None, steps=P["step_steps"]),
+        # from scratch (--weights none --unfreeze-from Conv1): every layer trains
+        "whole_model": dict(alpha=P["train_alpha"], size=P["train_size"],
+                            batch=P["train_batch"], weights="none", unfreeze_from="Conv1",
+                            steps=P["step_steps"]),
+        # the README's path: MobileNetV2 1.0 at 224 px, --strategy fine-tune, batch 32
+        "fine_tune_top_224": dict(alpha=1.0, size=224, batch=32, weights="pretrained.h5",
+                                  unfreeze_from=None, steps=1),
+    }
+    prep = backbones.preprocessing(backbones.get_backbone("mobilenetv2"))
+    if fm_train is not None:
+        all_items = list(scan_folder(fm_train, (32, 32)).items)
+        source = f"Fashion-MNIST PNGs ({fm_train.name})"
+    else:
+        synth = work / "synth_pipeline"
+        make_synth(synth, classes=4, per_class=max(8, P["pipeline_images"] // 4), size=28,
+                   overwrite=True)
+        all_items = list(scan_folder(synth, (32, 32)).items)
+        source = "generated PNGs"
+    rng = np.random.RandomState(0)
+    all_items = [all_items[i] for i in rng.permutation(len(all_items))]
+    out = {}
+    for key in P["train_setups"]:
+        s = setups[key]
+        size, bs = s["size"], s["batch"]
+        x = rng.uniform(-1, 1, (bs, size, size, 3)).astype(np.float32)
+        y = (np.arange(bs) % 10).astype(np.int32)
+        cfg = TrainConfig(data="-", alpha=s["alpha"], input_size=size, weights="none",
+                          strategy=Strategy.fine_tune, unfreeze_from=s["unfreeze_from"])
+        model, n_base, _ = build_model(cfg, 10, size)
+        set_trainable(model, n_base, dataclasses.replace(cfg, weights=s["weights"]), True)
+        variants = {"float": model, "qat_all": quantize(model, QatScope.all),
+                    "qat_trained": quantize(model, QatScope.trained)}
+        # Keras' own train step (as fit runs it, without fit's per-epoch set-up), fed from an
+        # in-memory batch so that only training is timed.
+        trainable, fns = {}, {}
+        for k, m in variants.items():
+            m.compile(optimizer=keras.optimizers.Adam(1e-4),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+            with frozen_stay_frozen(m):
+                trainable[k] = int(sum(int(np.prod(w.shape)) for w in m.trainable_weights))
+                fns[k] = (m.make_train_function(), iter(
+                    tf.data.Dataset.from_tensors((x, y)).repeat()))
+                for _ in range(2):  # trace, warm up
+                    fns[k][0](fns[k][1])
+        step = {k: [] for k in variants}
+        cpu = {k: [] for k in variants}
+        rounds = P["step_rounds"] if key != "fine_tune_top_224" else max(2, P["step_rounds"] // 2)
+        for r in range(rounds):
+            for k in rounds_order(list(variants), r):
+                fn, it = fns[k]
+                with frozen_stay_frozen(variants[k]):
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    for _ in range(s["steps"]):
+                        fn(it)
+                    step[k].append((time.perf_counter() - t0) / s["steps"])
+                    cpu[k].append((time.process_time() - c0) / s["steps"])
+        del fns
+        del variants, model
+        keras.backend.clear_session()
+        # The input pipeline alone at this size and batch: epoch 1 decodes (and caches),
+        # later epochs read the cache; with and without augmentation.
+        n_img = P["pipeline_images"] if size < 100 else min(P["pipeline_images"], 1200)
+        items = all_items[:n_img]
+        pipe = {}
+        for augment in (False, True):
+            ds = make_dataset(items, (size, size), prep, bs, True, augment, 0)
+            epochs = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                n = sum(int(xb.shape[0]) for xb, _ in ds)
+                epochs.append(n / (time.perf_counter() - t0))
+            pipe["augment" if augment else "no_augment"] = {
+                "first_epoch_ips": epochs[0], "cached_epoch_ips": stats(epochs[1:])}
+            del ds
+        train_ips = bs / float(np.median(step["float"]))
+        out[key] = {
+            "model": f"MobileNetV2 alpha {s['alpha']} {size} px, 10 classes, batch {bs}, "
+                     + ("every layer trains" if s["unfreeze_from"] else
+                        "top 20 % of the base trains, BatchNorm frozen"),
+            "trainable_weights": trainable,
+            "step_s": {k: stats(v) for k, v in step.items()},
+            "step_cpu_s": {k: stats(v) for k, v in cpu.items()},
+            "qat_all_over_float": stats([a / b for a, b in zip(step["qat_all"], step["float"])]),
+            "qat_trained_over_float": stats([a / b for a, b in zip(step["qat_trained"],
+                                                                   step["float"])]),
+            "cpu_qat_all_over_float": stats([a / b for a, b in zip(cpu["qat_all"],
+                                                                   cpu["float"])]),
+            "cpu_qat_trained_over_float": stats([a / b for a, b in zip(cpu["qat_trained"],
+                                                                       cpu["float"])]),
+            "pipeline": {
+                "source": source, "images": len(items), "images_per_s": pipe,
+                "float_training_ips": train_ips,
+                "ratio_first_epoch": pipe["augment"]["first_epoch_ips"] / train_ips,
+                "ratio_cached": pipe["augment"]["cached_epoch_ips"]["median"] / train_ips,
+                "note": "pipeline (with augmentation) timed alone; training throughput = batch "
+                        "/ median float step"},
+        }
+    return out
+
+
+# --- 8: accuracy on Fashion-MNIST ----------------------------------------------------------------
+
+def _fashion(work: Path, P: dict) -> tuple[Path, Path] | None:
+    from edgetl.data import idx_to_folders
+
+    if not FASHION.is_dir():
+        return None
+    train, test = work / "fm_train", work / "fm_test"
+    f = FASHION
+    if not (train / ".done").exists():
+        idx_to_folders(str(f / "train-images-idx3-ubyte.gz"), str(f / "train-labels-idx1-ubyte.gz"),
+                       train, limit=P["fm_train_per_class"], overwrite=True)
+        (train / ".done").write_text("")
+    if not (test / ".done").exists():
+        idx_to_folders(str(f / "t10k-images-idx3-ubyte.gz"), str(f / "t10k-labels-idx1-ubyte.gz"),
+                       test, limit=P["fm_test_per_class"], overwrite=True)
+        (test / ".done").write_text("")
+    return train, test
+
+
+def _keras_predictions(model_path: Path, items, size: int, prep: dict) -> np.ndarray:
+    """Top-1 class of each item (in order) from a saved Keras model, streamed in batches."""
+    from edgetl.data import make_dataset
+    from edgetl.train import load_model
+
+    model = load_model(model_path)
+    ds = make_dataset(items, (size, size), prep, 256, False, False, 0, cache=False)
+    return np.concatenate([np.asarray(model(xb, training=False)).argmax(-1) for xb, _ in ds])
+
+
+def _tflite_predictions(path: str, items, prep: dict, names: list) -> np.ndarray:
+    """Top-1 class of each item (in order) from a .tflite through the runner's evaluate."""
+    from edgetl.runner import Model, evaluate
+
+    r = evaluate(Model(path, threads=2), items, dict(prep, resize="bilinear"), names,
+                 batch_size=256)
+    return np.asarray(r["predictions"])
+
+
+def paired(a: np.ndarray, b: np.ndarray, truth: np.ndarray) -> dict:
+    """Accuracy of a minus accuracy of b on the same images, in points, with a 95 % interval.
+
+    Only the images where exactly one of the two is right count (McNemar): ``a_only`` and
+    ``b_only``; the interval is the normal approximation of the paired difference.
+    """
+    ra, rb = a == truth, b == truth
+    n = len(truth)
+    a_only, b_only = int((ra & ~rb).sum()), int((~ra & rb).sum())
+    diff = (a_only - b_only) / n
+    var = max(a_only + b_only - (a_only - b_only) ** 2 / n, 0.0) / n ** 2
+    half = 1.96 * var ** 0.5
+    return {"diff_points": diff * 100, "ci95_points": [(diff - half) * 100, (diff + half) * 100],
+            "a_only": a_only, "b_only": b_only, "images": n}
+
+
+def _ptq(run: Path, out: Path) -> str:
+    """Post-training int8 of a run's float model (model.keras), export's own calibration."""
+    from edgetl.config import ExportConfig, IOType, Quantization
+    from edgetl.export import calibration_items, convert, load_batch
+    from edgetl.train import load_model, load_run
+
+    run_cfg = load_run(run)
+    split = json.loads((run / "split.json").read_text())
+    paths, _ = calibration_items(ExportConfig(run=str(run)), run_cfg, split)
+    calib = load_batch(paths, run_cfg["input_size"], run_cfg["preprocessing"])
+    out.write_bytes(convert(load_model(run / "model.keras"), Quantization.int8, IOType.int8,
+                            calib))
+    return str(out)
+
+
+def section_accuracy(P: dict, fm: tuple[Path, Path], work: Path) -> dict:
+    """Pretrain from scratch, then the transfer fine-tune three ways: float, QAT all, trained.
+
+    Stage 1 stands in for ImageNet pre-training (no internet, no ImageNet weights): MobileNetV2
+    from scratch on the Fashion-MNIST subset. Its base is saved as a weights file, and stage 2 is
+    the user's path with ``--weights FILE --strategy fine-tune`` (top 20 % of the base trains,
+    BatchNorm frozen), once in float and once with each QAT scope.
+    """
+    from edgetl.config import ExportConfig, QatScope, Quantization, Strategy, TrainConfig
+    from edgetl.export import export
+    from edgetl.errors import VerificationError
+    from edgetl.keras import keras
+    from edgetl.runner import list_images
+    from edgetl.train import load_model, load_run, train
+
+    fm_train, fm_test = fm
+    size, alpha = P["train_size"], P["train_alpha"]
+    acc_dir = work / "accuracy"
+    acc_dir.mkdir(exist_ok=True)
+    common = dict(data=str(fm_train), backbone="mobilenetv2", alpha=alpha, input_size=size,
+                  batch_size=P["train_batch"], val_split=P["fm_val_split"], augment=False,
+                  seed=0, overwrite=True, quiet=True, strategy=Strategy.fine_tune)
+    budget = {"train_subset": f"first {P['fm_train_per_class']} images per class of the "
+                              "60,000 training images (file order)",
+              "val_split": P["fm_val_split"], "batch": P["train_batch"],
+              "model": f"MobileNetV2 alpha {alpha}, {size} px (28 px grey -> RGB, bilinear)",
+              "stage1": f"from scratch, every layer, {P['pretrain_epochs']} epochs, Adam "
+                        f"{P['pretrain_lr']}",
+              "stage2": f"--weights stage1 base, fine-tune top 20 % of the base, "
+                        f"{P['finetune_epochs']} epochs, Adam {P['finetune_lr']}",
+              "augment": False, "seed": 0, "calibration": "200 class-balanced training images"}
+    timings = {}
+    t0 = time.perf_counter()
+    pre = acc_dir / "pretrain"
+    train(TrainConfig(out=str(pre), weights="none", unfreeze_from="Conv1",
+                      epochs=P["pretrain_epochs"], fine_tune_lr=P["pretrain_lr"], **common))
+    timings["stage1_train_s"] = time.perf_counter() - t0
+    # The pretrained base as a weights file, as `--weights FILE` expects.
+    full = load_model(pre / "model.keras")
+    base = keras.applications.MobileNetV2(input_shape=(size, size, 3), include_top=False,
+                                          weights=None, alpha=alpha)
+    for layer in base.layers:
+        if layer.weights:
+            layer.set_weights(full.get_layer(layer.name).get_weights())
+    weights_file = acc_dir / "pretrained_base.h5"
+    base.save_weights(str(weights_file))
+    keras.backend.clear_session()
+
+    runs = {"stage1_scratch": pre}
+    for name, qat, scope in (("float", False, QatScope.all), ("qat_all", True, QatScope.all),
+                             ("qat_trained", True, QatScope.trained)):
+        t0 = time.perf_counter()
+        out = acc_dir / name
+        train(TrainConfig(out=str(out), weights=str(weights_file), epochs=P["finetune_epochs"],
+                          fine_tune_lr=P["finetune_lr"], qat=qat, qat_scope=scope, **common))
+        timings[f"train_{name}_s"] = time.perf_counter() - t0
+        runs[name] = out
+        keras.backend.clear_session()
+
+    names = load_run(pre)["class_names"]
+    items, _, _ = list_images(str(fm_test), names)
+    truth = np.asarray([c for _, c in items])
+    rows, preds = {}, {}
+    for name, run in runs.items():
+        cfg = load_run(run)
+        prep = cfg["preprocessing"]
+        p = {"keras_float": _keras_predictions(run / "model.keras", items, size, prep)}
+        t0 = time.perf_counter()
+        try:
+            res = export(ExportConfig(run=str(run), modes=(Quantization.int8,), overwrite=True,
+                                      max_drop=100.0))
+        except VerificationError as e:
+            res = e.result
+        timings[f"export_{name}_s"] = time.perf_counter() - t0
+        tfl = _tflite_predictions(res.files[0], items, prep, names)
+        if (run / "qat.h5").exists():
+            p["keras_qat"] = _keras_predictions(run / "qat.h5", items, size, prep)
+            p["qat_int8"] = tfl
+            p["ptq_int8_same_run"] = _tflite_predictions(
+                _ptq(run, run / "export" / "ptq_int8.tflite"), items, prep, names)
+        else:
+            p["ptq_int8"] = tfl
+        preds[name] = p
+        rows[name] = {k: float((v == truth).mean()) for k, v in p.items()}
+        keras.backend.clear_session()
+    ref = preds["float"]["keras_float"]
+    float_ref = rows["float"]["keras_float"]
+    # Drops are float Keras minus int8 (positive = int8 is worse), paired on the same images.
+    summary = {
+        "float_keras": float_ref,
+        "ptq_int8": rows["float"]["ptq_int8"],
+        "ptq_drop_points": (float_ref - rows["float"]["ptq_int8"]) * 100,
+        "ptq_drop": paired(ref, preds["float"]["ptq_int8"], truth),
+        "stage1_ptq_drop": paired(preds["stage1_scratch"]["keras_float"],
+                                  preds["stage1_scratch"]["ptq_int8"], truth),
+    }
+    for scope in ("qat_all", "qat_trained"):
+        r, q = rows[scope], preds[scope]
+        summary[f"{scope}_int8"] = r["qat_int8"]
+        summary[f"{scope}_drop_points"] = (float_ref - r["qat_int8"]) * 100
+        summary[f"{scope}_drop"] = paired(ref, q["qat_int8"], truth)
+        summary[f"{scope}_drop_vs_own_keras"] = paired(q["keras_qat"], q["qat_int8"], truth)
+        summary[f"{scope}_minus_ptq_same_run_points"] = (r["qat_int8"]
+                                                         - r["ptq_int8_same_run"]) * 100
+        summary[f"{scope}_minus_ptq_same_run"] = paired(q["qat_int8"], q["ptq_int8_same_run"],
+                                                        truth)
+    return {"budget": budget, "test_images": len(items), "runs": rows, "summary": summary,
+            "timings_s": {k: round(v, 1) for k, v in timings.items()}}
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+def _fmt_stat(s: dict | None, fmt: str = "{:.2f}") -> tuple[str, str]:
+    if not s or s.get("median") is None:
+        return "-", "-"
+    return fmt.format(s["median"]), f"{fmt.format(s['min'])}–{fmt.format(s['max'])} (n={s['n']})"
+
+
+def _verdict(value, goal: str, quick: bool) -> str:
+    if value is None:
+        return "not measured"
+    if quick:
+        return "smoke only"
+    op, target = goal.split(" ", 1)
+    target = float(target)
+    ok = value <= target if op == "<=" else value >= target
+    return "met" if ok else "**missed**"
+
+
+def rows_of(R: dict) -> list[tuple]:
+    """(number, figure, goal, median, spread, verdict) rows of the Markdown table."""
+    quick = R["quick"]
+    rows = []
+
+    def add(num, figure, goal, s, fmt="{:.2f}"):
+        med, spread = _fmt_stat(s, fmt)
+        rows.append((num, figure, goal, med, spread,
+                     _verdict(s.get("median") if s else None, goal, quick)))
+
+    ex, lat = R.get("export"), R.get("latency")
+    if ex and ex.get("google_bytes"):
+        add("1", "size: edgetl int8 / Google's int8", "<= 1.0",
+            {"median": ex["int8_bytes"] / ex["google_bytes"], "min": ex["int8_bytes"] /
+             ex["google_bytes"], "max": ex["int8_bytes"] / ex["google_bytes"], "n": 1}, "{:.3f}")
+    if lat:
+        for th, L in lat.items():
+            if "ours_over_google" in L["ratios"]:
+                add("1", f"p50: edgetl int8 / Google's int8, {th} thread(s)", "<= 1.0",
+                    L["ratios"]["ours_over_google"], "{:.3f}")
+        for th, L in lat.items():
+            add("2", f"p50: int8 / float32 TFLite, {th} thread(s)", "<= 0.7",
+                L["ratios"].get("int8_over_float32"), "{:.3f}")
+    nt = R.get("notop")
+    if nt:
+        add("3", "size: int8 / float32, MobileNetV2 without top", "<= 0.30",
+            {"median": nt["ratio"], "min": nt["ratio"], "max": nt["ratio"], "n": 1}, "{:.3f}")
+    ov = R.get("overhead")
+    if ov:
+        add("4", "p50: runner benchmark / bare invoke() loop", "<= 1.03",
+            ov["runner_over_bare"], "{:.3f}")
+        add("4", "p50: runner predict() / bare quantize+set+invoke+get+dequantize, float "
+            "in/out", "<= 1.03", ov["predict_over_bare_quantize_invoke_dequantize"], "{:.3f}")
+    mem = R.get("memory")
+    if mem and "int8" in mem["peak_rss_mb"]:
+        add("5", "peak RSS (MB): runner on MobileNetV2-224 int8, fresh process", "<= 80",
+            mem["peak_rss_mb"]["int8"], "{:.1f}")
+    tr = R.get("training")
+    if tr:
+        one = lambda v: {"median": v, "min": v, "max": v, "n": 1}  # noqa: E731
+        for key, label in (("fine_tune_top", "fine-tune top 20 % (section 8's)"),
+                           ("whole_model", "whole model from scratch"),
+                           ("fine_tune_top_224", "fine-tune top 20 %, 1.0/224 px")):
+            if key in tr:
+                add("6", f"step time: QAT (scope all) / float, {label}", "<= 1.5",
+                    tr[key]["qat_all_over_float"])
+                add("6", f"step time: QAT (scope trained) / float, {label}", "<= 1.5",
+                    tr[key]["qat_trained_over_float"])
+        for key, label in (("fine_tune_top", "section 8's fine-tune"),
+                           ("fine_tune_top_224", "1.0/224 px fine-tune")):
+            p = (tr.get(key) or {}).get("pipeline")
+            if p:
+                add("6", f"input pipeline (augmented) / float training, images/s, first epoch "
+                    f"(decode), {label}", ">= 3", one(p["ratio_first_epoch"]), "{:.1f}")
+                add("6", f"input pipeline (augmented) / float training, images/s, cached "
+                    f"epochs, {label}", ">= 3", one(p["ratio_cached"]), "{:.1f}")
+    if ex:
+        ph = ex["phases_int8"]
+        add("7", f"export time (s): int8, {ex['calibration_images']} calibration images",
+            "<= 60", {"median": ph["total_s"], "min": ph["total_s"], "max": ph["total_s"],
+                      "n": 1}, "{:.1f}")
+    acc = R.get("accuracy")
+    if acc:
+        s = acc["summary"]
+
+        def add_paired(num, figure, goal, p):
+            lo, hi = p["ci95_points"]
+            verdict = _verdict(p["diff_points"], goal, quick)
+            op, target = goal.split(" ", 1)
+            if verdict == "**missed**" and lo <= float(target) <= hi:
+                verdict = "missed, within noise"
+            rows.append((num, figure, goal, f"{p['diff_points']:.2f}",
+                         f"95 % CI {lo:+.2f}…{hi:+.2f} ({p['a_only']} vs {p['b_only']} "
+                         f"images differ)", verdict))
+
+        add_paired("8", "PTQ int8 drop (points) vs float Keras", "<= 1.0", s["ptq_drop"])
+        for scope in ("qat_all", "qat_trained"):
+            add_paired("8", f"QAT int8 drop (points) vs float Keras, scope {scope[4:]}",
+                       "<= 0.3", s[f"{scope}_drop"])
+            add_paired("8", f"QAT int8 − PTQ int8 of the same run (points), scope "
+                       f"{scope[4:]}", ">= 0.0", s[f"{scope}_minus_ptq_same_run"])
+    return rows
+
+
+def markdown(R: dict) -> str:
+    m = R["machine"]
+    v = R["versions"]
+    lines = [
+        f"Measured {R['date']} on {m['cpu']} ({m['cores']} cores, {m['os']}; shared with "
+        "other work, so every timing is a ratio of two things measured in the same run, "
+        "interleaved, as the median over rounds with its min–max). "
+        f"TensorFlow {v.get('tensorflow')}, tf_keras {v.get('tf_keras')}, tfmot "
+        f"{v.get('tfmot')}, {R['interpreter']}, numpy {v.get('numpy')}, Python "
+        f"{v.get('python')}; edgetl {R['git']}."
+        + (" **Quick smoke run: tiny models, figures not comparable with the goals.**"
+           if R["quick"] else ""),
+        "",
+        f"Command: `{R['command']}` ({R['duration_s'] / 60:.1f} min). Raw figures: "
+        f"`{R['json']}`.",
+        "",
+        "| # | figure | goal | measured | spread | verdict |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows_of(R):
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    ex = R.get("export")
+    if ex:
+        ph = ex["phases_int8"]
+        parts = [("build Keras model", ph.get("build_keras_model_s")),
+                 ("load calibration images", ph.get("calibration_load_s")),
+                 ("load model", ph.get("load_model_s")),
+                 ("trace + float conversion", ph.get("trace_and_float_convert_s")),
+                 ("calibrate", ph.get("calibrate_s")), ("quantize", ph.get("quantize_s")),
+                 ("verify", ph.get("verify_s"))]
+        lines += ["", f"Export phases ({ex['model']}, int8, {ex['calibration_images']} "
+                      f"calibration images, s): " + ", ".join(
+                          f"{k} {v:.1f}" for k, v in parts if v is not None)
+                  + f"; export() total {ph['total_s']:.1f} s wall, {ph['cpu_s']:.1f} s CPU. "
+                  f"Sizes: int8 {ex['int8_bytes'] / 1e6:.2f} MB, float32 "
+                  f"{ex['float32_bytes'] / 1e6:.2f} MB"
+                  + (f", Google's {ex['google_bytes'] / 1e6:.2f} MB." if ex.get("google_bytes")
+                     else ".")]
+    nt = R.get("notop")
+    if nt:
+        b8 = nt["int8"]
+        w8 = b8["constants_by_dtype"].get("int8", 0)
+        b32 = b8["constants_by_dtype"].get("int32", 0)
+        lines += ["", f"Size without top ({nt['model']}, {nt['params']:,} parameters): float32 "
+                      f"{nt['float32_bytes'] / 1e6:.2f} MB; int8 {nt['int8_bytes'] / 1e6:.2f} MB "
+                      f"= int8 weights {w8 / 1e6:.2f} MB + int32 biases {b32 / 1e3:.0f} kB + "
+                      f"quantization parameters (a float32 scale and an int64 zero point per "
+                      f"channel of every weight and bias, per activation tensor) "
+                      f"{b8['quant_params'] / 1e3:.0f} kB "
+                      f"({b8['quant_params'] / nt['int8_bytes']:.1%} of the file). Without "
+                      f"those parameters the ratio would be "
+                      f"{(nt['int8_bytes'] - b8['quant_params']) / nt['float32_bytes']:.3f}."]
+    mem = R.get("memory")
+    if mem and mem.get("python_numpy_litert_import_mb"):
+        base = mem["python_numpy_litert_import_mb"]["median"]
+        lines += ["", "Runner peak RSS (MB, fresh process, " + ", ".join(
+            f"{k} {v['median']:.1f}" for k, v in mem["peak_rss_mb"].items())
+            + f"); Python + numpy + ai_edge_litert imported alone: {base:.1f}."]
+    acc = R.get("accuracy")
+    if acc:
+        b = acc["budget"]
+        lines += ["", f"Fashion-MNIST, top-1 on all {acc['test_images']:,} test images "
+                      f"(Keras, or the .tflite through the runner). {b['model']}; "
+                      f"{b['train_subset']}, val split {b['val_split']}; stage 1 {b['stage1']}; "
+                      f"stage 2 {b['stage2']}.", "",
+                  "| run | float Keras | QAT Keras | PTQ int8 | QAT int8 |",
+                  "| --- | --- | --- | --- | --- |"]
+        for name, r in acc["runs"].items():
+            f = lambda k: f"{r[k] * 100:.2f}" if k in r else "-"  # noqa: E731
+            ptq = "ptq_int8" if "ptq_int8" in r else "ptq_int8_same_run"
+            lines.append(f"| {name} | {f('keras_float')} | {f('keras_qat')} | {f(ptq)} | "
+                         f"{f('qat_int8')} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(md: str, readme: Path = README) -> None:
+    """Replaces what stands between the Performance markers, and nothing else."""
+    text = readme.read_text()
+    a, b = text.index(MARK_BEGIN) + len(MARK_BEGIN), text.index(MARK_END)
+    readme.write_text(text[:a] + "\n" + md + text[b:])
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: a few-minute smoke run")
+    ap.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
+                    help="folder for <date>.json and <date>.md")
+    ap.add_argument("--work", help="scratch folder (default: a temporary one, removed)")
+    ap.add_argument("--update-readme", action="store_true",
+                    help="put the Markdown into README.md's Performance section")
+    args = ap.parse_args(argv)
+    P = dict(QUICK if args.quick else FULL)
+    sections = args.only or SECTIONS
+    start = time.perf_counter()
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="edgetl-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from edgetl.keras import versions
+    from edgetl.runner import _import_interpreter, machine_info
+
+    iname, iversion = _import_interpreter()[:2]
+    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
+                         capture_output=True, text=True).stdout.strip() or "unknown"
+    date = _dt.date.today().isoformat()
+    R = {"date": date, "quick": args.quick, "params": P, "sections": list(sections),
+         "command": " ".join([".venv/bin/python", "benchmarks/run.py"] + (argv if argv is not
+                                                                          None else sys.argv[1:])),
+         "machine": machine_info(), "versions": versions(), "interpreter":
+         f"{iname} {iversion}", "git": git, "platform": platform.platform(),
+         "section_seconds": {}}
+    google = str(GOOGLE_V2) if GOOGLE_V2.is_file() else None
+    if not google:
+        R["notes"] = [f"{GOOGLE_V2} not found: the Google anchor rows are left out"]
+    fm = _fashion(work, P) if ("accuracy" in sections or "training" in sections) else None
+
+    def timed(name, fn, *a):
+        log(f"{name} ...")
+        t0 = time.perf_counter()
+        R[name] = fn(*a)
+        R["section_seconds"][name] = round(time.perf_counter() - t0, 1)
+        log(f"{name} done in {R['section_seconds'][name]} s")
+
+    try:
+        models = None
+        if any(s in sections for s in ("export", "latency", "overhead", "memory")):
+            timed("export", section_export, P, work)
+            if google:
+                R["export"]["google_bytes"] = os.path.getsize(google)
+            models = {"int8": R["export"]["int8"], "float32": R["export"]["float32"]}
+            if google:
+                models = {"google_int8": google, **models}
+        if "latency" in sections:
+            timed("latency", section_latency, P, models)
+        if "overhead" in sections:
+            timed("overhead", section_overhead, P, models["int8"])
+        if "memory" in sections:
+            timed("memory", section_memory, P, models)
+        if "notop" in sections:
+            timed("notop", section_notop, P, work)
+        if "training" in sections:
+            timed("training", section_training, P, fm[0] if fm else None, work)
+        if "accuracy" in sections:
+            if fm:
+                timed("accuracy", section_accuracy, P, fm, work)
+            else:
+                R.setdefault("notes", []).append(f"{FASHION} not found: no accuracy section")
+    finally:
+        R["duration_s"] = time.perf_counter() - start
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = date + ("-quick" if args.quick else "")
+        R["json"] = os.path.relpath(out / f"{stem}.json", ROOT) if str(out).startswith(
+            str(ROOT)) else str(out / f"{stem}.json")
+        (out / f"{stem}.json").write_text(json.dumps(R, indent=1, default=str))
+        try:
+            md = markdown(R)
+        except Exception as e:  # a section failed half-way: the JSON still has what ran
+            md = f"(no table: {type(e).__name__}: {e})\n"
+        (out / f"{stem}.md").write_text(md)
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.update_readme:
+        update_readme(md)
+    print(md)
+    log(f"wrote {out / (stem + '.json')} and .md in {R['duration_s'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
