@@ -119,8 +119,10 @@ def build_base(cfg: TrainConfig, size: int):
     spec = backbones.get_backbone(cfg.backbone)
     weights = cfg.weights
     is_file = weights not in ("imagenet", "none")
+    # With --qat-scope trained only the trained layers are wrapped, so an unsupported layer in
+    # the frozen part is no obstacle; quantize() names any unsupported trained layer.
     backbones.check_combination(spec, size, "imagenet" if weights == "imagenet" else "none",
-                                cfg.alpha, cfg.qat)
+                                cfg.alpha, cfg.qat and QatScope(cfg.qat_scope) == QatScope.all)
     if is_file and not Path(weights).is_file():
         raise EdgetlError(f"--weights '{weights}' is not a file: pass a weights file "
                           "(.h5), 'imagenet' or 'none'")
@@ -406,8 +408,10 @@ class _EpochEnd:
                     shutil.rmtree(old, ignore_errors=True)
                 if not quiet:
                     acc = row.get("val_accuracy", row.get("accuracy"))
+                    left = (phase.epochs - done) * row["seconds"]
                     print(f"  {phase.name} epoch {done}/{phase.epochs} done in {row['seconds']} s"
-                          f"{'' if acc is None else f', val_accuracy {acc:.4f}'}",
+                          f"{'' if acc is None else f', val_accuracy {acc:.4f}'}"
+                          f"{f', phase ETA {left:.0f} s' if done < phase.epochs else ''}",
                           file=sys.stderr, flush=True)
 
         return Callback()
