@@ -13,7 +13,7 @@ import os
 import struct
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,9 @@ from edgetl.errors import EdgetlError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
 DECODE_CHUNK = 32  # images decoded per Python call in make_dataset
+# scan_folder keeps the pixels it decodes when they fit in this, so that training does not decode
+# every image a second time in its first epoch (benchmarks/run.py, section 6).
+KEEP_PIXELS_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -33,12 +36,14 @@ class ImageFolder:
         class_names: sorted sub-folder names; the label of class i is class_names[i].
         items: (path, class index) of every readable image, sorted.
         skipped: (path, reason) of every file that is not a readable image.
+        pixels: path -> decoded uint8 image at the scan size, when kept (see scan_folder).
     """
 
     root: str
     class_names: tuple
     items: tuple
     skipped: tuple
+    pixels: dict | None = field(default=None, repr=False, compare=False)
 
     def counts(self) -> dict:
         c = Counter(label for _, label in self.items)
@@ -105,12 +110,14 @@ def _walk_images(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
 
 def scan_folder(root: str | os.PathLike, size: tuple[int, int] | None = None,
                 class_names: list[str] | None = None, strict: bool = False,
-                min_classes: int = 2) -> ImageFolder:
+                min_classes: int = 2, keep_pixels: bool = False) -> ImageFolder:
     """Lists and checks a class-folder dataset; every image is decoded once in parallel.
 
     Args:
         root: folder with one sub-folder per class.
         size: decode check size (h, w); small is fine, the point is a full decode.
+        keep_pixels: keep the decoded images (at ``size``) for make_dataset when all of them
+            fit in KEEP_PIXELS_BYTES.
         class_names: expected classes (e.g. from a run); sub-folders must match them.
         strict: unreadable files are an error instead of being skipped.
         min_classes: fewer classes than this is an error.
@@ -139,20 +146,24 @@ def scan_folder(root: str | os.PathLike, size: tuple[int, int] | None = None,
         candidates.extend((p, index[d.name]) for p in files)
 
     check = size or (32, 32)
+    keep = keep_pixels and size is not None and \
+        len(candidates) * check[0] * check[1] * 3 <= KEEP_PIXELS_BYTES
 
     def ok(path):
         try:
-            load_image(path, check)
-            return None
+            img = load_image(path, check)
+            return (img if keep else None), None
         except RunnerError as e:
-            return str(e)
+            return None, str(e)
 
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
-        problems = list(pool.map(ok, [p for p, _ in candidates]))
-    items = []
-    for (p, label), problem in zip(candidates, problems):
+        results = list(pool.map(ok, [p for p, _ in candidates]))
+    items, pixels = [], {} if keep else None
+    for (p, label), (img, problem) in zip(candidates, results):
         if problem is None:
             items.append((str(p), label))
+            if keep:
+                pixels[str(p)] = img
         else:
             skipped.append((str(p), problem))
     if strict and skipped:
@@ -167,7 +178,7 @@ def scan_folder(root: str | os.PathLike, size: tuple[int, int] | None = None,
     elif not items:
         raise EdgetlError(f"folder '{root}' has no readable images")
     out_names = tuple(class_names) if class_names is not None else tuple(names)
-    return ImageFolder(str(root), out_names, tuple(items), tuple(skipped))
+    return ImageFolder(str(root), out_names, tuple(items), tuple(skipped), pixels)
 
 
 def stratified_split(items, fraction: float, seed: int) -> tuple[list, list]:
@@ -223,10 +234,11 @@ def normalize(x, prep: dict):
 
 
 def make_dataset(items, size: tuple[int, int], prep: dict, batch_size: int, training: bool,
-                 augment: bool, seed: int, cache: bool = True):
+                 augment: bool, seed: int, cache: bool = True, pixels: dict | None = None):
     """tf.data pipeline: parallel decode, cache of decoded pixels, augmentation, prefetch.
 
-    Returns batches of (normalized float images, int labels).
+    ``pixels`` (from scan_folder, path -> image at ``size``) replaces the decode when it holds
+    every item. Returns batches of (normalized float images, int labels).
     """
     from edgetl.keras import keras, tf
     from edgetl.runner import load_image
@@ -248,10 +260,13 @@ def make_dataset(items, size: tuple[int, int], prep: dict, batch_size: int, trai
     # DECODE_CHUNK images per call: one call per image spent more time in tf.data and the GIL
     # than in Pillow (benchmarks/run.py, section 6). Per-image and per-stage maps are likewise
     # folded into one map per batch.
-    ds = tf.data.Dataset.from_tensor_slices((paths, labels)).batch(DECODE_CHUNK)
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
-    if cache:
-        ds = ds.cache()
+    if pixels is not None and all(p in pixels and pixels[p].shape == (h, w, 3) for p in paths):
+        ds = tf.data.Dataset.from_tensor_slices((np.stack([pixels[p] for p in paths]), labels))
+    else:
+        ds = tf.data.Dataset.from_tensor_slices((paths, labels)).batch(DECODE_CHUNK)
+        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
+        if cache:
+            ds = ds.cache()
     if training:
         ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)

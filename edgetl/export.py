@@ -465,7 +465,7 @@ def _export_one(cfg, mode, model, float_model, qat, calib, run, run_cfg, name, t
                "output": [_tensor_meta(t) for t in outputs]},
         "settings": {"io": io.value, "qat": qat, "num_calibration": len(calib)
                      if calib is not None else 0, "keep_float": list(cfg.keep_float),
-                     "seed": cfg.seed, "calibration_manifest_sha256":
+                     "max_drop": cfg.max_drop, "seed": cfg.seed, "calibration_manifest_sha256":
                      _sha256(str(manifest_path)) if manifest_path and calib is not None
                      else None},
         "source_run": {"backbone": run_cfg.get("backbone"), "data_hash": run_cfg.get("data_hash"),

@@ -436,20 +436,23 @@ def _prune_history(run: Path, keep_epochs: int) -> None:
 # --- training ------------------------------------------------------------------------------------
 
 def _datasets(cfg: TrainConfig, size: int):
-    train_folder = scan_folder(cfg.data, (size, size), strict=cfg.strict)
+    train_folder = scan_folder(cfg.data, (size, size), strict=cfg.strict, keep_pixels=True)
     names = list(train_folder.class_names)
     skipped = list(train_folder.skipped)
+    pixels = train_folder.pixels
     if cfg.val_data:
-        val_folder = scan_folder(cfg.val_data, (size, size), class_names=names, strict=cfg.strict)
+        val_folder = scan_folder(cfg.val_data, (size, size), class_names=names, strict=cfg.strict,
+                                 keep_pixels=pixels is not None)
         train_items, val_items = list(train_folder.items), list(val_folder.items)
         skipped += list(val_folder.skipped)
+        pixels = None if val_folder.pixels is None else {**pixels, **val_folder.pixels}
     else:
         frac = cfg.val_split if cfg.val_split is not None else 0.2
         train_items, val_items = stratified_split(train_folder.items, frac, cfg.seed)
     if not val_items:
         raise EdgetlError(f"no validation images: '{cfg.data}' is too small for --val-split; add "
                           "images or pass --val-data DIR")
-    return names, train_items, val_items, skipped
+    return names, train_items, val_items, skipped, pixels
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -495,7 +498,7 @@ def _preflight(cfg: TrainConfig) -> None:
 def _train(cfg: TrainConfig, run: Path, state: dict | None) -> TrainResult:
     spec = None if cfg.base_model else backbones.get_backbone(cfg.backbone)
     size = resolve_size(cfg, spec)
-    names, train_items, val_items, skipped = _datasets(cfg, size)
+    names, train_items, val_items, skipped, pixels = _datasets(cfg, size)
     from edgetl.keras import keras, tf, versions  # after the data checks, for the same reason
 
     log = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
@@ -522,14 +525,26 @@ def _train(cfg: TrainConfig, run: Path, state: dict | None) -> TrainResult:
         _atomic_write(run / "labels.txt", "\n".join(names) + "\n")
         _atomic_write(run / "split.json", json.dumps(
             {"train": train_items, "val": val_items, "skipped": skipped}, indent=1))
-    else:
+    elif (run / "split.json").is_file():
         split = json.loads((run / "split.json").read_text())
         train_items = [tuple(x) for x in split["train"]]
         val_items = [tuple(x) for x in split["val"]]
+    else:
+        # Killed between config.json and split.json: the split is seeded, so the one just made
+        # is the run's own as long as the data is unchanged.
+        saved = json.loads((run / "config.json").read_text())
+        if saved.get("data_hash") != list_hash(train_items + val_items):
+            raise EdgetlError(f"--resume: '{run}' has no split.json and its data folder changed "
+                              "since the run started; start a new run (--overwrite)")
+        _atomic_write(run / "labels.txt", "\n".join(names) + "\n")
+        _atomic_write(run / "split.json", json.dumps(
+            {"train": train_items, "val": val_items, "skipped": skipped}, indent=1))
 
     train_ds = make_dataset(train_items, (size, size), prep, cfg.batch_size, True, cfg.augment,
-                            cfg.seed)
-    val_ds = make_dataset(val_items, (size, size), prep, cfg.batch_size, False, False, cfg.seed)
+                            cfg.seed, pixels=pixels)
+    val_ds = make_dataset(val_items, (size, size), prep, cfg.batch_size, False, False, cfg.seed,
+                          pixels=pixels)
+    del pixels  # the datasets hold their own copies
     weights = class_weights(train_items, len(names)) if cfg.class_weights == "auto" else None
 
     plan = phases(cfg)

@@ -184,6 +184,7 @@ def _run_with_kill(cmd: list[str], kill_at: str) -> subprocess.CompletedProcess:
 
 # (kill point, what the run directory holds afterwards)
 TRAIN_WINDOWS = [
+    ("before:split.json", "config.json written, split.json not yet: the split is made again"),
     ("before:checkpoints/p0-e002", "epoch 2's checkpoint written under its temporary name"),
     ("after:checkpoints/p0-e003", "epoch 3's checkpoint in place, history and state not yet"),
     ("before:state.json", "the history row appended, state.json not yet renamed"),

@@ -175,6 +175,41 @@ def test_scan_folder_with_known_classes_maps_labels_and_refuses_unknown(tmp_path
         scan_folder(root, (16, 16), class_names=["cat", "dog"])
 
 
+def test_scan_folder_keeps_pixels_within_its_budget_and_training_batches_are_the_same(
+        synth, monkeypatch):
+    """Kept pixels are the runner's own decode, and a dataset fed from them gives the very
+    batches (order, shuffle) of one that decodes the files itself."""
+    import edgetl.data as data
+    from edgetl.backbones import get_backbone, preprocessing
+
+    folder = scan_folder(synth, (24, 24), keep_pixels=True)
+    assert set(folder.pixels) == {p for p, _ in folder.items}
+    path = folder.items[3][0]
+    np.testing.assert_array_equal(folder.pixels[path], load_image(path, (24, 24)))
+    assert scan_folder(synth, (24, 24)).pixels is None  # only when asked
+
+    prep = preprocessing(get_backbone("mobilenetv2"))
+    items = list(folder.items)
+    for training in (False, True):
+        kept = data.make_dataset(items, (24, 24), prep, 16, training, False, 3,
+                                 pixels=folder.pixels)
+        decoded = data.make_dataset(items, (24, 24), prep, 16, training, False, 3)
+        pairs = list(zip(kept, decoded))
+        assert len(pairs) == -(-len(items) // 16)
+        for (xa, ya), (xb, yb) in pairs:
+            np.testing.assert_array_equal(ya.numpy(), yb.numpy())
+            np.testing.assert_allclose(xa.numpy(), xb.numpy(), atol=1e-5)
+
+    # pixels of another size are not used: the dataset decodes at its own size
+    x, _ = next(iter(data.make_dataset(items, (32, 32), prep, 4, False, False, 0,
+                                       pixels=folder.pixels)))
+    assert x.shape == (4, 32, 32, 3)
+
+    n = len(folder.items)
+    monkeypatch.setattr(data, "KEEP_PIXELS_BYTES", n * 24 * 24 * 3 - 1)
+    assert scan_folder(synth, (24, 24), keep_pixels=True).pixels is None
+
+
 # --- splits, weights, samples -------------------------------------------------------------------
 
 

@@ -44,7 +44,9 @@ def qat_run(learnable, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plain_int8(plain_run):
-    r = _export(plain_run, "--int8", "--num-calibration", 40)
+    # 48 validation images: one image is 2.08 points, so the default gate (2 points) would make
+    # this fixture depend on single images of a barely trained model; the gate has its own test.
+    r = _export(plain_run, "--int8", "--num-calibration", 40, "--max-drop", 10)
     assert r.exit_code == 0, r.output
     return plain_run / "export" / "plain_int8.tflite"
 
@@ -79,7 +81,8 @@ def test_int8_export_is_integer_only_and_carries_metadata(plain_run, plain_int8)
         assert key in acc
     assert acc["images"] == len(json.loads((plain_run / "split.json").read_text())["val"])
     assert acc["keras_accuracy"] > 0.4  # the tiny model learned something to compare against
-    assert sidecar["verification"]["passed"] is (acc["drop_points"] <= 2.0)
+    assert sidecar["verification"]["passed"] is (acc["drop_points"] <= 10.0)
+    assert sidecar["settings"]["max_drop"] == 10.0
     # The runner runs it with no flags: preprocessing and labels come from the file.
     m = Model(str(plain_int8))
     assert m.labels == labels
@@ -109,7 +112,8 @@ def test_reexport_from_manifest_is_byte_identical(plain_run, plain_int8, tmp_pat
 
     assert strip_metadata(again.read_bytes()) == strip_metadata(plain_int8.read_bytes())
     # Same run, same manifest, same name: the whole file, metadata included, is identical.
-    r = _export(plain_run, "--int8", "--calibration-manifest", copy, "--overwrite")
+    r = _export(plain_run, "--int8", "--calibration-manifest", copy, "--overwrite",
+                "--max-drop", 10)
     assert r.exit_code in (0, 1), r.output
     assert (plain_run / "export" / "plain_int8.tflite").read_bytes() == plain_int8.read_bytes()
 
