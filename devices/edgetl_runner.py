@@ -1593,6 +1593,33 @@ def benchmark(model: Model, runs: int = 200, warmup: int = 20) -> dict:
     }
 
 
+def classify(model: Model, paths: list, prep: "dict | None", labels: "list | None" = None,
+             top: int = 5) -> list:
+    """The ``top`` best outputs for each image file, in the order given.
+
+    An unreadable image is an error (the user named it), unlike in :func:`evaluate`.
+
+    Returns:
+        ``[{path, top: [{index, label, score}]}]``; ``score`` is the dequantized output
+        (a probability for a softmax model); ``label`` is None without labels.
+    """
+    if not isinstance(top, int) or top < 1:
+        raise RunnerError("--top must be at least 1, got %r" % (top,))
+    size = model.input_size
+    resample = (prep or {}).get("resize", "bilinear")
+    k = min(top, model.num_outputs)
+    results = []
+    for path in paths:
+        scores = model.predict(preprocess(load_image(path, size, resample), prep))
+        best = np.argsort(-scores, kind="stable")[:k]
+        results.append({
+            "path": os.fspath(path),
+            "top": [{"index": int(i), "label": labels[i] if labels else None,
+                     "score": float(scores[i])} for i in best],
+        })
+    return results
+
+
 def evaluate(
     model: Model,
     items: list,
@@ -1802,7 +1829,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="the .tflite model")
     p.add_argument("--data", help="folder with one sub-folder of images per class: adds accuracy")
     p.add_argument("--labels", help="labels file (one per line) for models without metadata")
-    p.add_argument("--runs", type=int, default=200, help="timed runs (default 200)")
+    p.add_argument("--image", nargs="+", metavar="FILE",
+                   help="classify these images: the --top best labels of each (timed only "
+                   "when --runs is given)")
+    p.add_argument("--top", type=int, default=5, help="labels shown per --image (default 5)")
+    p.add_argument("--runs", type=int, default=None, help="timed runs (default 200)")
     p.add_argument("--warmup", type=int, default=20, help="untimed warm-up runs (default 20)")
     p.add_argument("--threads", type=int, default=None, help="interpreter threads (default: its own)")
     p.add_argument(
@@ -1892,8 +1923,12 @@ def run(options) -> dict:
     args = options if isinstance(options, argparse.Namespace) else build_parser().parse_args(
         [str(o) for o in options]
     )
-    if args.runs < 1:
-        raise RunnerError("--runs must be at least 1, got %d" % args.runs)
+    timed = args.runs is not None or not args.image
+    runs = 200 if args.runs is None else args.runs
+    if runs < 1:
+        raise RunnerError("--runs must be at least 1, got %d" % runs)
+    if args.top < 1:
+        raise RunnerError("--top must be at least 1, got %d" % args.top)
     if args.warmup < 0:
         raise RunnerError("--warmup must be 0 or more, got %d" % args.warmup)
     if args.threads is not None and args.threads < 1:
@@ -1953,7 +1988,16 @@ def run(options) -> dict:
         model.input_size  # an image model is required for --data
         items, class_names, listing_skipped = list_images(args.data, labels)
 
-    bench = benchmark(model, runs=args.runs, warmup=args.warmup)
+    predictions = None
+    if args.image:
+        predictions = classify(model, args.image, prep, labels, args.top)
+
+    if timed:
+        bench = benchmark(model, runs=runs, warmup=args.warmup)
+    else:  # classification only: the first inference is the one timing there is
+        bench = dict({k + "_ms": None for k in ("min", "mean", "p50", "p90", "p99", "max")},
+                     first_ms=model.first_invoke_ms, runs_ms=[], throughput_ips=None, runs=0,
+                     warmup=0)
 
     accuracy = None
     if items is not None:
@@ -1994,6 +2038,7 @@ def run(options) -> dict:
         "preprocessing": dict(prep, source=prep_source),
         "labels": {"source": labels_source, "count": len(labels) if labels else 0},
         "accuracy": accuracy,
+        "predictions": predictions,
         "notes": notes,
     }
     return report
@@ -2056,17 +2101,20 @@ def format_report(report: dict) -> str:
     )
     rows.append(("load", "%s ms" % _fmt_ms(report["load_ms"])))
     rows.append(("first inference", "%s ms" % _fmt_ms(report["first_inference_ms"])))
-    rows.append(
-        (
-            "latency",
-            "min %s  mean %s  p50 %s  p90 %s  p99 %s  max %s ms  (%d runs, %d warm-up)"
-            % tuple(
-                [_fmt_ms(lat[k]) for k in ("min", "mean", "p50", "p90", "p99", "max")]
-                + [report["runs"], report["warmup"]]
-            ),
+    if report["runs"]:
+        rows.append(
+            (
+                "latency",
+                "min %s  mean %s  p50 %s  p90 %s  p99 %s  max %s ms  (%d runs, %d warm-up)"
+                % tuple(
+                    [_fmt_ms(lat[k]) for k in ("min", "mean", "p50", "p90", "p99", "max")]
+                    + [report["runs"], report["warmup"]]
+                ),
+            )
         )
-    )
-    rows.append(("throughput", "%.1f images/s" % report["throughput_ips"]))
+        rows.append(("throughput", "%.1f images/s" % report["throughput_ips"]))
+    else:
+        rows.append(("latency", "not timed (--image without --runs)"))
     mem = report["memory"]
     rows.append(
         (
@@ -2108,6 +2156,9 @@ def format_report(report: dict) -> str:
     lines = ["edgetl runner %s" % report["runner"]["version"]]
     lines += ["%-*s  %s" % (width, k, v) for k, v in rows]
 
+    if report.get("predictions"):
+        lines += ["", format_predictions(report["predictions"])]
+
     if acc is not None:
         per = acc["per_class"]
         if per:
@@ -2146,7 +2197,18 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_json(path: str, report: dict) -> None:
+def format_predictions(predictions: list) -> str:
+    """Each image's path, then its best outputs: score and label, one per line."""
+    lines = []
+    for pred in predictions:
+        lines.append(pred["path"])
+        for t in pred["top"]:
+            name = t["label"] if t["label"] is not None else "output %d" % t["index"]
+            lines.append("  %8.4f  %s" % (t["score"], name))
+    return "\n".join(lines)
+
+
+def write_json(path: str, report: dict) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise RunnerError("cannot write --json %s: folder %s does not exist" % (path, directory))
@@ -2172,12 +2234,12 @@ def _json_default(obj):
     raise TypeError("not JSON serialisable: %r" % type(obj))
 
 
-def _finite(report):
+def finite(report):
     """Replace inf/nan (e.g. throughput of a 0 ms mean) by None so the JSON stays standard."""
     if isinstance(report, dict):
-        return {k: _finite(v) for k, v in report.items()}
+        return {k: finite(v) for k, v in report.items()}
     if isinstance(report, list):
-        return [_finite(v) for v in report]
+        return [finite(v) for v in report]
     if isinstance(report, float) and not math.isfinite(report):
         return None
     return report
@@ -2191,9 +2253,9 @@ def main(argv=None) -> int:
             folder = os.path.dirname(os.path.abspath(args.json))
             if not os.path.isdir(folder):
                 raise RunnerError("cannot write --json %s: folder %s does not exist" % (args.json, folder))
-        report = _finite(run(args))
+        report = finite(run(args))
         if args.json:
-            _write_json(args.json, report)
+            write_json(args.json, report)
         if not args.quiet:
             print(format_report(report))
             if args.json:

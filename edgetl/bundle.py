@@ -74,6 +74,7 @@ Files
 Run
   ./run.sh                      latency, throughput and peak memory on this device
   ./run.sh --data photos/       + top-1/top-5 accuracy on a folder with one sub-folder per class
+  ./run.sh --image photo.jpg    the top-5 labels of an image, with their scores
   ./run.sh --json report.json   also write the full report as JSON
   ./run.sh --help               every option
 Without run.sh, from this folder: python3 {runner} {model_q} [options]

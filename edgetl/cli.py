@@ -228,6 +228,27 @@ def bench(
 
 
 @app.command()
+def predict(
+    model: Path = typer.Argument(..., help="A .tflite classifier."),
+    images: List[Path] = typer.Argument(..., help="Image files to classify."),
+    top: int = typer.Option(5, help="Labels shown per image."),
+    labels: Optional[Path] = typer.Option(None, help="Labels file for models without "
+                                                     "metadata."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the predictions as JSON."),
+) -> None:
+    """Classify images through the device runner: the --top labels of each, with scores."""
+    from edgetl import runner as r
+
+    args = [str(model), "--image", *map(str, images), "--top", str(top)]
+    report = _guard(r.run, args + (["--labels", str(labels)] if labels else []))
+    typer.echo(r.format_predictions(report["predictions"]))
+    for note in report["notes"]:
+        typer.echo(f"note: {note}", err=True)
+    if json_out:
+        _guard(r.write_json, str(json_out), r.finite(report["predictions"]))
+
+
+@app.command()
 def bundle(
     model: Path = typer.Argument(..., help="The .tflite to ship."),
     out: Path = typer.Option(..., help="Folder, or a .tar.gz, to create."),

@@ -685,6 +685,12 @@ CASES = [
     Case("runner-json-into-missing-folder",
          lambda e: ["runner", e.int8, "--json", e.tmp / "nope" / "r.json"], 2,
          r"cannot write --json .*: folder .*nope does not exist"),
+    Case("runner-image-missing",
+         lambda e: ["runner", e.int8, "--image", e.tmp / "gone.jpg"], 2,
+         r"image not found: .*gone\.jpg"),
+    Case("predict-not-an-image",
+         lambda e: ["edgetl", "predict", e.int8, _shopping_list(e.tmp / "notes.jpg")], 2,
+         r"notes\.jpg"),
     # bundle and the dataset helpers
     Case("bundle-out-exists", _bundle_exists, 2, r"pi already exists; pass --overwrite"),
     Case("bundle-not-a-tflite",
@@ -705,6 +711,11 @@ def _touch(p: Path) -> Path:
 def _text(p: Path) -> Path:
     p.write_text("shopping list: milk, eggs")
     return p.parents[1]
+
+
+def _shopping_list(p: Path) -> Path:
+    p.write_text("shopping list: milk, eggs")
+    return p
 
 
 def _bomb(e: Env) -> Path:

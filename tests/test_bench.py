@@ -177,3 +177,25 @@ def test_plots_need_matplotlib(rows, tmp_path):
         ]
     )
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+def test_edgetl_predict_classifies_photos_with_the_labels_in_the_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from edgetl.cli import app
+
+    cat, bird = coral("cat.bmp"), coral("bird.bmp")
+    out = tmp_path / "p.json"
+    result = CliRunner().invoke(app, ["predict", str(coral(V1)), str(cat), str(bird), "--top", "2",
+                                      "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    preds = json.loads(out.read_text())
+    assert [p["top"][0]["label"] for p in preds] == ["Egyptian cat", "chickadee"]
+    assert all(len(p["top"]) == 2 for p in preds)
+    lines = result.stdout.splitlines()
+    assert lines[0] == str(cat) and lines[1].endswith("  Egyptian cat")
+    assert lines[3] == str(bird) and lines[4].endswith("  chickadee")
+
+    result = CliRunner().invoke(app, ["predict", str(coral(V1)), str(tmp_path / "gone.png")])
+    assert result.exit_code == 2 and "gone.png" in result.stderr
+    assert "Traceback" not in result.output

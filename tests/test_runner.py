@@ -244,6 +244,35 @@ def test_cli_uses_labels_carried_by_the_model(tmp_path):
     assert rep["accuracy"]["correct_top1"] == 2
 
 
+def test_cli_image_classifies_the_real_photos_untimed_unless_asked(tmp_path):
+    v2 = coral(V2)
+    photos = [coral(name) for name in PHOTOS]
+    out = tmp_path / "r.json"
+    proc = cli(v2, "--labels", coral("imagenet_labels.txt"), "--mean", "127.5", "--std", "127.5",
+               "--image", *photos, "--top", "3", "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(out.read_text())
+    preds = rep["predictions"]
+    assert [p["path"] for p in preds] == [str(p) for p in photos]
+    assert [p["top"][0]["label"] for p in preds] == list(PHOTOS.values())
+    for p in preds:
+        scores = [t["score"] for t in p["top"]]
+        assert len(scores) == 3 and scores == sorted(scores, reverse=True) and scores[0] > 0.5
+    # classification only: no timed runs, but the first inference is measured
+    assert rep["runs"] == 0 and rep["latency_ms"]["p50"] is None
+    assert rep["first_inference_ms"] > 0
+    assert "not timed" in proc.stdout
+    for name, label in PHOTOS.items():
+        assert label in proc.stdout
+    # --runs times it as usual
+    proc = cli(v2, "--image", photos[0], "--runs", "3", "--warmup", "0", "--top", "1",
+               "--json", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(out.read_text())
+    assert rep["runs"] == 3 and rep["latency_ms"]["p50"] > 0
+    assert len(rep["predictions"][0]["top"]) == 1
+
+
 # ------------------------------------------------------------------------------------------
 # Bad input: one line, exit 2, no traceback
 
@@ -271,13 +300,16 @@ def _bad_inputs(tmp_path: Path) -> dict:
                        "no class sub-folders"),
         "mean count": ([small, "--mean", "1", "2"], "--mean"),
         "raw with mean": ([small, "--raw", "--std", "2"], "--raw"),
+        "image missing": ([small, "--image", coral("cat.bmp"), tmp_path / "gone.jpg"],
+                          "gone.jpg"),
+        "top 0": ([small, "--image", coral("cat.bmp"), "--top", "0"], "--top"),
     }
 
 
 BAD_CASES = [
     "not a tflite", "truncated", "invoke fails", "edgetpu without delegate",
     "missing delegate library", "labels count", "runs 0", "missing model", "missing data",
-    "empty data", "mean count", "raw with mean",
+    "empty data", "mean count", "raw with mean", "image missing", "top 0",
 ]
 
 
