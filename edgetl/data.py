@@ -116,11 +116,11 @@ def scan_folder(root: str | os.PathLike, size: tuple[int, int] | None = None,
     Args:
         root: folder with one sub-folder per class.
         size: decode check size (h, w); small is fine, the point is a full decode.
-        keep_pixels: keep the decoded images (at ``size``) for make_dataset when all of them
-            fit in KEEP_PIXELS_BYTES.
         class_names: expected classes (e.g. from a run); sub-folders must match them.
         strict: unreadable files are an error instead of being skipped.
         min_classes: fewer classes than this is an error.
+        keep_pixels: keep the decoded images (at ``size``) for make_dataset when all of them
+            fit in KEEP_PIXELS_BYTES.
     """
     from edgetl.runner import RunnerError, load_image
 

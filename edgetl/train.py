@@ -108,6 +108,12 @@ def resolve_size(cfg: TrainConfig, spec: backbones.BackboneSpec | None) -> int:
     return base_model_input_size(cfg.base_model) or 224
 
 
+def _qat_wraps_everything(cfg: TrainConfig) -> bool:
+    """QAT over the whole model. With --qat-scope trained only the trained layers are wrapped,
+    so an unsupported layer in the frozen part is no obstacle (quantize() names a trained one)."""
+    return cfg.qat and QatScope(cfg.qat_scope) == QatScope.all
+
+
 def build_base(cfg: TrainConfig, size: int):
     """The backbone without its top, as a flat functional model, plus its registry entry."""
     from edgetl.keras import keras
@@ -119,10 +125,8 @@ def build_base(cfg: TrainConfig, size: int):
     spec = backbones.get_backbone(cfg.backbone)
     weights = cfg.weights
     is_file = weights not in ("imagenet", "none")
-    # With --qat-scope trained only the trained layers are wrapped, so an unsupported layer in
-    # the frozen part is no obstacle; quantize() names any unsupported trained layer.
     backbones.check_combination(spec, size, "imagenet" if weights == "imagenet" else "none",
-                                cfg.alpha, cfg.qat and QatScope(cfg.qat_scope) == QatScope.all)
+                                cfg.alpha, _qat_wraps_everything(cfg))
     if is_file and not Path(weights).is_file():
         raise EdgetlError(f"--weights '{weights}' is not a file: pass a weights file "
                           "(.h5), 'imagenet' or 'none'")
@@ -489,7 +493,7 @@ def _preflight(cfg: TrainConfig) -> None:
     spec = backbones.get_backbone(cfg.backbone)
     backbones.check_combination(spec, resolve_size(cfg, spec),
                                 "imagenet" if cfg.weights == "imagenet" else "none", cfg.alpha,
-                                cfg.qat and QatScope(cfg.qat_scope) == QatScope.all)
+                                _qat_wraps_everything(cfg))
     if cfg.weights not in ("imagenet", "none") and not Path(cfg.weights).is_file():
         raise EdgetlError(f"--weights '{cfg.weights}' is not a file: pass a weights file "
                           "(.h5), 'imagenet' or 'none'")
