@@ -62,6 +62,8 @@ def demo() -> None:
     sh(edgetl, "inspect", exports / "run_int8.tflite")
     sh(edgetl, "bench", exports / "run_float32.tflite", exports / "run_int8.tflite",
        "--data", val, "--markdown", work / "bench.md")
+    photos = [sorted(d.iterdir())[0] for d in sorted(val.iterdir())[:2]]
+    sh(edgetl, "predict", exports / "run_int8.tflite", *photos, "--top", 2)
     print(f"\ndemo done: run in {run}, models in {exports}, bench table in {work / 'bench.md'}")
 
 
