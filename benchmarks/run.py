@@ -57,7 +57,7 @@ import numpy as np  # noqa: E402
 # paths work (tiny models: its ratios are not comparable with the anchors).
 FULL = dict(
     anchor_alpha=1.0, anchor_size=224, anchor_classes=1000, calibration=200, verify_images=40,
-    latency_rounds=15, latency_runs=40, latency_warmup=10, threads=(1, 2),
+    latency_rounds=15, latency_runs=40, latency_warmup=10, threads=(1, 2), paths_rounds=9,
     overhead_rounds=15, overhead_runs=60, memory_repeats=3, memory_runs=50,
     notop_alpha=1.0, notop_size=224,
     train_alpha=0.5, train_size=48, train_batch=64, step_rounds=12, step_steps=3,
@@ -68,7 +68,7 @@ FULL = dict(
 )
 QUICK = dict(
     anchor_alpha=0.35, anchor_size=96, anchor_classes=1000, calibration=20, verify_images=8,
-    latency_rounds=3, latency_runs=5, latency_warmup=2, threads=(1, 2),
+    latency_rounds=3, latency_runs=5, latency_warmup=2, threads=(1, 2), paths_rounds=2,
     overhead_rounds=3, overhead_runs=10, memory_repeats=1, memory_runs=5,
     notop_alpha=0.35, notop_size=96,
     train_alpha=0.35, train_size=32, train_batch=16, step_rounds=2, step_steps=2,
@@ -77,7 +77,8 @@ QUICK = dict(
     fm_train_per_class=20, fm_test_per_class=20, fm_val_split=0.2,
     pretrain_epochs=1, pretrain_lr=3e-3, finetune_epochs=1, finetune_lr=1e-3,
 )
-SECTIONS = ("export", "latency", "overhead", "memory", "notop", "training", "accuracy")
+SECTIONS = ("export", "latency", "int8paths", "overhead", "memory", "notop", "training",
+            "accuracy")
 
 
 # --- statistics ----------------------------------------------------------------------------------
@@ -259,6 +260,49 @@ def section_latency(P: dict, models: dict) -> dict:
                                             f"{loaded[names[0]].interpreter_version}"}
         del loaded
     return out
+
+
+def section_int8_paths(P: dict, export: dict, work: Path) -> dict:
+    """Why int8 is (or is not) faster than float32 on this CPU: the same MobileNetV2 through
+    other int8 paths, 1 thread, interleaved, each against float32 (section 2's question).
+
+    Variants: per-tensor instead of per-channel weights, uint8 instead of int8 I/O, Google's
+    int8 model, and both formats on the interpreter's built-in kernels instead of XNNPACK.
+    """
+    from edgetl.config import IOType, Quantization
+    from edgetl.export import convert
+    from edgetl.runner import Model, benchmark, machine_info
+    from edgetl.train import load_model
+
+    size = P["anchor_size"]
+    model = load_model(work / "mnv2" / "model.keras")
+    calib = np.random.RandomState(0).uniform(-1, 1, (20, size, size, 3)).astype(np.float32)
+    files = {"float32": export["float32"], "int8": export["int8"]}
+    for name, io, per_channel in (("int8_per_tensor", IOType.int8, False),
+                                  ("int8_uint8_io", IOType.uint8, True)):
+        path = work / f"{name}.tflite"
+        path.write_bytes(convert(model, Quantization.int8, io, calib, per_channel=per_channel))
+        files[name] = str(path)
+    del model
+    if GOOGLE_V2.is_file():
+        files["google_int8"] = str(GOOGLE_V2)
+    loaded = {n: Model(p, threads=1) for n, p in files.items()}
+    for n in ("float32", "int8"):
+        loaded[f"{n}_builtin"] = Model(files[n], threads=1, delegate="none")
+    p50 = {n: [] for n in loaded}
+    for r in range(P["paths_rounds"]):
+        for n in rounds_order(list(loaded), r):
+            runs = max(3, P["latency_runs"] // (3 if n.endswith("_builtin") else 1))
+            p50[n].append(benchmark(loaded[n], runs=runs, warmup=P["latency_warmup"])["p50_ms"])
+    ratio = lambda a, b: stats([x / y for x, y in zip(p50[a], p50[b])])  # noqa: E731
+    over = {n: ratio(n, "float32") for n in p50 if n != "float32" and "builtin" not in n}
+    over["int8_builtin_over_float32_builtin"] = ratio("int8_builtin", "float32_builtin")
+    over["float32_builtin_over_float32"] = ratio("float32_builtin", "float32")
+    return {"simd": machine_info()["simd"], "threads": 1, "p50_ms": {n: stats(v)
+            for n, v in p50.items()}, "over_float32": over,
+            "note": "int8 = the export of section 1 (200 synth calibration images); the "
+                    "per-tensor and uint8-I/O variants are converted from the same Keras model "
+                    "with 20 random calibration images (speed does not depend on them)"}
 
 
 # --- 4: runner overhead --------------------------------------------------------------------------
@@ -743,6 +787,8 @@ def _fmt_stat(s: dict | None, fmt: str = "{:.2f}") -> tuple[str, str]:
 def _verdict(value, goal: str, quick: bool) -> str:
     if value is None:
         return "not measured"
+    if goal == "why":  # a row that explains another row's figure
+        return "-"
     if quick:
         return "smoke only"
     op, target = goal.split(" ", 1)
@@ -774,6 +820,17 @@ def rows_of(R: dict) -> list[tuple]:
         for th, L in lat.items():
             add("2", f"p50: int8 / float32 TFLite, {th} thread(s)", "<= 0.7",
                 L["ratios"].get("int8_over_float32"), "{:.3f}")
+    paths = R.get("int8paths")
+    if paths:
+        o = paths["over_float32"]
+        for key, label in (("int8", "edgetl int8 (per-channel, int8 I/O) / float32"),
+                           ("int8_per_tensor", "int8 with per-tensor weights / float32"),
+                           ("int8_uint8_io", "int8 with uint8 I/O / float32"),
+                           ("google_int8", "Google's int8 / edgetl float32"),
+                           ("int8_builtin_over_float32_builtin",
+                            "int8 / float32, both on built-in kernels (no XNNPACK)")):
+            if key in o:
+                add("2", f"p50, 1 thread: {label}", "why", o[key], "{:.3f}")
     nt = R.get("notop")
     if nt:
         add("3", "size: int8 / float32, MobileNetV2 without top", "<= 0.30",
@@ -844,7 +901,8 @@ def markdown(R: dict) -> str:
     m = R["machine"]
     v = R["versions"]
     lines = [
-        f"Measured {R['date']} on {m['cpu']} ({m['cores']} cores, {m['os']}; shared with "
+        f"Measured {R['date']} on {m['cpu']} ({m['cores']} cores, "
+        f"{' '.join(m.get('simd') or []) or 'no'} int8-relevant SIMD, {m['os']}; shared with "
         "other work, so every timing is a ratio of two things measured in the same run, "
         "interleaved, as the median over rounds with its min–max). "
         f"TensorFlow {v.get('tensorflow')}, tf_keras {v.get('tf_keras')}, tfmot "
@@ -967,7 +1025,7 @@ def main(argv=None) -> int:
 
     try:
         models = None
-        if any(s in sections for s in ("export", "latency", "overhead", "memory")):
+        if any(s in sections for s in ("export", "latency", "int8paths", "overhead", "memory")):
             timed("export", section_export, P, work)
             if google:
                 R["export"]["google_bytes"] = os.path.getsize(google)
@@ -976,6 +1034,8 @@ def main(argv=None) -> int:
                 models = {"google_int8": google, **models}
         if "latency" in sections:
             timed("latency", section_latency, P, models)
+        if "int8paths" in sections:
+            timed("int8paths", section_int8_paths, P, R["export"], work)
         if "overhead" in sections:
             timed("overhead", section_overhead, P, models["int8"])
         if "memory" in sections:

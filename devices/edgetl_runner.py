@@ -1770,12 +1770,21 @@ def memory_info() -> dict:
     return {"peak_rss_mb": peak, "rss_mb": current}
 
 
+# CPU features that decide int8 vs float32 speed in XNNPACK: int8 dot products (x86 VNNI, ARM
+# dotprod/i8mm) make int8 faster; without them (AVX2 alone, Cortex-A72) it can be slower.
+SIMD_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimd", "asimddp",
+                 "i8mm", "sve")
+
+
 def machine_info() -> dict:
     """CPU, board, architecture, cores, OS, Python and numpy versions, memory use."""
     cpu = board = hardware = ""
+    flags = set()
     for line in _read_text("/proc/cpuinfo").splitlines():
         key, _, value = line.partition(":")
         key, value = key.strip(), value.strip()
+        if key in ("flags", "Features") and not flags:
+            flags = set(value.split())
         if key == "model name" and not cpu:
             cpu = value
         elif key == "Model" and not board:
@@ -1799,6 +1808,7 @@ def machine_info() -> dict:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "numpy": np.__version__,
+        "simd": [f for f in SIMD_FEATURES if f in flags],
         # Set by devices/emulate/pi.sh (e.g. "qemu cortex-a72"): timings are then not device latency.
         "emulated": os.environ.get("EDGETL_EMULATED") or None,
     }
@@ -2129,10 +2139,11 @@ def format_report(report: dict) -> str:
     rows.append(
         (
             "machine",
-            "%s, %s, %s cores, %s, Python %s, numpy %s"
+            "%s, %s%s, %s cores, %s, Python %s, numpy %s"
             % (
                 (mach["board"] + " / " if mach.get("board") else "") + str(mach["cpu"]),
                 mach["machine"],
+                " (%s)" % " ".join(mach["simd"]) if mach.get("simd") else "",
                 mach["cores"],
                 mach["os"],
                 mach["python"],

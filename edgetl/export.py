@@ -144,7 +144,8 @@ def write_manifest(path: Path, paths, run_cfg: dict, source: str, seed: int) -> 
 # --- conversion ----------------------------------------------------------------------------------
 
 def convert(model, mode: Quantization, io: IOType, calibration: np.ndarray | None,
-            keep_float: tuple = (), debug_report: list | None = None) -> bytes:
+            keep_float: tuple = (), debug_report: list | None = None,
+            per_channel: bool = True) -> bytes:
     """Keras model -> TFLite bytes. The only code in edgetl that touches TFLiteConverter.
 
     Args:
@@ -155,6 +156,8 @@ def convert(model, mode: Quantization, io: IOType, calibration: np.ndarray | Non
         keep_float: layer names to leave in float (int8 only; uses the quantization debugger).
         debug_report: when a list, the quantization debugger's per-layer statistics are
             appended to it (int8 only).
+        per_channel: per-channel weight scales (the default); False gives one scale per
+            tensor (benchmarks/run.py compares the two).
     """
     from edgetl.keras import tf
 
@@ -197,6 +200,8 @@ def convert(model, mode: Quantization, io: IOType, calibration: np.ndarray | Non
                 io_dtype = tf.float32 if io == IOType.float32 else tf.int16
             conv.inference_input_type = io_dtype
             conv.inference_output_type = io_dtype
+            if not per_channel:
+                conv._experimental_disable_per_channel = True
         return conv
 
     try:

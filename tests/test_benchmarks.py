@@ -85,8 +85,13 @@ def test_quick_run_writes_json_and_table(tmp_path):
     R = json.loads(js.read_text())
     assert R["quick"] is True
     assert R["command"].endswith("benchmarks/run.py --quick --out %s --work %s" % (out, work))
-    for section in ("export", "latency", "overhead", "memory", "notop", "training"):
+    for section in ("export", "latency", "int8paths", "overhead", "memory", "notop", "training"):
         assert section in R, section
+    paths = R["int8paths"]
+    assert {"int8", "int8_per_tensor", "int8_uint8_io",
+            "int8_builtin_over_float32_builtin"} <= set(paths["over_float32"])
+    assert paths["simd"] == R["machine"]["simd"]
+    assert R["machine"]["simd"] == [f for f in R["machine"]["simd"] if f]  # a list of names
     ex = R["export"]
     assert ex["integer_only"] is True and ex["int8_bytes"] < ex["float32_bytes"]
     assert ex["phases_int8"]["calibration_fetches"] == R["params"]["calibration"]
@@ -103,6 +108,19 @@ def test_quick_run_writes_json_and_table(tmp_path):
     assert "smoke only" in table and "**missed**" not in table  # quick runs judge nothing
     for num in ("2", "3", "4", "5", "6", "7"):
         assert f"\n| {num} | " in table, num
+    assert "| why |" in table  # int8paths' explanatory rows
+    # the variants the converter was asked for are what the files hold
+    from edgetl.runner import read_model
+
+    def weight_scales(path):
+        info = read_model(str(path))
+        conv = next(op for op in info.operators if op.op == "CONV_2D")
+        return len(info.tensors[conv.inputs[1]].scale or [])
+
+    assert weight_scales(work / "int8_per_tensor.tflite") == 1
+    assert weight_scales(ex["int8"]) > 1
+    uint8 = read_model(str(work / "int8_uint8_io.tflite"))
+    assert uint8.tensors[uint8.inputs[0]].dtype == "uint8"
     if (REALDATA / "fashion-mnist").is_dir():
         acc = R["accuracy"]
         assert set(acc["runs"]) == {"stage1_scratch", "float", "qat_all", "qat_trained"}

@@ -742,4 +742,12 @@ def test_benchmark_and_machine_info(small_model):
         r.benchmark(small_model, runs=0)
     m = r.machine_info()
     assert m["cores"] >= 1 and m["machine"] and m["python"] and m["numpy"] == np.__version__
+    # the int8-relevant SIMD features, as /proc/cpuinfo lists them
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.split(":")[0].strip() in ("flags", "Features"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    assert m["simd"] == [f for f in r.SIMD_FEATURES if f in flags]
+    assert ("avx2" in m["simd"]) == ("avx2" in flags)
     assert m["cpu"] and m["os"] and m["peak_rss_mb"] > 0
