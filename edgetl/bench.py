@@ -258,6 +258,19 @@ def _errors(rows: list[dict]) -> list[str]:
     return [r["error"] for r in rows if r.get("error")]
 
 
+def machine_line(rows: list[dict]) -> str | None:
+    """Where the rows were measured: CPU, its int8-relevant SIMD, cores, OS, interpreter."""
+    report = next((r["report"] for r in rows if r.get("report")), None)
+    if report is None:
+        return None
+    m = report["machine"]
+    simd = " ".join(m.get("simd") or []) or "no int8-relevant SIMD"
+    emulated = f", EMULATED ({m['emulated']}): timings are not device latency" \
+        if m.get("emulated") else ""
+    return (f"measured on {m['cpu']}, {m['machine']} ({simd}), {m['cores']} cores, {m['os']}; "
+            f"{report['interpreter']['name']} {report['interpreter']['version']}{emulated}")
+
+
 def format_table(rows: list[dict]) -> str:
     """Render bench rows as an aligned text table (errors listed under it).
 
@@ -281,6 +294,9 @@ def format_table(rows: list[dict]) -> str:
     out += [f"error: {e}" for e in _errors(rows)]
     if len(rows) > 1:
         out.append(f"size x and speed x are relative to {rows[0]['name']} (speed: p50 ratio)")
+    where = machine_line(rows)
+    if where:
+        out.append(where)
     return "\n".join(out)
 
 
@@ -309,6 +325,9 @@ def format_markdown(rows: list[dict]) -> str:
     if len(rows) > 1:
         out.append("")
         out.append(f"Ratios are relative to `{rows[0]['name']}` (speed: p50 latency ratio).")
+    where = machine_line(rows)
+    if where:
+        out += ["", where[0].upper() + where[1:] + "."]
     return "\n".join(out) + "\n"
 
 

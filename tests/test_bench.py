@@ -109,12 +109,17 @@ def test_text_markdown_and_json_outputs(rows, tmp_path):
     ]
     assert lines[2].startswith(V1) and "66.67%" in lines[2]
     assert lines[3].startswith(V2) and "100.00%" in lines[3]
+    # where it was measured, with the SIMD features that decide int8 vs float32 speed
+    machine = rows[0]["report"]["machine"]
+    assert lines[-1].startswith(f"measured on {machine['cpu']}, {machine['machine']} (")
+    assert (" ".join(machine["simd"]) or "no int8-relevant SIMD") in lines[-1]
     md = B.format_markdown(rows)
     assert md.startswith(
         "| model | format | size (MB) | top-1 | p50 (ms) | p90 (ms) | images/s | peak RSS (MB) "
         "| size × | speed × |\n|---|---|---:|"
     )
     assert f"| {V1} | uint8 | 0.50 | 66.67% |" in md
+    assert md.rstrip().splitlines()[-1].startswith("Measured on ")
     out = B.write_json(rows, tmp_path / "bench.json")
     data = json.loads(out.read_text())
     assert data["columns"][:4] == ["name", "format", "size_mb", "top1"]
