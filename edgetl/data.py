@@ -240,7 +240,7 @@ def make_dataset(items, size: tuple[int, int], prep: dict, batch_size: int, trai
     ``pixels`` (from scan_folder, path -> image at ``size``) replaces the decode when it holds
     every item. Returns batches of (normalized float images, int labels).
     """
-    from edgetl.keras import keras, tf
+    from edgetl.keras import tf
     from edgetl.runner import load_image
 
     h, w = size
@@ -270,20 +270,41 @@ def make_dataset(items, size: tuple[int, int], prep: dict, batch_size: int, trai
     if training:
         ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
-    contrast = keras.layers.RandomContrast(0.1, seed=seed) if training and augment else None
+    if not (training and augment):
+        ds = ds.map(lambda x, y: (normalize(tf.cast(x, tf.float32), prep), y),
+                    num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.prefetch(tf.data.AUTOTUNE)
 
-    def to_model_input(x, y):
-        x = tf.cast(x, tf.float32)
-        if contrast is not None:
-            x = tf.clip_by_value(contrast(flip_rotate_zoom(x, seed), training=True), 0.0, 255.0)
+    # Each batch draws its augmentation statelessly from its own seed, taken from a seeded
+    # stream that changes every epoch: the same --seed gives the same model in every process.
+    # Stateful random ops, called by parallel map workers in no fixed order, did not.
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+
+    def augmented(batch, pair):
+        x, y = batch
+        flip_seed, contrast_seed = tf.unstack(
+            tf.random.experimental.stateless_split(pair, num=2))
+        x = contrast(flip_rotate_zoom(tf.cast(x, tf.float32), flip_seed), contrast_seed)
         return normalize(x, prep), y
 
-    ds = ds.map(to_model_input, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = tf.data.Dataset.zip((ds, seeds)).map(augmented, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def flip_rotate_zoom(x, seed: int, rotation: float = 0.05, zoom: float = 0.1):
-    """Random horizontal flip, rotation (+-rotation turns) and zoom (1 +- zoom) of a batch.
+def contrast(x, seed, factor: float = 0.1):
+    """Random contrast per image, as Keras' RandomContrast(factor): pixels move away from (or
+    towards) the image's per-channel mean by a factor in [1 - factor, 1 + factor]; 0..255 kept."""
+    from edgetl.keras import tf
+
+    f = tf.random.stateless_uniform(tf.stack([tf.shape(x)[0], 1, 1, 1]), seed=seed,
+                                    minval=1.0 - factor, maxval=1.0 + factor)
+    mean = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
+    return tf.clip_by_value((x - mean) * f + mean, 0.0, 255.0)
+
+
+def flip_rotate_zoom(x, seed, rotation: float = 0.05, zoom: float = 0.1):
+    """Random horizontal flip, rotation (+-rotation turns) and zoom (1 +- zoom) of a batch,
+    drawn statelessly from ``seed`` (a pair of integers).
 
     The same distributions as Keras' RandomFlip, RandomRotation and RandomZoom in a row (same
     matrices, 'reflect' fill, bilinear), composed into one projective transform: one resampling
@@ -298,10 +319,11 @@ def flip_rotate_zoom(x, seed: int, rotation: float = 0.05, zoom: float = 0.1):
     n = shape[0]
     h = tf.cast(shape[1], tf.float32) - 1.0
     w = tf.cast(shape[2], tf.float32) - 1.0
-    flip = tf.cast(tf.random.uniform([n], seed=seed) < 0.5, tf.float32)
-    theta = tf.random.uniform([n], -rotation * 2 * math.pi, rotation * 2 * math.pi,
-                              seed=seed + 1)
-    z = 1.0 + tf.random.uniform([n], -zoom, zoom, seed=seed + 2)
+    s_flip, s_theta, s_zoom = tf.unstack(tf.random.experimental.stateless_split(seed, num=3))
+    flip = tf.cast(tf.random.stateless_uniform([n], seed=s_flip) < 0.5, tf.float32)
+    theta = tf.random.stateless_uniform([n], seed=s_theta, minval=-rotation * 2 * math.pi,
+                                        maxval=rotation * 2 * math.pi)
+    z = 1.0 + tf.random.stateless_uniform([n], seed=s_zoom, minval=-zoom, maxval=zoom)
     c, s = tf.cos(theta), tf.sin(theta)
     # Output -> input coordinates: flip(rotate(zoom(p))), each as Keras builds its matrix.
     rx, ry = (w - (c * w - s * h)) / 2.0, (h - (s * w + c * h)) / 2.0

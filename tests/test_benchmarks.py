@@ -174,8 +174,8 @@ def test_flip_rotate_zoom_is_keras_three_layers_in_one_resampling(monkeypatch):
     draws = [rng.uniform(0, 1, n), rng.uniform(-0.1 * math.pi, 0.1 * math.pi, n),
              rng.uniform(-0.1, 0.1, n)]
     it = iter([tf.constant(d, tf.float32) for d in draws])
-    monkeypatch.setattr(tf.random, "uniform", lambda *a, **k: next(it))
-    out = flip_rotate_zoom(x, seed=0).numpy()
+    monkeypatch.setattr(tf.random, "stateless_uniform", lambda *a, **k: next(it))
+    out = flip_rotate_zoom(x, seed=tf.constant([0, 1], tf.int64)).numpy()
     monkeypatch.undo()
     flip = draws[0] < 0.5
     theta, z = tf.constant(draws[1], tf.float32), tf.constant(1 + draws[2], tf.float32)

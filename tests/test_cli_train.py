@@ -273,3 +273,22 @@ def test_backbones_lists_every_name_with_its_qat_column():
     assert set(rows) == set(REGISTRY)
     for name, spec in REGISTRY.items():
         assert rows[name][-1] == ("yes" if spec.qat else "no"), rows[name]
+
+
+def test_the_same_seed_trains_the_same_model_in_two_processes(synth, tmp_path):
+    """Augmentation draws from per-batch seeds, so --seed fixes the model, not just the split."""
+    from edgetl.train import load_model
+
+    def weights(run, seed):
+        flags = [f for f in TINY if f != "--no-augment"]
+        proc = subprocess.run([EDGETL, "train", "--data", synth, "--out", run, *flags,
+                               "--epochs", "2", "--seed", str(seed)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads((run / "config.json").read_text())["train"]["augment"] is True
+        return load_model(run / "model.keras").get_weights()
+
+    a, b = weights(tmp_path / "a", 5), weights(tmp_path / "b", 5)
+    assert all((x == y).all() for x, y in zip(a, b))
+    c = weights(tmp_path / "c", 6)
+    assert any((x != y).any() for x, y in zip(a, c))

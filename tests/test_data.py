@@ -178,7 +178,7 @@ def test_scan_folder_with_known_classes_maps_labels_and_refuses_unknown(tmp_path
 def test_scan_folder_keeps_pixels_within_its_budget_and_training_batches_are_the_same(
         synth, monkeypatch):
     """Kept pixels are the runner's own decode, and a dataset fed from them gives the very
-    batches (order, shuffle) of one that decodes the files itself."""
+    batches (order, shuffle, augmentation) of one that decodes the files itself."""
     import edgetl.data as data
     from edgetl.backbones import get_backbone, preprocessing
 
@@ -190,15 +190,16 @@ def test_scan_folder_keeps_pixels_within_its_budget_and_training_batches_are_the
 
     prep = preprocessing(get_backbone("mobilenetv2"))
     items = list(folder.items)
-    for training in (False, True):
-        kept = data.make_dataset(items, (24, 24), prep, 16, training, False, 3,
+    for training, augment in ((False, False), (True, False), (True, True)):
+        kept = data.make_dataset(items, (24, 24), prep, 16, training, augment, 3,
                                  pixels=folder.pixels)
-        decoded = data.make_dataset(items, (24, 24), prep, 16, training, False, 3)
-        pairs = list(zip(kept, decoded))
-        assert len(pairs) == -(-len(items) // 16)
-        for (xa, ya), (xb, yb) in pairs:
-            np.testing.assert_array_equal(ya.numpy(), yb.numpy())
-            np.testing.assert_allclose(xa.numpy(), xb.numpy(), atol=1e-5)
+        decoded = data.make_dataset(items, (24, 24), prep, 16, training, augment, 3)
+        for epoch in range(2):
+            pairs = list(zip(kept, decoded))
+            assert len(pairs) == -(-len(items) // 16)
+            for (xa, ya), (xb, yb) in pairs:
+                np.testing.assert_array_equal(ya.numpy(), yb.numpy())
+                np.testing.assert_allclose(xa.numpy(), xb.numpy(), atol=1e-5)
 
     # pixels of another size are not used: the dataset decodes at its own size
     x, _ = next(iter(data.make_dataset(items, (32, 32), prep, 4, False, False, 0,
@@ -208,6 +209,30 @@ def test_scan_folder_keeps_pixels_within_its_budget_and_training_batches_are_the
     n = len(folder.items)
     monkeypatch.setattr(data, "KEEP_PIXELS_BYTES", n * 24 * 24 * 3 - 1)
     assert scan_folder(synth, (24, 24), keep_pixels=True).pixels is None
+
+
+def test_augmentation_is_seeded_new_each_epoch_and_keeps_the_pixel_range(synth):
+    from edgetl.backbones import get_backbone, preprocessing
+    from edgetl.data import make_dataset
+
+    items = list(scan_folder(synth, (24, 24)).items)
+    prep = preprocessing(get_backbone("mobilenetv2"))
+
+    def epochs(seed, n=2):
+        ds = make_dataset(items, (24, 24), prep, 64, True, True, seed)
+        return [np.concatenate([x.numpy() for x, _ in ds]) for _ in range(n)]
+
+    a1, a2 = epochs(1)
+    b1, b2 = epochs(1)
+    c1, _ = epochs(2)
+    np.testing.assert_array_equal(a1, b1)  # same seed, same augmentation
+    np.testing.assert_array_equal(a2, b2)
+    assert not np.array_equal(a1, a2)  # a new draw every epoch
+    assert not np.array_equal(a1, c1)
+    assert a1.min() >= -1.0 and a1.max() <= 1.0  # 0..255 kept, then (x - 127.5) / 127.5
+    plain = np.concatenate([x.numpy() for x, _ in make_dataset(items, (24, 24), prep, 64, True,
+                                                               False, 1)])
+    assert not np.allclose(np.sort(a1.ravel()), np.sort(plain.ravel()))  # it did augment
 
 
 # --- splits, weights, samples -------------------------------------------------------------------
