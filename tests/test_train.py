@@ -261,6 +261,35 @@ def test_resume_after_a_kill_before_the_first_state_json_repeats_no_history_row(
     assert (run / "model.keras").is_file()
 
 
+def test_resume_without_split_json_rebuilds_it_unless_the_data_changed(synth, tmp_path):
+    """Killed between config.json and split.json: the seeded split is made again."""
+    import shutil
+
+    from edgetl.errors import EdgetlError
+
+    data = tmp_path / "data"
+    shutil.copytree(synth, data)
+    cfg = tiny_config(data, tmp_path / "run", epochs=1)
+    run = Path(_train(cfg).run_dir)
+    split = (run / "split.json").read_text()
+    for name in ("split.json", "labels.txt", "state.json", "model.keras", "metrics.json",
+                 "history.csv"):
+        (run / name).unlink()
+    shutil.rmtree(run / "checkpoints")
+    resume = cfg.__class__(data=cfg.data, out=cfg.out, resume=True, quiet=True)
+
+    extra = data / "circle" / "extra.png"
+    shutil.copy(next((data / "circle").iterdir()), extra)
+    with pytest.raises(EdgetlError, match="has no split.json and its data folder changed"):
+        _train(resume)
+    assert not (run / "split.json").exists()
+    extra.unlink()
+
+    assert _train(resume).epochs_done == 1
+    assert (run / "split.json").read_text() == split
+    assert (run / "labels.txt").read_text().split() == sorted(d.name for d in data.iterdir())
+
+
 # --- QAT -----------------------------------------------------------------------------------------
 
 
