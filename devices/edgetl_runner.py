@@ -1937,8 +1937,6 @@ def run(options) -> dict:
     runs = 200 if args.runs is None else args.runs
     if runs < 1:
         raise RunnerError("--runs must be at least 1, got %d" % runs)
-    if args.top < 1:
-        raise RunnerError("--top must be at least 1, got %d" % args.top)
     if args.warmup < 0:
         raise RunnerError("--warmup must be 0 or more, got %d" % args.warmup)
     if args.threads is not None and args.threads < 1:
