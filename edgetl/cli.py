@@ -294,6 +294,93 @@ def data_idx(
     typer.echo(f"{out}: {sum(counts.values())} images in {len(counts)} classes")
 
 
+fleet_app = typer.Typer(no_args_is_help=True, help="Benchmark on many devices over SSH "
+                                                  "(an inventory file of hosts).")
+app.add_typer(fleet_app, name="fleet")
+_HOSTS = typer.Option(..., "--hosts", help="Inventory file (TOML): [defaults], [hosts.NAME].")
+_ONLY = typer.Option(None, "--only", help="Only hosts with this name or label (repeatable).")
+
+
+def _fleet_hosts(hosts: Path, only: Optional[List[str]]):
+    from edgetl import fleet as f
+
+    return _guard(f.select, _guard(f.load_inventory, hosts), only)
+
+
+def _fleet_report(rows, columns, json_out, markdown, what: str) -> None:
+    from edgetl import fleet as f
+
+    typer.echo(f.format_table(rows, columns))
+    if json_out:
+        _guard(f.write_json, rows, json_out, columns)
+    if markdown:
+        _guard(f.write_markdown, rows, markdown, columns)
+    bad = f.failed(rows)
+    if bad:  # exit 1: some host or model failed (its row says why); 2 is kept for bad input
+        _fail(f"{len(bad)} of {len(rows)} {what} failed: {bad[0]['host']}: {bad[0]['error']}", 1)
+
+
+@fleet_app.command("bench")
+def fleet_bench(
+    models: List[Path] = typer.Argument(..., help="One or more .tflite files."),
+    hosts: Path = _HOSTS,
+    data: Optional[Path] = typer.Option(None, help="Labelled folder for accuracy (copied)."),
+    labels: Optional[Path] = typer.Option(None, help="Labels file for models without "
+                                                     "metadata."),
+    runs: int = typer.Option(200, help="Timed runs per model."),
+    warmup: int = typer.Option(20, help="Untimed runs first."),
+    threads: Optional[int] = typer.Option(None, help="Interpreter threads."),
+    only: Optional[List[str]] = _ONLY,
+    jobs: int = typer.Option(8, help="Hosts worked on at the same time."),
+    timeout: float = typer.Option(900.0, help="Seconds per host, all models included."),
+    keep: bool = typer.Option(False, help="Leave the remote run folders in place."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
+    markdown: Optional[Path] = typer.Option(None, help="Write a Markdown table."),
+) -> None:
+    """Run each model on every host through the device runner; one table. Exit 1 if any failed."""
+    from edgetl import fleet as f
+
+    selected = _fleet_hosts(hosts, only)
+    job = f.Job(models=tuple(str(m) for m in models), data=str(data) if data else None,
+                labels=str(labels) if labels else None, runs=runs, warmup=warmup,
+                threads=threads, timeout=timeout, jobs=jobs, keep=keep)
+    rows = _guard(f.bench, selected, job)
+    _fleet_report(rows, f.BENCH_COLUMNS, json_out, markdown, "rows")
+
+
+@fleet_app.command("check")
+def fleet_check(
+    hosts: Path = _HOSTS,
+    only: Optional[List[str]] = _ONLY,
+    jobs: int = typer.Option(8, help="Hosts checked at the same time."),
+    timeout: float = typer.Option(60.0, help="Seconds per host."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
+) -> None:
+    """Reachability and environment of each host (arch, OS, Python, interpreter, libedgetpu)."""
+    from edgetl import fleet as f
+
+    if jobs < 1 or timeout <= 0:
+        _fail(f"--jobs must be at least 1 and --timeout more than 0, got {jobs} and {timeout}")
+    rows = _guard(f.check, _fleet_hosts(hosts, only), timeout, jobs)
+    _fleet_report(rows, f.CHECK_COLUMNS, json_out, None, "hosts")
+
+
+@fleet_app.command("setup")
+def fleet_setup(
+    hosts: Path = _HOSTS,
+    only: Optional[List[str]] = _ONLY,
+    jobs: int = typer.Option(8, help="Hosts set up at the same time."),
+    timeout: float = typer.Option(1800.0, help="Seconds per host."),
+) -> None:
+    """Run the device set-up script on each host that is not ready yet (idempotent)."""
+    from edgetl import fleet as f
+
+    if jobs < 1 or timeout <= 0:
+        _fail(f"--jobs must be at least 1 and --timeout more than 0, got {jobs} and {timeout}")
+    rows = _guard(f.setup, _fleet_hosts(hosts, only), timeout, jobs)
+    _fleet_report(rows, f.SETUP_COLUMNS, None, None, "hosts")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
