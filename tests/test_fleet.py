@@ -353,6 +353,16 @@ labels = ["pi5", "coral"]
     assert len(rows) == 1 and "libedgetpu.so.1 is not installed" in rows[0]["error"]
 
 
+def test_without_any_known_hosts_file_the_host_is_refused_not_trusted(fleet, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ssh/known_hosts, no ~/.ssh/config
+    host = F.Host(name="pi4-a", host="127.0.0.1", port=fleet.ports["pi4-a"],
+                  identity=str(fleet.identity), python=sys.executable)
+    [row] = F.check([host], timeout=30)
+    assert row["status"] == "failed" and "is not in known_hosts" in row["error"]
+    assert f"ssh -p {fleet.ports['pi4-a']} 127.0.0.1" in row["error"]
+    assert not (tmp_path / ".ssh").exists()  # nothing was written on the user's behalf
+
+
 def test_a_host_that_hangs_gets_its_timeout_as_reason(fleet, tmp_path):
     slow = fleet.homes["pi5-b"] / "slow-python"
     slow.write_text("#!/bin/sh\nexec sleep 8\n")
