@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -309,6 +310,64 @@ def test_fleet_bench_exit_0_when_all_succeed_and_odd_names_are_quoted(fleet, tmp
     assert lines[0].split()[:3] == ["host", "device", "model"]
     assert len(lines) == 3 and lines[2].startswith("pi4-a") and lines[2].rstrip().endswith("ok")
     assert not list(fleet.root.rglob("PWNED")) and not list(Path.cwd().glob("PWNED"))
+
+
+def _pinned_wheels() -> str:
+    """As tests/test_emulate.py: the host's LiteRT and numpy, so both sides run the same build."""
+    from importlib import metadata
+
+    parts = []
+    for dist in ("ai-edge-litert", "numpy"):
+        try:
+            parts.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            parts.append(dist)
+    return " ".join(parts + ["pillow"])
+
+
+@pytest.mark.slow
+def test_fleet_bench_on_an_emulated_pi_matches_the_host_and_is_flagged(fleet, photos, tmp_path):
+    pi_sh = ROOT / "devices" / "emulate" / "pi.sh"
+    if sys.platform != "linux" or shutil.which("bash") is None:
+        pytest.skip("the emulated Raspberry Pi needs Linux and bash")
+    env = dict(os.environ, EDGETL_PI_PIP=_pinned_wheels())
+    env.setdefault("EDGETL_PIP", f"{sys.executable} -m pip")
+    setup = subprocess.run(["bash", str(pi_sh), "--setup"], env=env, capture_output=True,
+                           text=True, timeout=1800)
+    if setup.returncode == 3:
+        pytest.skip(f"no emulated Raspberry Pi here: {setup.stderr.strip().splitlines()[-1]}")
+    assert setup.returncode == 0, setup.stderr
+    sysroot = os.environ.get("EDGETL_PI_SYSROOT") or str(Path.home() / ".cache/edgetl/pi-sysroot")
+    # the "device"'s python3 is the emulated Pi's (its home differs from ours: pass the cache)
+    wrapper = fleet.homes["pi5-b"] / "pi4-python3"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f"EDGETL_PI_SYSROOT={shlex.quote(sysroot)} EDGETL_PI_PIP={shlex.quote(env['EDGETL_PI_PIP'])} "
+        f"exec bash {shlex.quote(str(pi_sh))} --quiet --pi 4 --python \"$@\"\n")
+    wrapper.chmod(0o755)
+    hosts = inventory(fleet, tmp_path / "fleet.toml", extra=f"""
+[hosts.emulated-pi4]
+host = "127.0.0.2"
+port = {fleet.ports['pi5-b']}
+python = "{wrapper}"
+labels = ["emu"]
+""")
+    out = tmp_path / "fleet.json"
+    proc = edgetl("fleet", "bench", coral(V1), "--hosts", hosts, "--only", "emu", "--only", "pi4",
+                  "--data", photos, "--labels", coral("imagenet_labels.txt"), "--runs", 2,
+                  "--warmup", 0, "--threads", 1, "--json", out, "--timeout", 900, timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["host"]: r for r in json.loads(out.read_text())["rows"]}
+    reports = json.loads(out.read_text())["reports"]
+    emu, live = rows["emulated-pi4"], rows["pi4-a"]
+    assert emu["emulated"] == "qemu cortex-a72" and emu["arch"] == "aarch64"
+    assert live["emulated"] is None
+    assert emu["top1"] == live["top1"] and emu["top5"] == live["top5"]
+    assert reports[f"emulated-pi4/{V1}"]["accuracy"]["confusion_matrix"] == \
+        reports[f"pi4-a/{V1}"]["accuracy"]["confusion_matrix"]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("emulated-pi4"))
+    assert "(EMULATED)" in line
+    assert "timings are not device latency" in proc.stdout
 
 
 def test_fleet_check_reports_environment_and_alias_from_ssh_config(fleet, tmp_path):
