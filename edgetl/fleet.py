@@ -124,7 +124,8 @@ def _host_from(name: str, raw: dict, defaults: dict, source: Path) -> Host:
         values["port"] = port
     delegate = merged.get("delegate", "xnnpack")
     if delegate not in DELEGATES:
-        raise EdgetlError(f"{where}: unknown delegate {delegate!r}; use one of {', '.join(DELEGATES)}")
+        raise EdgetlError(
+            f"{where}: unknown delegate {delegate!r}; use one of {', '.join(DELEGATES)}")
     values["delegate"] = delegate
     labels = merged.get("labels", [])
     if isinstance(labels, str):
@@ -165,10 +166,12 @@ def load_inventory(path: str | os.PathLike) -> list[Host]:
         raise EdgetlError(f"{source}: [defaults] must be a table")
     for key in defaults:
         if key in ("password", "passphrase"):
-            raise EdgetlError(f"{source}: {key} is not supported; use a key (identity) or ssh-agent")
+            raise EdgetlError(
+                f"{source}: {key} is not supported; use a key (identity) or ssh-agent")
         if key not in DEFAULT_KEYS:
             raise EdgetlError(
-                f"{source}: unknown key {key!r} in [defaults]; valid keys: {', '.join(DEFAULT_KEYS)}"
+                f"{source}: unknown key {key!r} in [defaults]; "
+                f"valid keys: {', '.join(DEFAULT_KEYS)}"
             )
     hosts = doc.get("hosts")
     if not isinstance(hosts, dict) or not hosts:
@@ -195,7 +198,8 @@ def select(hosts: list[Host], only: list[str] | None) -> list[Host]:
     chosen = [h for h in hosts if h.name in only or set(h.labels) & set(only)]
     if not chosen:
         known = sorted({h.name for h in hosts} | {x for h in hosts for x in h.labels})
-        raise EdgetlError(f"--only {','.join(only)} matches no host; names and labels: {', '.join(known)}")
+        raise EdgetlError(
+            f"--only {','.join(only)} matches no host; names and labels: {', '.join(known)}")
     return chosen
 
 
@@ -229,7 +233,8 @@ def _asyncssh():
     try:
         import asyncssh
     except ImportError:
-        raise EdgetlError("edgetl fleet needs asyncssh, which is not installed: pip install asyncssh") from None
+        raise EdgetlError(
+            "edgetl fleet needs asyncssh, which is not installed: pip install asyncssh") from None
     return asyncssh
 
 
@@ -273,8 +278,8 @@ class AsyncsshTransport:
             user = f"{host.user}@" if host.user else ""
             raise HostError(
                 f"host key of {host.address} is not in known_hosts or does not match it; check its "
-                f"fingerprint, then add it (`ssh {port}{user}{target}` once, or ssh-keyscan); edgetl "
-                "never accepts a host key by itself"
+                f"fingerprint, then add it (`ssh {port}{user}{target}` once, or ssh-keyscan); "
+                "edgetl never accepts a host key by itself"
             ) from None
         except asyncssh.PermissionDenied:
             raise HostError(
@@ -282,7 +287,8 @@ class AsyncsshTransport:
                 "only; set identity or add your public key to the host's ~/.ssh/authorized_keys"
             ) from None
         except ConnectionRefusedError:
-            raise HostError(f"connection refused by {host.address} (no SSH server there?)") from None
+            raise HostError(
+                f"connection refused by {host.address} (no SSH server there?)") from None
         except socket.gaierror:
             raise HostError(f"cannot resolve host name {target!r}") from None
         except asyncio.TimeoutError:
@@ -290,7 +296,8 @@ class AsyncsshTransport:
         except asyncssh.Error as e:
             raise HostError(f"ssh to {host.address} failed: {_one_line(e.reason)}") from None
         except OSError as e:
-            raise HostError(f"cannot connect to {host.address}: {_one_line(e.strerror or e)}") from None
+            why = _one_line(e.strerror or e)
+            raise HostError(f"cannot connect to {host.address}: {why}") from None
         return cls(conn)
 
     async def run(self, command: str, stdin: bytes | None = None) -> Completed:
@@ -366,7 +373,8 @@ def _python_sh(host: Host) -> str:
 def _probe_command(host: Host) -> str:
     lib = (
         'if ldconfig -p 2>/dev/null | grep -q libedgetpu.so.1 || ls /usr/lib/*/libedgetpu.so.1 '
-        '/usr/lib/libedgetpu.so.1 >/dev/null 2>&1; then echo libedgetpu=yes; else echo libedgetpu=no; fi'
+        '/usr/lib/libedgetpu.so.1 >/dev/null 2>&1; '
+        'then echo libedgetpu=yes; else echo libedgetpu=no; fi'
     )
     return "; ".join([
         _python_sh(host),
@@ -449,9 +457,10 @@ async def probe(t: Transport, host: Host) -> dict:
 
 
 async def make_run_dir(t: Transport, host: Host) -> str:
-    """A fresh remote folder ``<workdir>/runs/run-XXXXXXXX``; returns its path as mktemp printed it."""
+    """A fresh remote folder ``<workdir>/runs/run-XXXXXXXX``; returns its path as mktemp printed."""
     runs = f"{host.workdir.rstrip('/')}/runs"
-    done = await t.run(f"mkdir -p -- {shlex.quote(runs)} && mktemp -d {shlex.quote(runs + '/run-XXXXXXXX')}")
+    template = shlex.quote(runs + "/run-XXXXXXXX")
+    done = await t.run(f"mkdir -p -- {shlex.quote(runs)} && mktemp -d {template}")
     path = done.stdout.decode("utf-8", "replace").strip()
     if done.code != 0 or not path.startswith(runs + "/run-") or _CONTROL.search(path):
         raise HostError(f"cannot create a run folder under {runs}: {_stderr_reason(done)}")
@@ -771,7 +780,8 @@ def setup_scripts() -> dict[str, Path]:
     scripts = {"pi": devices / "raspberry-pi" / "setup.sh", "coral": devices / "coral" / "setup.sh"}
     for path in scripts.values():
         if not path.is_file():
-            raise EdgetlError(f"set-up script not found: {path}; run edgetl from a clone of its repository")
+            raise EdgetlError(
+                f"set-up script not found: {path}; run edgetl from a clone of its repository")
     return scripts
 
 
@@ -793,8 +803,8 @@ async def _setup_host(host: Host, scripts: dict[str, bytes], connect) -> dict:
                 # stdin is closed: a sudo that wants a password fails at once instead of waiting
                 done = await t.run(f"cd {shlex.quote(run_dir)} && bash ./{name} </dev/null")
                 if done.code != 0:
-                    return {**info, "problem": f"{name} failed (exit {done.code}): {_stderr_reason(done)}",
-                            "ready": False, "action": "set-up failed"}
+                    why = f"{name} failed (exit {done.code}): {_stderr_reason(done)}"
+                    return {**info, "problem": why, "ready": False, "action": "set-up failed"}
         finally:
             await remove(t, run_dir)
         after = await probe(t, host)
@@ -818,9 +828,11 @@ def setup(hosts: list[Host], timeout: float = 1800.0, jobs: int = 8, connect=Non
         EdgetlError: the set-up scripts are not found locally.
     """
     paths = setup_scripts()
-    scripts = {"pi-setup.sh": paths["pi"].read_bytes(), "coral-setup.sh": paths["coral"].read_bytes()}
+    scripts = {"pi-setup.sh": paths["pi"].read_bytes(),
+               "coral-setup.sh": paths["coral"].read_bytes()}
     connect = connect or _connect_default
-    results = asyncio.run(_fan_out(hosts, timeout, jobs, lambda h: _setup_host(h, scripts, connect)))
+    results = asyncio.run(
+        _fan_out(hosts, timeout, jobs, lambda h: _setup_host(h, scripts, connect)))
     rows = []
     for h, r in zip(hosts, results):
         row = _check_row(h, r)
