@@ -359,8 +359,6 @@ def fleet_check(
     """Reachability and environment of each host (arch, OS, Python, interpreter, libedgetpu)."""
     from edgetl import fleet as f
 
-    if jobs < 1 or timeout <= 0:
-        _fail(f"--jobs must be at least 1 and --timeout more than 0, got {jobs} and {timeout}")
     rows = _guard(f.check, _fleet_hosts(hosts, only), timeout, jobs)
     _fleet_report(rows, f.CHECK_COLUMNS, json_out, None, "hosts")
 
@@ -375,8 +373,6 @@ def fleet_setup(
     """Run the device set-up script on each host that is not ready yet (idempotent)."""
     from edgetl import fleet as f
 
-    if jobs < 1 or timeout <= 0:
-        _fail(f"--jobs must be at least 1 and --timeout more than 0, got {jobs} and {timeout}")
     rows = _guard(f.setup, _fleet_hosts(hosts, only), timeout, jobs)
     _fleet_report(rows, f.SETUP_COLUMNS, None, None, "hosts")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import math
 import os
 import re
 import shlex
@@ -319,16 +320,22 @@ class AsyncsshTransport:
             pass
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters shown as ``\\xNN``: what a host sends back is untrusted
+    and must not drive the user's terminal (escape sequences) or forge table lines."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def _one_line(value: Any) -> str:
-    return " ".join(str(value).split())
+    return printable(" ".join(str(value).split()))
 
 
 def _stderr_reason(done: Completed) -> str:
     lines = [ln.strip() for ln in done.stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("error:")]
     if errors:
-        return errors[-1][len("error:"):].strip()
-    return lines[-1] if lines else "no message"
+        return _one_line(errors[-1][len("error:"):])
+    return _one_line(lines[-1]) if lines else "no message"
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,7 +400,7 @@ def _parse_lines(text: bytes) -> dict[str, str]:
     for line in text.decode("utf-8", "replace").splitlines():
         key, sep, value = line.partition("=")
         if sep:
-            out[key.strip()] = value.strip()
+            out[key.strip()] = printable(value.strip())
     return out
 
 
@@ -433,7 +440,7 @@ async def probe(t: Transport, host: Host) -> dict:
     if isinstance(py, dict):
         for key in ("python", "numpy", "pillow", "interpreter"):
             value = py.get(key)
-            info[key] = str(value) if value is not None else None
+            info[key] = printable(str(value)) if value is not None else None
     setup_hint = "run `edgetl fleet setup` for this host, or set python in the inventory"
     if "python_missing" in lines:
         problem = f"python {info['python_cmd']!r} not found on the host; {setup_hint}"
@@ -568,10 +575,20 @@ def check_job(job: Job) -> None:
         _refuse_control("model path", str(m))
     bench._check_args(list(job.models), job.data, job.labels, job.runs, job.warmup, job.threads,
                       "xnnpack")
-    if not isinstance(job.jobs, int) or job.jobs < 1:
-        raise EdgetlError(f"jobs must be at least 1, got {job.jobs!r}")
-    if not job.timeout or job.timeout <= 0:
-        raise EdgetlError(f"timeout must be more than 0 seconds, got {job.timeout!r}")
+    check_limits(job.timeout, job.jobs)
+
+
+def check_limits(timeout: float, jobs: int) -> None:
+    """Refuse a per-host ``timeout`` that is not a finite number of seconds above 0, and
+    ``jobs`` below 1.
+
+    Raises:
+        EdgetlError: naming the bad value.
+    """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise EdgetlError(f"jobs must be at least 1, got {jobs!r}")
+    if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        raise EdgetlError(f"timeout must be a number of seconds above 0, got {timeout!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -765,6 +782,7 @@ def check(hosts: list[Host], timeout: float = 60.0, jobs: int = 8, connect=None)
         ``python_cmd``, ``python``, ``numpy``, ``pillow``, ``interpreter``, ``libedgetpu``,
         ``governor``, ``temp_c``, ``status`` and ``error``.
     """
+    check_limits(timeout, jobs)
     connect = connect or _connect_default
     results = asyncio.run(_fan_out(hosts, timeout, jobs, lambda h: _check_host(h, connect)))
     return [_check_row(h, r) for h, r in zip(hosts, results)]
@@ -827,6 +845,7 @@ def setup(hosts: list[Host], timeout: float = 1800.0, jobs: int = 8, connect=Non
     Raises:
         EdgetlError: the set-up scripts are not found locally.
     """
+    check_limits(timeout, jobs)
     paths = setup_scripts()
     scripts = {"pi-setup.sh": paths["pi"].read_bytes(),
                "coral-setup.sh": paths["coral"].read_bytes()}
@@ -884,6 +903,10 @@ _LEFT = {"host", "device", "model", "format", "address", "arch", "os", "python",
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
+    return printable(_raw_cell(row, key, fmt))
+
+
+def _raw_cell(row: dict, key: str, fmt: str) -> str:
     value = row.get(key)
     if key == "status" and row.get("error"):
         return f"failed: {row['error']}"

@@ -422,6 +422,38 @@ def test_without_any_known_hosts_file_the_host_is_refused_not_trusted(fleet, tmp
     assert not (tmp_path / ".ssh").exists()  # nothing was written on the user's behalf
 
 
+def test_what_a_hostile_host_prints_cannot_drive_the_terminal(fleet, tmp_path):
+    evil = fleet.homes["pi4-a"] / "evil-python"
+    evil.write_text("#!/bin/sh\nprintf 'error: \\033]0;owned\\007\\033[2J boom\\nFORGED\\033[0m' >&2\n"
+                    "exit 1\n")
+    evil.chmod(0o755)
+    hosts = inventory(fleet, tmp_path / "fleet.toml", extra=f"""
+[hosts.evil]
+host = "127.0.0.1"
+port = {fleet.ports['pi4-a']}
+python = "{evil}"
+""")
+    proc = edgetl("fleet", "check", "--hosts", hosts, "--only", "evil", timeout=120)
+    assert proc.returncode == 1
+    assert "\x1b" not in proc.stdout + proc.stderr and "\x07" not in proc.stdout + proc.stderr
+    assert "did not run: \\x1b]0;owned\\x07\\x1b[2J boom" in proc.stdout  # escaped, on its row
+    assert "FORGED" not in proc.stdout  # a second line never becomes a row
+    assert len(proc.stdout.splitlines()) == 3 and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--timeout", "nan", "timeout must be a number of seconds above 0, got nan"),
+    ("--timeout", "0", "timeout must be a number of seconds above 0, got 0.0"),
+    ("--jobs", "0", "jobs must be at least 1, got 0"),
+])
+def test_bad_limits_are_refused(tmp_path, flag, value, expected):
+    hosts = tmp_path / "fleet.toml"
+    hosts.write_text('[hosts.a]\nhost = "127.0.0.4"\nport = 9\n')
+    for command in ("check", "setup"):
+        proc = edgetl("fleet", command, "--hosts", hosts, flag, value, timeout=60)
+        assert proc.returncode == 2 and proc.stderr == f"error: {expected}\n", proc.stderr
+
+
 def test_a_host_that_hangs_gets_its_timeout_as_reason(fleet, tmp_path):
     slow = fleet.homes["pi5-b"] / "slow-python"
     slow.write_text("#!/bin/sh\nexec sleep 8\n")
