@@ -20,19 +20,20 @@ import sys
 import threading
 from pathlib import Path
 
+import asyncssh  # a dependency of edgetl (fleet's transport); its server plays the devices
 import pytest
 
 from edgetl import bench as B
 from edgetl import fleet as F
 from edgetl.errors import EdgetlError
 
-asyncssh = pytest.importorskip("asyncssh", reason="edgetl fleet needs asyncssh (pip install asyncssh)")
 
 ROOT = Path(__file__).resolve().parents[1]
 REALDATA = ROOT.parent / "shared" / "realdata"
 CORAL = REALDATA / "coral"
 V1 = "mobilenet_v1_0.25_128_quant.tflite"
-PHOTOS = {"bird.bmp": "chickadee", "cat.bmp": "Egyptian cat", "grace_hopper.bmp": "military uniform"}
+PHOTOS = {"bird.bmp": "chickadee", "cat.bmp": "Egyptian cat",
+          "grace_hopper.bmp": "military uniform"}
 COMMAND_TIMEOUT = 300  # seconds a served command may run before the server kills it
 
 
@@ -70,7 +71,8 @@ def _executor(home: Path):
     """A process factory that runs the requested command for real, in ``home``."""
 
     async def handle(process) -> None:
-        env = {"HOME": str(home), "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
+        env = {"HOME": str(home), "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+               "LANG": "C.UTF-8"}
         proc = await asyncio.create_subprocess_exec(
             "/bin/sh", "-c", process.command or "true", cwd=home, env=env,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -134,7 +136,7 @@ class Fleet:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def device(self, name: str, address: str, trusted: bool = True) -> int:
-        """Start one device; its host key goes into known_hosts (``trusted``) or another key does."""
+        """Start one device; known_hosts lists its host key (``trusted``) or another key."""
         home = self.root / "homes" / name
         home.mkdir(parents=True)
         self.homes[name] = home
@@ -272,8 +274,9 @@ def test_fleet_bench_merges_live_hosts_and_names_each_failure(fleet, photos, tmp
         assert r["threads"] == 1 and r["delegate"] == "xnnpack"
         assert r["interpreter"].startswith(local["interpreter"])
         remote = reports[f"{name}/{V1}"]
-        assert remote["accuracy"]["confusion_matrix"] == local["report"]["accuracy"]["confusion_matrix"]
-        assert remote["accuracy"]["per_class"] == local["report"]["accuracy"]["per_class"]
+        here = local["report"]["accuracy"]
+        assert remote["accuracy"]["confusion_matrix"] == here["confusion_matrix"]
+        assert remote["accuracy"]["per_class"] == here["per_class"]
         assert remote["model"]["op_counts"] == local["report"]["model"]["op_counts"]
         assert r["p50_ms"] > 0 and r["throughput_ips"] > 0 and r["peak_rss_mb"] > 0
     assert "connection refused" in rows["dead"]["error"] and "127.0.0.4" in rows["dead"]["error"]
@@ -342,7 +345,8 @@ def test_fleet_bench_on_an_emulated_pi_matches_the_host_and_is_flagged(fleet, ph
     wrapper = fleet.homes["pi5-b"] / "pi4-python3"
     wrapper.write_text(
         "#!/bin/sh\n"
-        f"EDGETL_PI_SYSROOT={shlex.quote(sysroot)} EDGETL_PI_PIP={shlex.quote(env['EDGETL_PI_PIP'])} "
+        f"EDGETL_PI_SYSROOT={shlex.quote(sysroot)} "
+        f"EDGETL_PI_PIP={shlex.quote(env['EDGETL_PI_PIP'])} "
         f"exec bash {shlex.quote(str(pi_sh))} --quiet --pi 4 --python \"$@\"\n")
     wrapper.chmod(0o755)
     hosts = inventory(fleet, tmp_path / "fleet.toml", extra=f"""
@@ -424,7 +428,8 @@ def test_without_any_known_hosts_file_the_host_is_refused_not_trusted(fleet, tmp
 
 def test_what_a_hostile_host_prints_cannot_drive_the_terminal(fleet, tmp_path):
     evil = fleet.homes["pi4-a"] / "evil-python"
-    evil.write_text("#!/bin/sh\nprintf 'error: \\033]0;owned\\007\\033[2J boom\\nFORGED\\033[0m' >&2\n"
+    evil.write_text("#!/bin/sh\n"
+                    "printf 'error: \\033]0;owned\\007\\033[2J boom\\nFORGED\\033[0m' >&2\n"
                     "exit 1\n")
     evil.chmod(0o755)
     hosts = inventory(fleet, tmp_path / "fleet.toml", extra=f"""
