@@ -507,7 +507,7 @@ class Job:
         threads: interpreter threads (None: the interpreter's default).
         timeout: seconds per host for the whole job, connection included.
         jobs: hosts worked on at the same time.
-        keep: leave the remote run folder in place (for debugging).
+        keep: leave the remote run folder in place (its path is each row's ``remote_dir``).
     """
 
     models: tuple[str, ...]
@@ -685,6 +685,8 @@ async def _bench_host(host: Host, job: Job, archive: bytes, formats: dict, conne
         finally:
             if not job.keep:
                 await remove(t, run_dir)
+        for row in rows:  # where to look on the host (relative paths are under its home)
+            row["remote_dir"] = run_dir if job.keep else None
         return rows
     finally:
         await t.close()

@@ -305,14 +305,21 @@ def test_fleet_bench_exit_0_when_all_succeed_and_odd_names_are_quoted(fleet, tmp
     hosts = inventory(fleet, tmp_path / "fleet.toml")
     odd = tmp_path / "my model $(touch PWNED); 'x'.tflite"
     shutil.copy(coral(V1), odd)
+    out = tmp_path / "fleet.json"
     proc = edgetl("fleet", "bench", odd, "--hosts", hosts, "--only", "pi4", "--runs", 2,
-                  "--warmup", 0, "--timeout", 300)
+                  "--warmup", 0, "--timeout", 300, "--keep", "--json", out)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     lines = proc.stdout.splitlines()
     assert lines[0].split()[:3] == ["host", "device", "model"]
     assert len(lines) == 3 and lines[2].startswith("pi4-a") and lines[2].rstrip().endswith("ok")
     assert not list(fleet.root.rglob("PWNED")) and not list(Path.cwd().glob("PWNED"))
+    [row] = json.loads(out.read_text())["rows"]
+    kept = fleet.homes["pi4-a"] / row["remote_dir"]  # --keep: the run folder stays, as shipped
+    assert (kept / "m0" / odd.name).read_bytes() == odd.read_bytes()
+    assert json.loads((kept / "m0" / "report.json").read_text())["model"]["size_bytes"] == \
+        odd.stat().st_size
+    shutil.rmtree(kept)
 
 
 def _pinned_wheels() -> str:
