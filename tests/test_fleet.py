@@ -466,6 +466,18 @@ def test_bad_limits_are_refused(tmp_path, flag, value, expected):
         assert proc.returncode == 2 and proc.stderr == f"error: {expected}\n", proc.stderr
 
 
+def test_a_key_the_host_does_not_authorize_is_an_authentication_failure(fleet, tmp_path):
+    other = tmp_path / "id_other"
+    asyncssh.generate_private_key("ssh-ed25519").write_private_key(str(other))
+    other.chmod(0o600)
+    host = F.Host(name="pi4-a", host="127.0.0.1", port=fleet.ports["pi4-a"], user="pi",
+                  identity=str(other), known_hosts=str(fleet.known_hosts),
+                  ssh_config=str(fleet.ssh_config), python=sys.executable)
+    [row] = F.check([host], timeout=30)
+    assert row["status"] == "failed"
+    assert row["error"].startswith(f"authentication failed for pi@127.0.0.1:{fleet.ports['pi4-a']}")
+
+
 def test_a_host_that_hangs_gets_its_timeout_as_reason(fleet, tmp_path):
     slow = fleet.homes["pi5-b"] / "slow-python"
     slow.write_text("#!/bin/sh\nexec sleep 8\n")
