@@ -36,6 +36,8 @@ import json
 import math
 import os
 import platform
+import re
+import stat
 import struct
 import sys
 import tempfile
@@ -53,12 +55,18 @@ except ImportError as _exc:  # pragma: no cover - a device without numpy
 __all__ = [
     "RUNNER_VERSION",
     "RunnerError",
+    "printable",
+    "image_extensions",
+    "expand_images",
     "TensorInfo",
     "OpInfo",
     "ModelInfo",
     "IOInfo",
     "Model",
     "check_tflite",
+    "check_writable",
+    "read_model_metadata",
+    "classify",
     "read_model",
     "attach_metadata",
     "strip_metadata",
@@ -81,11 +89,13 @@ __all__ = [
 ]
 
 RUNNER_VERSION = "1"
+LEFT_OUT_SHOWN = 5  # files left out that text reports name (JSON: all of them, and these first)
 METADATA_JSON = "edgetl.json"
 METADATA_LABELS = "labels.txt"
 METADATA_FORMAT = "edgetl"
 METADATA_FORMAT_VERSION = 1
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# Used when Pillow is missing; with Pillow, every extension it can open (image_extensions()).
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default: 0.25 GB of RGBA, ~9459 x 9459
 EDGETPU_CUSTOM_OP = "edgetpu-custom-op"
 DELEGATES = ("xnnpack", "edgetpu", "none")
@@ -93,6 +103,10 @@ INTERPRETERS = ("ai_edge_litert", "tflite_runtime", "tensorflow")
 CORAL_README = "devices/coral/README.md"
 
 _MAX_METADATA_MEMBER = 16 * 1024 * 1024
+# The whole archive: edgetl writes 2 small members, Google's models a few labels files; these caps
+# keep a hostile archive (many members just under the per-member cap) far below a Pi's memory.
+_MAX_METADATA_TOTAL = 32 * 1024 * 1024
+_MAX_METADATA_MEMBERS = 64
 _ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 
 
@@ -103,6 +117,82 @@ class RunnerError(Exception):
     """
 
     exit_code = 2
+
+
+# C0/C1 controls, DEL, line/paragraph separators and bidi overrides: what lets a label or a file
+# name move the cursor, set a terminal title or forge a line when printed.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape_char(match) -> str:
+    code = ord(match.group())
+    return "\\x%02x" % code if code < 0x100 else "\\u%04x" % code
+
+
+def printable(text) -> str:
+    """``str(text)`` with control characters escaped (``\\x1b``, ``\\n``, ``\\u202e``) for a terminal.
+
+    Text reports print every name read from a file (labels, paths, metadata) through this; JSON
+    reports keep the text verbatim.
+    """
+    return _CONTROL.sub(_escape_char, str(text))
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def _open_regular(path, what: str):
+    """Open ``path`` for reading only if it is a regular file; never blocks (FIFOs, devices).
+
+    Raises:
+        RunnerError: missing, not a regular file (named), or unreadable.
+    """
+    name = os.fspath(path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(name, flags)
+    except FileNotFoundError:
+        raise RunnerError("%s not found: %s" % (what, name)) from None
+    except IsADirectoryError:
+        raise RunnerError("%s %s is a folder, not a file" % (what, name)) from None
+    except OSError as exc:
+        try:
+            kind = _file_kind(os.stat(name).st_mode)
+        except OSError:
+            kind = ""
+        if kind and kind != "not a regular file":
+            raise RunnerError("%s %s is %s, not a regular file" % (what, name, kind)) from None
+        raise RunnerError("cannot read %s %s: %s" % (what, name, exc.strerror or exc)) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise RunnerError("%s %s is a folder, not a file" % (what, name))
+        if not stat.S_ISREG(mode):
+            raise RunnerError("%s %s is %s, not a regular file" % (what, name, _file_kind(mode)))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _regular_file_problem(path) -> "str | None":
+    """None for a regular file (symlinks followed), else why it is skipped; opens nothing."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return "cannot read %s: %s" % (path, exc.strerror or exc)
+    if stat.S_ISREG(mode):
+        return None
+    return "%s is %s, not a regular file (skipped)" % (path, _file_kind(mode))
 
 
 # --------------------------------------------------------------------------------------------
@@ -538,12 +628,9 @@ def _parse_model(data: bytes, name: str) -> ModelInfo:
 
 def _read_file(path, what: str = "model file") -> bytes:
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise RunnerError("%s not found: %s" % (what, path))
-    if not os.path.isfile(path):
-        raise RunnerError("%s %s is not a file" % (what, path))
+    f = _open_regular(path, what)
     try:
-        with open(path, "rb") as f:
+        with f:
             return f.read()
     except OSError as exc:
         raise RunnerError("cannot read %s %s: %s" % (what, path, exc.strerror or exc)) from None
@@ -711,23 +798,48 @@ def attach_metadata(model_bytes: bytes, metadata: dict, labels: list) -> bytes:
 
 
 def _read_zip_members(path_or_bytes):
-    """``(members, name)``: the .json/.txt members of the archive appended to a model (or None)."""
+    """``(members, name)``: the .json/.txt members of the archive appended to a model (or None).
+
+    Bounded: at most ``_MAX_METADATA_MEMBERS`` entries, ``_MAX_METADATA_MEMBER`` bytes per member
+    and ``_MAX_METADATA_TOTAL`` bytes in all, whatever the archive claims.
+    """
     data, name = _model_bytes(path_or_bytes)
     start, zf = _appended_zip(data, name)
     if zf is None:
         return None, name
     members = {}
+    total = 0
     try:
         with zf:
-            for info in zf.infolist():
-                if not info.filename.lower().endswith((".json", ".txt")):
-                    continue
+            infos = zf.infolist()
+            if len(infos) > _MAX_METADATA_MEMBERS:
+                raise ValueError(
+                    "%d members, more than the %d a model's metadata may have"
+                    % (len(infos), _MAX_METADATA_MEMBERS)
+                )
+            wanted = [i for i in infos if i.filename.lower().endswith((".json", ".txt"))]
+            declared = sum(max(0, i.file_size) for i in wanted)
+            if declared > _MAX_METADATA_TOTAL:
+                raise ValueError(
+                    "its text members declare %d bytes, more than the %d MB cap"
+                    % (declared, _MAX_METADATA_TOTAL // (1024 * 1024))
+                )
+            for info in wanted:
                 if info.file_size > _MAX_METADATA_MEMBER:
-                    raise ValueError("%s is implausibly large" % info.filename)
+                    raise ValueError(
+                        "%s is implausibly large (over the %d MB cap per member)"
+                        % (info.filename, _MAX_METADATA_MEMBER // (1024 * 1024))
+                    )
+                limit = min(_MAX_METADATA_MEMBER, _MAX_METADATA_TOTAL - total)
                 with zf.open(info) as f:
-                    payload = f.read(_MAX_METADATA_MEMBER + 1)
-                if len(payload) > _MAX_METADATA_MEMBER:
-                    raise ValueError("%s is implausibly large" % info.filename)
+                    payload = f.read(limit + 1)
+                if len(payload) > limit:  # the header lied about the size
+                    raise ValueError(
+                        "%s holds more than its header says (caps: %d MB per member, %d MB "
+                        "in all)" % (info.filename, _MAX_METADATA_MEMBER // (1024 * 1024),
+                                      _MAX_METADATA_TOTAL // (1024 * 1024))
+                    )
+                total += len(payload)
                 members[info.filename] = payload
     except Exception as exc:  # zipfile raises many types on corrupt input
         raise _corrupt_archive(name, exc) from None
@@ -745,13 +857,7 @@ def _decode_labels(payload: bytes, name: str) -> list:
     return [line.strip() for line in lines]
 
 
-def read_metadata(path_or_bytes) -> "dict | None":
-    """The edgetl metadata dict of a model, with ``labels``; None when it has none.
-
-    Raises:
-        RunnerError: not a TFLite model, or metadata present but corrupt.
-    """
-    members, name = _read_zip_members(path_or_bytes)
+def _metadata_from_members(members, name: str) -> "dict | None":
     if not members or METADATA_JSON not in members:
         return None
     try:
@@ -776,29 +882,54 @@ def read_metadata(path_or_bytes) -> "dict | None":
     return meta
 
 
-def read_labels(path_or_bytes) -> "list | None":
-    """The labels a model carries, or None.
-
-    edgetl metadata first; otherwise a TFLite Support associated labels file (the only ``.txt``
-    member, or the one whose name contains ``label``), as in Google's official models.
-    """
-    labels, _ = _labels_and_source(path_or_bytes)
-    return labels
-
-
-def _labels_and_source(path_or_bytes):
-    members, name = _read_zip_members(path_or_bytes)
+def _labels_from_members(members, name: str, meta: "dict | None"):
     if not members:
         return None, None
-    if METADATA_JSON in members:
-        meta = read_metadata(path_or_bytes)
-        return (meta or {}).get("labels"), "edgetl metadata"
+    if meta is not None:
+        return meta.get("labels"), "edgetl metadata"
     texts = sorted(k for k in members if k.lower().endswith(".txt"))
     named = [k for k in texts if "label" in k.lower()]
     pick = named if len(named) == 1 else texts
     if len(pick) != 1:
         return None, None
     return _decode_labels(members[pick[0]], name), "associated file " + pick[0]
+
+
+def read_model_metadata(path_or_bytes) -> "tuple[dict | None, list | None, str | None]":
+    """``(metadata, labels, labels_source)`` of a model, reading its archive once.
+
+    Labels are kept verbatim (control characters included); print them with :func:`printable`.
+
+    Raises:
+        RunnerError: not a TFLite model, or metadata present but corrupt or over the caps.
+    """
+    members, name = _read_zip_members(path_or_bytes)
+    meta = _metadata_from_members(members, name)
+    labels, source = _labels_from_members(members, name, meta)
+    return meta, labels, source
+
+
+def read_metadata(path_or_bytes) -> "dict | None":
+    """The edgetl metadata dict of a model, with ``labels``; None when it has none.
+
+    Raises:
+        RunnerError: not a TFLite model, or metadata present but corrupt.
+    """
+    members, name = _read_zip_members(path_or_bytes)
+    return _metadata_from_members(members, name)
+
+
+def read_labels(path_or_bytes) -> "list | None":
+    """The labels a model carries, or None.
+
+    edgetl metadata first; otherwise a TFLite Support associated labels file (the only ``.txt``
+    member, or the one whose name contains ``label``), as in Google's official models.
+    """
+    return read_model_metadata(path_or_bytes)[1]
+
+
+def _labels_and_source(path_or_bytes):
+    return read_model_metadata(path_or_bytes)[1:]
 
 
 def read_labels_file(path) -> list:
@@ -833,9 +964,23 @@ def read_labels_file(path) -> list:
 def match_labels(labels: list, num_outputs: int, source: str) -> "tuple[list, str]":
     """Apply the labels rule: exact count, or one fewer with output 0 taken as background.
 
+    A model with one output is a sigmoid binary classifier: it takes two labels, the first for
+    p < 0.5 and the second for p >= 0.5.
+
     Returns:
-        ``(labels, note)``; the note is empty unless a background label was assumed.
+        ``(labels, note)``; the note is empty unless a background label was assumed or the model
+        is a single-output binary classifier.
     """
+    if num_outputs == 1:
+        if len(labels) == 2:
+            return list(labels), (
+                "single-output (sigmoid) binary classifier: p >= 0.5 -> %s, else %s"
+                % (printable(labels[1]), printable(labels[0]))
+            )
+        raise RunnerError(
+            "%s has %d label(s) but the model has a single (sigmoid) output: give two labels, "
+            "the first for p < 0.5 and the second for p >= 0.5" % (source, len(labels))
+        )
     if len(labels) == num_outputs:
         return list(labels), ""
     if len(labels) == num_outputs - 1 and num_outputs > 1:
@@ -881,7 +1026,17 @@ def _pil():
     return Image, ImageOps
 
 
-def _to_rgb(img, Image):
+def _to_channels(img, Image, channels: int = 3):
+    """Any Pillow mode -> RGB (3) or L (1, greyscale); 16/32-bit modes scaled to 8 bits."""
+    img = _to_rgb(img, Image, grey=channels == 1)
+    if channels == 1 and img.mode != "L":
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        img = img.convert("L")  # ITU-R 601-2 luma, Pillow's (and Keras') grey conversion
+    return img
+
+
+def _to_rgb(img, Image, grey: bool = False):
     """Any Pillow mode -> RGB; 16-bit and 32-bit modes are scaled to 8 bits, not clipped."""
     np_mod = np
     mode = img.mode
@@ -896,27 +1051,36 @@ def _to_rgb(img, Image):
             a = np_mod.nan_to_num(a.astype(np_mod.float64))
             a = a * 255.0 if a.size and a.min() >= 0.0 and a.max() <= 1.0 else a
             a = np_mod.clip(a, 0, 255)
-        grey = Image.fromarray(np_mod.round(a).astype(np_mod.uint8), "L")
-        return grey.convert("RGB")
+        grey_img = Image.fromarray(np_mod.round(a).astype(np_mod.uint8), "L")
+        return grey_img if grey else grey_img.convert("RGB")
+    if grey and mode in ("L", "LA", "1"):
+        return img.convert("L")
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB")
 
 
-def load_image(path, size: "tuple[int, int]", resample: str = "bilinear") -> np.ndarray:
-    """Decode one image to RGB uint8 pixels of shape ``(height, width, 3)``.
+def load_image(
+    path, size: "tuple[int, int]", resample: str = "bilinear", channels: int = 3
+) -> np.ndarray:
+    """Decode one image to uint8 pixels of shape ``(height, width, channels)``.
 
     EXIF orientation is applied, the first frame of an animation is used, any mode becomes RGB
-    (16-bit scaled, not clipped) and the image is resized with Pillow (``reducing_gap=None``).
-    Training and the device both call this, so they see identical pixels.
+    (``channels`` 3) or greyscale L (``channels`` 1; colour images converted with the ITU-R
+    601-2 luma), 16-bit scaled, not clipped, and the image is resized with Pillow
+    (``reducing_gap=None``) to ``size`` (any H x W). Only a regular file is opened (a FIFO or a
+    device is refused, never read). Training and the device both call this, so they see
+    identical pixels.
 
     Args:
         path: image file.
         size: ``(height, width)``.
         resample: ``bilinear`` (default), ``nearest``, ``bicubic``, ``lanczos``, ``box``, ``hamming``.
+        channels: 3 (RGB) or 1 (greyscale).
 
     Raises:
-        RunnerError: unreadable, truncated, not an image, or a decompression bomb.
+        RunnerError: unreadable, not a regular file, truncated, not an image, or a
+            decompression bomb.
     """
     Image, ImageOps = _pil()
     height, width = int(size[0]), int(size[1])
@@ -926,19 +1090,23 @@ def load_image(path, size: "tuple[int, int]", resample: str = "bilinear") -> np.
         )
     filters = getattr(Image, "Resampling", Image)
     method = getattr(filters, resample.upper())
+    if channels not in (1, 3):
+        raise RunnerError("channels must be 1 or 3, got %r" % (channels,))
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     name = os.fspath(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(name) as img:
+            with _open_regular(name, "image") as f, Image.open(f) as img:
                 img.seek(0)
                 img.load()
                 img = ImageOps.exif_transpose(img)
-                img = _to_rgb(img, Image)
+                img = _to_channels(img, Image, channels)
                 if img.size != (width, height):
                     img = img.resize((width, height), method, reducing_gap=None)
                 pixels = np.asarray(img, dtype=np.uint8)
+                if pixels.ndim == 2:
+                    pixels = pixels[:, :, None]
     except RunnerError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -953,7 +1121,7 @@ def load_image(path, size: "tuple[int, int]", resample: str = "bilinear") -> np.
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, ...
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise RunnerError("cannot read image %s: %s" % (name, reason)) from None
-    if pixels.shape != (height, width, 3):
+    if pixels.shape != (height, width, channels):
         raise RunnerError("cannot read image %s: decoded to shape %s" % (name, pixels.shape))
     return pixels
 
@@ -987,39 +1155,124 @@ def preprocess(pixels_uint8: np.ndarray, prep: "dict | None") -> np.ndarray:
     """Pixels -> model input floats: optional RGB->BGR, then ``(x - mean) / std`` per channel.
 
     Args:
-        pixels_uint8: ``(h, w, 3)`` or ``(n, h, w, 3)`` RGB pixels.
+        pixels_uint8: ``(h, w, c)`` or ``(n, h, w, c)`` pixels, ``c`` 3 (RGB) or 1 (greyscale).
         prep: ``{"mean": [...], "std": [...], "channel_order": "RGB"|"BGR"}`` (mean/std in the final
-            channel order); None means raw 0..255 floats.
+            channel order); None means raw 0..255 floats. For greyscale pixels, 3 equal values
+            count as one; BGR changes nothing.
 
     Returns:
         float32 array of the same shape.
+
+    Raises:
+        RunnerError: a bad shape, or 3 different mean/std values for greyscale pixels.
     """
     x = np.asarray(pixels_uint8)
-    if x.ndim not in (3, 4) or x.shape[-1] != 3:
-        raise RunnerError("expected RGB pixels of shape (h, w, 3) or (n, h, w, 3), got %s" % (x.shape,))
+    if x.ndim not in (3, 4) or x.shape[-1] not in (1, 3):
+        raise RunnerError(
+            "expected pixels of shape (h, w, 3|1) or (n, h, w, 3|1), got %s" % (x.shape,)
+        )
     x = x.astype(np.float32)
     if not prep:
         return x
     _check_prep(prep, "preprocessing")
-    if str(prep.get("channel_order", "RGB")).upper() == "BGR":
+    if str(prep.get("channel_order", "RGB")).upper() == "BGR" and x.shape[-1] == 3:
         x = x[..., ::-1]
     mean = np.asarray(prep.get("mean", [0.0]), dtype=np.float32).reshape(-1)
     std = np.asarray(prep.get("std", [1.0]), dtype=np.float32).reshape(-1)
+    if x.shape[-1] == 1:
+        for key, arr in (("mean", mean), ("std", std)):
+            if arr.size == 3 and not np.all(arr == arr[0]):
+                raise RunnerError(
+                    "%s %s has 3 different values but the model input has 1 channel "
+                    "(greyscale): give one value" % (key, [float(v) for v in arr])
+                )
+        mean, std = mean[:1], std[:1]
     return ((x - mean) / std).astype(np.float32)
+
+
+_NOT_IMAGE_FORMATS = ("EPS", "PDF")  # EPS decoding runs Ghostscript on the file: never
+
+
+def image_extensions() -> tuple:
+    """Every file extension Pillow can decode here (``.jpg .png .webp .tif ...``), lower case.
+
+    Without Pillow: ``IMAGE_EXTENSIONS``.
+    """
+    try:
+        from PIL import Image
+    except ImportError:
+        return IMAGE_EXTENSIONS
+    Image.init()
+    exts = {
+        ext.lower()
+        for ext, fmt in Image.registered_extensions().items()
+        if fmt in Image.OPEN and fmt not in _NOT_IMAGE_FORMATS
+    }
+    return tuple(sorted(exts | set(IMAGE_EXTENSIONS)))
+
+
+def _not_image_reason(path: str) -> str:
+    ext = os.path.splitext(path)[1].lower() or "no extension"
+    return "%s: not an image file (%s is not a format Pillow decodes)" % (path, ext)
+
+
+def expand_images(paths: list) -> "tuple[list, list]":
+    """Image files from a list of files and folders (a folder: its images, one level deep).
+
+    Returns:
+        ``(files, skipped)``: files in the order given (a folder's sorted), and ``(path, reason)``
+        for what was left out: missing paths, non-regular files (FIFOs, devices, sockets), files
+        of a format Pillow does not decode, and sub-folders (not searched).
+    """
+    exts = None
+    files, skipped = [], []
+    for p in paths:
+        p = os.fspath(p)
+        if not os.path.isdir(p):
+            problem = _regular_file_problem(p)
+            if problem:
+                skipped.append((p, problem))
+            else:
+                files.append(p)
+            continue
+        exts = exts or image_extensions()
+        try:
+            entries = sorted(os.listdir(p))
+        except OSError as exc:
+            skipped.append((p, "cannot list folder %s: %s" % (p, exc.strerror or exc)))
+            continue
+        for entry in entries:
+            if entry.startswith("."):
+                continue
+            full = os.path.join(p, entry)
+            if os.path.isdir(full):
+                skipped.append((full, "%s is a sub-folder (folders are read one level deep)" % full))
+                continue
+            problem = _regular_file_problem(full)
+            if problem:
+                skipped.append((full, problem))
+            elif not entry.lower().endswith(exts):
+                skipped.append((full, _not_image_reason(full)))
+            else:
+                files.append(full)
+    return files, skipped
 
 
 def list_images(folder, labels: "list | None" = None):
     """Find ``folder/<class>/**/<image>`` files.
 
     Args:
-        folder: one sub-folder per class; images are .jpg .jpeg .png .bmp .gif (any case).
+        folder: one sub-folder per class; images are any format Pillow decodes
+            (:func:`image_extensions`: JPEG, PNG, WebP, TIFF, BMP, GIF, ...; any case).
         labels: the model's labels; sub-folder names are then looked up in it (exact text, then
-            case-insensitive, then the text before the first comma, then a plain output index).
+            case-insensitive, then the text before the first comma, then a plain output index,
+            the last only beside folders named after labels: folders that match no label by
+            name are refused, never mapped to outputs by their number alone).
 
     Returns:
         ``(items, class_names, skipped)``: ``items`` is a sorted list of ``(path, class_index)``,
         ``class_names`` the labels (or the sorted folder names), ``skipped`` a list of
-        ``(path, reason)`` for files that are not images.
+        ``(path, reason)`` for files left out (not an image format, not a regular file).
 
     Raises:
         RunnerError: folder missing or without images, or a folder name not among the labels.
@@ -1042,7 +1295,7 @@ def list_images(folder, labels: "list | None" = None):
         if os.path.isdir(full):
             class_dirs.append(entry)
         else:
-            skipped.append((full, "not in a class sub-folder"))
+            skipped.append((full, "%s is not in a class sub-folder" % full))
     if not class_dirs:
         raise RunnerError(
             "data folder %s has no class sub-folders: put each class's images in a sub-folder "
@@ -1055,6 +1308,16 @@ def list_images(folder, labels: "list | None" = None):
     else:
         class_names = list(labels)
         index_of, unknown = _folder_label_indices(class_dirs, class_names)
+        if not index_of:
+            shown = ", ".join(repr(u) for u in class_dirs[:5])
+            more = " and %d more" % (len(class_dirs) - 5) if len(class_dirs) > 5 else ""
+            first = ", ".join(repr(x) for x in class_names[:5])
+            raise RunnerError(
+                "none of the sub-folders of %s (%s%s) matches a label of the model (%d labels: "
+                "%s%s): name each sub-folder after the label of its class"
+                % (root, shown, more, len(class_names), first,
+                   ", ..." if len(class_names) > 5 else "")
+            )
         if unknown:
             shown = ", ".join(repr(u) for u in unknown[:10])
             more = " and %d more" % (len(unknown) - 10) if len(unknown) > 10 else ""
@@ -1065,17 +1328,20 @@ def list_images(folder, labels: "list | None" = None):
 
     items = []
     root_real = os.path.realpath(root)
+    exts = image_extensions()
     for d in class_dirs:
         if _is_within(root_real, os.path.realpath(os.path.join(root, d))):
             # 'cls -> ..' would file every image of the data folder under this class
-            skipped.append((os.path.join(root, d), "symlink loop to the data folder (skipped)"))
+            full = os.path.join(root, d)
+            skipped.append((full, "%s: symlink loop to the data folder (skipped)" % full))
             continue
-        for path in _walk_images(os.path.join(root, d), skipped):
+        for path in _walk_images(os.path.join(root, d), skipped, exts):
             items.append((path, index_of[d]))
     if not items:
+        first = "; first left out: %s" % skipped[0][1] if skipped else ""
         raise RunnerError(
-            "data folder %s has no images (%s) in its class sub-folders"
-            % (root, " ".join(IMAGE_EXTENSIONS))
+            "data folder %s has no images in its class sub-folders (%d files left out%s)"
+            % (root, len(skipped), first)
         )
     return items, class_names, skipped
 
@@ -1086,7 +1352,7 @@ def _folder_label_indices(folders: list, labels: list):
         exact.setdefault(label, []).append(i)
         lower.setdefault(label.lower(), []).append(i)
         first.setdefault(label.split(",")[0].strip().lower(), []).append(i)
-    index_of, unknown = {}, []
+    index_of, unknown, by_index = {}, [], []
     for d in folders:
         for table, key in ((exact, d), (lower, d.lower()), (first, d.lower())):
             hits = table.get(key)
@@ -1100,9 +1366,13 @@ def _folder_label_indices(folders: list, labels: list):
                 break
         else:
             if d.isdigit() and int(d) < len(labels):
-                index_of[d] = int(d)
+                by_index.append(d)
             else:
                 unknown.append(d)
+    if index_of:  # an output index is taken as such only beside folders named after labels
+        index_of.update((d, int(d)) for d in by_index)
+    else:
+        unknown = by_index + unknown
     return index_of, unknown
 
 
@@ -1111,14 +1381,14 @@ def _is_within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _walk_images(top: str, skipped: list) -> list:
+def _walk_images(top: str, skipped: list, exts: tuple = IMAGE_EXTENSIONS) -> list:
     found = []
     seen = set()
     top_real = os.path.realpath(top)
     for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
         real = os.path.realpath(dirpath)
         if real != top_real and _is_within(top_real, real):  # 'up -> ..' walks other classes
-            skipped.append((dirpath, "symlink loop to a parent folder (skipped)"))
+            skipped.append((dirpath, "%s: symlink loop to a parent folder (skipped)" % dirpath))
             dirnames[:] = []
             continue
         try:
@@ -1135,10 +1405,13 @@ def _walk_images(top: str, skipped: list) -> list:
             if fn.startswith("."):
                 continue
             path = os.path.join(dirpath, fn)
-            if fn.lower().endswith(IMAGE_EXTENSIONS):
+            problem = _regular_file_problem(path)  # a FIFO named x.jpg would block decoding
+            if problem:
+                skipped.append((path, problem))
+            elif fn.lower().endswith(exts):
                 found.append(path)
             else:
-                skipped.append((path, "not an image file (%s)" % " ".join(IMAGE_EXTENSIONS)))
+                skipped.append((path, _not_image_reason(path)))
     return sorted(found)
 
 
@@ -1347,20 +1620,20 @@ class Model:
         self.delegate = delegate
         self.threads = threads
         self.notes = []  # type: list
-        data = check_tflite(self.path)
+        data, _ = _model_bytes(self.path)
         self.size_bytes = len(data)
         self.info = _parse_model(data, self.path)
-        try:
-            self.metadata = read_metadata(data)
-            self.labels, self.labels_source = _labels_and_source(data)
+        try:  # the archive is read once per load
+            self.metadata, self.labels, self.labels_source = read_model_metadata(data)
         except RunnerError as exc:  # read from bytes: name the file, not "the model bytes"
             raise RunnerError(str(exc).replace("the model bytes", self.path, 1)) from None
         if self.info.is_edgetpu and delegate != "edgetpu":
             raise _edgetpu_error(self.path)
         if len(self.info.inputs) != 1 or len(self.info.outputs) != 1:
             raise RunnerError(
-                "%s has %d inputs and %d outputs: the runner handles image classifiers with one "
-                "input and one output" % (self.path, len(self.info.inputs), len(self.info.outputs))
+                "%s is not a classifier: it has %d inputs and %d outputs (a detector or other "
+                "multi-output model); the runner handles image classifiers with one input and one "
+                "score output" % (self.path, len(self.info.inputs), len(self.info.outputs))
             )
         (
             self.interpreter_name,
@@ -1400,6 +1673,13 @@ class Model:
         self.load_seconds = time.perf_counter() - t0
         self.input = _io_info(self._interp.get_input_details()[0])
         self.output = _io_info(self._interp.get_output_details()[0])
+        out_shape = self.output.shape
+        if len(out_shape) > 2 and any(d != 1 for d in out_shape[:-1]):
+            raise RunnerError(
+                "%s is not a classifier: its output has shape %s (a map or a list of boxes, not "
+                "one score per class); the runner handles outputs of shape [1, classes]"
+                % (self.path, out_shape)
+            )
         self.first_invoke_ms = None  # type: float | None
         self._in_dtype = np.dtype(self.input.dtype)
         self._out_dtype = np.dtype(self.output.dtype)
@@ -1415,18 +1695,37 @@ class Model:
     # -- sizes --------------------------------------------------------------------------------
     @property
     def input_size(self) -> "tuple[int, int]":
-        """``(height, width)`` of the image input."""
+        """``(height, width)`` of the image input (any H x W, not only square)."""
         shape = self.input.shape
-        if len(shape) != 4 or shape[3] != 3:
+        if len(shape) != 4 or shape[3] not in (1, 3) or shape[1] < 1 or shape[2] < 1:
             raise RunnerError(
-                "%s input shape %s is not an image batch (n, h, w, 3)" % (self.path, shape)
+                "%s input shape %s is not an image batch (n, h, w, 1 or 3 channels)"
+                % (self.path, shape)
             )
         return int(shape[1]), int(shape[2])
+
+    @property
+    def channels(self) -> int:
+        """1 (greyscale input) or 3 (RGB)."""
+        self.input_size  # checks the shape
+        return int(self.input.shape[3])
 
     @property
     def num_outputs(self) -> int:
         """Scores per image (the output size without the batch dimension)."""
         return int(np.prod(self.output.shape[1:])) if len(self.output.shape) > 1 else 1
+
+    @property
+    def num_classes(self) -> int:
+        """Classes the model tells apart: 2 for a single (sigmoid) output, else ``num_outputs``."""
+        return 2 if self.num_outputs == 1 else self.num_outputs
+
+    def class_scores(self, x_float: np.ndarray) -> np.ndarray:
+        """:meth:`predict`, with a single sigmoid output p expanded to the two scores [1-p, p]."""
+        y = self.predict(x_float)
+        if self.num_outputs != 1:
+            return y
+        return np.concatenate([1.0 - y, y], axis=-1).astype(np.float32)
 
     # -- preprocessing --------------------------------------------------------------------------
     def raw_prep(self) -> dict:
@@ -1439,7 +1738,8 @@ class Model:
         if self._in_dtype.kind in "iu" and self.input.scale > 0:
             std = 1.0 / self.input.scale
             mean = float(self.input.zero_point) + (128.0 if self._in_dtype == np.int8 else 0.0)
-        return {"mean": [mean] * 3, "std": [std] * 3, "channel_order": "RGB", "resize": "bilinear"}
+        n = 1 if len(self.input.shape) == 4 and self.input.shape[3] == 1 else 3
+        return {"mean": [mean] * n, "std": [std] * n, "channel_order": "RGB", "resize": "bilinear"}
 
     def default_prep(self) -> dict:
         """The metadata's preprocessing when present, else :meth:`raw_prep`."""
@@ -1595,28 +1895,51 @@ def benchmark(model: Model, runs: int = 200, warmup: int = 20) -> dict:
 
 def classify(model: Model, paths: list, prep: "dict | None", labels: "list | None" = None,
              top: int = 5) -> list:
-    """The ``top`` best outputs for each image file, in the order given.
+    """The ``top`` best classes for each image file (or folder of images), in the order given.
 
-    An unreadable image is an error (the user named it), unlike in :func:`evaluate`.
+    A folder contributes its images one level deep. Files that cannot be classified (missing,
+    not a regular file, not an image format, unreadable) are kept in order with an ``error`` and
+    no scores, so one bad file does not stop the others. A single-output (sigmoid) model gives
+    two scores, [1-p, p].
 
     Returns:
-        ``[{path, top: [{index, label, score}]}]``; ``score`` is the dequantized output
-        (a probability for a softmax model); ``label`` is None without labels.
+        ``[{path, top: [{index, label, score}], error}]``; ``score`` is the dequantized output
+        (a probability for a softmax model); ``label`` is None without labels; ``error`` is None
+        or why the file was skipped (``top`` then empty).
+
+    Raises:
+        RunnerError: a bad ``top``, or no image at all could be classified.
     """
     if not isinstance(top, int) or top < 1:
         raise RunnerError("--top must be at least 1, got %r" % (top,))
     size = model.input_size
+    channels = model.channels
     resample = (prep or {}).get("resize", "bilinear")
-    k = min(top, model.num_outputs)
+    k = min(top, model.num_classes)
     results = []
-    for path in paths:
-        scores = model.predict(preprocess(load_image(path, size, resample), prep))
-        best = np.argsort(-scores, kind="stable")[:k]
-        results.append({
-            "path": os.fspath(path),
-            "top": [{"index": int(i), "label": labels[i] if labels else None,
-                     "score": float(scores[i])} for i in best],
-        })
+    for given in paths:
+        files, skipped = expand_images([given])
+        results += [{"path": p, "top": [], "error": reason} for p, reason in skipped]
+        for path in files:
+            try:
+                pixels = load_image(path, size, resample, channels)
+            except RunnerError as exc:
+                results.append({"path": path, "top": [], "error": str(exc)})
+                continue
+            scores = model.class_scores(preprocess(pixels, prep))
+            best = np.argsort(-scores, kind="stable")[:k]
+            results.append({
+                "path": path,
+                "top": [{"index": int(i), "label": labels[i] if labels else None,
+                         "score": float(scores[i])} for i in best],
+                "error": None,
+            })
+    if not any(r["error"] is None for r in results):
+        first = results[0]["error"] if results else "a folder without images"
+        raise RunnerError(
+            "no image could be classified among the %d path(s) given; first: %s"
+            % (len(paths), first)
+        )
     return results
 
 
@@ -1647,7 +1970,7 @@ def evaluate(
         plus ``(other)`` when a prediction can fall outside them), ``confusion_matrix``,
         ``predictions`` and ``targets`` (output indices per item, -1 for skipped images).
     """
-    n_out = model.num_outputs
+    n_out = model.num_classes
     if len(class_names) != n_out:
         raise RunnerError(
             "%d class names for a model with %d outputs: give one name per output"
@@ -1659,6 +1982,7 @@ def evaluate(
         if not 0 <= c < n_out:
             raise RunnerError("class index %d is outside the model's %d outputs" % (c, n_out))
     size = model.input_size
+    channels = model.channels
     resample = (prep or {}).get("resize", "bilinear")
     present = sorted({c for _, c in items})
     row_of = {c: i for i, c in enumerate(present)}
@@ -1676,13 +2000,13 @@ def evaluate(
         pixels, where = [], []
         for j, (path, _) in enumerate(chunk):
             try:
-                pixels.append(load_image(path, size, resample))
+                pixels.append(load_image(path, size, resample, channels))
                 where.append(start + j)
             except RunnerError as exc:
                 skipped.append({"path": os.fspath(path), "reason": str(exc)})
         if not pixels:
             continue
-        scores = model.predict(preprocess(np.stack(pixels), prep))
+        scores = model.class_scores(preprocess(np.stack(pixels), prep))
         top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         for row, i in enumerate(where):
             truth = targets[i]
@@ -1840,7 +2164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="folder with one sub-folder of images per class: adds accuracy")
     p.add_argument("--labels", help="labels file (one per line) for models without metadata")
     p.add_argument("--image", nargs="+", metavar="FILE",
-                   help="classify these images: the --top best labels of each (timed only "
+                   help="classify these images (a folder: its images, one level deep): the --top "
+                   "best labels of each; unreadable files are skipped and listed (timed only "
                    "when --runs is given)")
     p.add_argument("--top", type=int, default=5, help="labels shown per --image (default 5)")
     p.add_argument("--runs", type=int, default=None, help="timed runs (default 200)")
@@ -1958,6 +2283,11 @@ def run(options) -> dict:
         )
     notes = list(model.notes)
     n_out = model.num_outputs
+    if n_out == 1 and not args.labels and model.labels is None:
+        notes.append(
+            "single-output (sigmoid) binary classifier: scores are [1-p, p] for outputs 0 and 1; "
+            "pass --labels with two lines to name them"
+        )
 
     labels, labels_source = None, None
     if args.labels:
@@ -1998,6 +2328,7 @@ def run(options) -> dict:
 
     predictions = None
     if args.image:
+        model.input_size  # an image model is required for --image
         predictions = classify(model, args.image, prep, labels, args.top)
 
     if timed:
@@ -2012,6 +2343,10 @@ def run(options) -> dict:
         accuracy = evaluate(model, items, prep, class_names, batch_size=args.batch_size)
         listed = [{"path": p, "reason": r} for p, r in listing_skipped]
         accuracy["ignored_files"] = listed
+        accuracy["ignored"] = len(listed)
+        # every file of the folder that did not count: unreadable images + files not listed
+        accuracy["left_out"] = accuracy["skipped"] + len(listed)
+        accuracy["left_out_files"] = (accuracy["skipped_files"] + listed)[:LEFT_OUT_SHOWN]
 
     machine = machine_info()
     info = model.info
@@ -2047,6 +2382,9 @@ def run(options) -> dict:
         "labels": {"source": labels_source, "count": len(labels) if labels else 0},
         "accuracy": accuracy,
         "predictions": predictions,
+        "images_skipped": (
+            None if predictions is None else sum(1 for p in predictions if p.get("error"))
+        ),
         "notes": notes,
     }
     return report
@@ -2158,7 +2496,14 @@ def format_report(report: dict) -> str:
                 % (_fmt_pct(acc["top1"]), acc["correct_top1"], acc["evaluated"], _fmt_pct(acc["top5"])),
             )
         )
-        rows.append(("images", "%d evaluated, %d skipped" % (acc["evaluated"], acc["skipped"])))
+        rows.append(
+            (
+                "images",
+                "%d evaluated, %d left out (%d unreadable, %d not images or not regular files)"
+                % (acc["evaluated"], acc.get("left_out", acc["skipped"]), acc["skipped"],
+                   acc.get("ignored", 0)),
+            )
+        )
     for note in report["notes"]:
         rows.append(("note", note))
     width = max(len(k) for k, _ in rows)
@@ -2167,6 +2512,8 @@ def format_report(report: dict) -> str:
 
     if report.get("predictions"):
         lines += ["", format_predictions(report["predictions"])]
+        if report.get("images_skipped"):
+            lines.append("%d file(s) skipped (see above)" % report["images_skipped"])
 
     if acc is not None:
         per = acc["per_class"]
@@ -2196,43 +2543,88 @@ def format_report(report: dict) -> str:
                 )
         elif acc["confusion_matrix"]:
             lines.append("confusion matrix: %d classes, see --json" % len(cols))
-        if acc["skipped_files"]:
-            lines.append("")
-            lines.append("skipped images")
-            for s in acc["skipped_files"][:20]:
-                lines.append("  " + s["reason"])
-            if len(acc["skipped_files"]) > 20:
-                lines.append("  ... %d more in the JSON report" % (len(acc["skipped_files"]) - 20))
-    return "\n".join(lines)
+        for key, title in (("skipped_files", "unreadable images (skipped)"),
+                           ("ignored_files", "files left out of the data folder")):
+            listed = acc.get(key) or []
+            if listed:
+                lines.append("")
+                lines.append("%s: %d" % (title, len(listed)))
+                for item in listed[:LEFT_OUT_SHOWN]:
+                    lines.append("  " + item["reason"])
+                if len(listed) > LEFT_OUT_SHOWN:
+                    lines.append("  ... %d more in the JSON report" % (len(listed) - LEFT_OUT_SHOWN))
+    # names read from files (labels, paths, metadata) must not drive the terminal
+    return "\n".join(printable(line) for line in lines)
 
 
 def format_predictions(predictions: list) -> str:
-    """Each image's path, then its best outputs: score and label, one per line."""
+    """Each image's path, then its best classes: score and label, one per line.
+
+    A skipped file shows ``  skipped: reason``. Control characters in paths and labels are
+    escaped (:func:`printable`), so a label cannot forge a line or drive the terminal.
+    """
     lines = []
     for pred in predictions:
-        lines.append(pred["path"])
+        lines.append(printable(pred["path"]))
+        if pred.get("error"):
+            lines.append("  skipped: " + printable(pred["error"]))
         for t in pred["top"]:
             name = t["label"] if t["label"] is not None else "output %d" % t["index"]
-            lines.append("  %8.4f  %s" % (t["score"], name))
+            lines.append("  %8.4f  %s" % (t["score"], printable(name)))
     return "\n".join(lines)
 
 
+def check_writable(path: str, flag: str = "--json") -> None:
+    """Refuse, before any work, an output file that cannot be written.
+
+    Creates and removes a temporary file next to ``path`` (the way the report is written).
+
+    Raises:
+        RunnerError: ``cannot write --json PATH: reason`` (missing folder, a folder at PATH,
+            read-only or full file system, no permission).
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise RunnerError("cannot write %s %s: folder %s does not exist" % (flag, path, directory))
+    if os.path.isdir(path):
+        raise RunnerError("cannot write %s %s: it is a folder; give a file name" % (flag, path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".edgetl-report-", suffix=".json", dir=directory)
+    except OSError as exc:
+        raise RunnerError("cannot write %s %s: %s" % (flag, path, exc.strerror or exc)) from None
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+
+
 def write_json(path: str, report: dict) -> None:
+    """Write ``report`` as JSON to ``path`` (temporary file, then rename; removed on failure).
+
+    Raises:
+        RunnerError: ``cannot write --json PATH: reason``.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise RunnerError("cannot write --json %s: folder %s does not exist" % (path, directory))
-    fd, tmp = tempfile.mkstemp(prefix=".edgetl-report-", suffix=".json", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".edgetl-report-", suffix=".json", dir=directory)
+    except OSError as exc:
+        raise RunnerError("cannot write --json %s: %s" % (path, exc.strerror or exc)) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2, sort_keys=False, default=_json_default)
             f.write("\n")
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        raise RunnerError("cannot write --json %s: %s" % (path, exc.strerror or exc)) from None
+        if isinstance(exc, OSError):
+            raise RunnerError("cannot write --json %s: %s" % (path, exc.strerror or exc)) from None
+        raise
 
 
 def _json_default(obj):
@@ -2259,9 +2651,7 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.json:
-            folder = os.path.dirname(os.path.abspath(args.json))
-            if not os.path.isdir(folder):
-                raise RunnerError("cannot write --json %s: folder %s does not exist" % (args.json, folder))
+            check_writable(args.json)
         report = finite(run(args))
         if args.json:
             write_json(args.json, report)
@@ -2272,7 +2662,7 @@ def main(argv=None) -> int:
         return 0
     except RunnerError as exc:
         sys.stdout.flush()
-        print("error: %s" % " ".join(str(exc).split()), file=sys.stderr)
+        print("error: %s" % printable(" ".join(str(exc).split())), file=sys.stderr)
         return RunnerError.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
