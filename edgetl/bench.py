@@ -23,6 +23,7 @@ COLUMNS = (
     ("format", "format", "format", "{}"),
     ("size_mb", "size MB", "size (MB)", "{:.2f}"),
     ("top1", "top-1", "top-1", "{:.2%}"),
+    ("left_out", "left out", "left out", "{}"),
     ("p50_ms", "p50 ms", "p50 (ms)", "{:.2f}"),
     ("p90_ms", "p90 ms", "p90 (ms)", "{:.2f}"),
     ("throughput_ips", "img/s", "images/s", "{:.1f}"),
@@ -44,15 +45,69 @@ def runner_path() -> Path:
     return Path(_runner().__file__).resolve()
 
 
+def parse_values(text: str | None, flag: str) -> list[float] | None:
+    """``"127.5"`` or ``"123.7,116.3,103.5"`` -> 1 or 3 finite floats (None stays None).
+
+    Raises:
+        EdgetlError: not numbers, not 1 or 3 of them, or not finite.
+    """
+    if text is None:
+        return None
+    parts = [x for x in str(text).replace(",", " ").split() if x]
+    try:
+        values = [float(x) for x in parts]
+    except ValueError:
+        raise EdgetlError(f"{flag} {text!r} is not a number or 3 comma-separated numbers") from None
+    if len(values) not in (1, 3) or not all(v == v and abs(v) != float("inf") for v in values):
+        raise EdgetlError(f"{flag} {text!r} must be 1 or 3 finite numbers, e.g. 127.5 or "
+                          "123.7,116.3,103.5")
+    if flag == "--std" and any(v == 0 for v in values):
+        raise EdgetlError(f"--std {text!r} contains 0; a standard deviation divides the pixels")
+    return values
+
+
+def _check_labels_match(models: list, data, labels) -> None:
+    """Refuse a data folder whose sub-folder names match none of a model's labels."""
+    runner = _runner()
+    root = Path(data)
+    try:
+        folders = sorted(e.name for e in root.iterdir() if e.is_dir() and
+                         not e.name.startswith("."))
+    except OSError:
+        return  # the runner says why, per model
+    if not folders:
+        return
+    for m in models:
+        try:
+            names = runner.read_labels_file(labels) if labels else runner.read_labels(m)
+        except runner.RunnerError as e:
+            raise EdgetlError(str(e)) from e
+        if not names:
+            continue  # the runner asks for --labels
+        try:
+            index_of, _ = runner._folder_label_indices(folders, list(names))
+        except runner.RunnerError:
+            continue  # an ambiguous folder name: the runner's own message, per model
+        if not index_of:
+            shown = ", ".join(repr(f) for f in folders[:5]) + (", ..." if len(folders) > 5 else "")
+            first = ", ".join(repr(x) for x in names[:5]) + (", ..." if len(names) > 5 else "")
+            source = f"labels file {labels}" if labels else f"the labels stored in {m}"
+            raise EdgetlError(
+                f"none of the sub-folders of {data} ({shown}) matches a label of {source} "
+                f"({len(names)} labels: {first}); name each sub-folder after the label of its "
+                "class (folders are not matched to outputs by position)"
+            )
+
+
 def _check_args(models: list, data, labels, runs: int, warmup: int, threads, delegate: str) -> None:
     runner = _runner()
     if not models:
         raise EdgetlError("no model to benchmark; pass one or more .tflite files")
     for m in models:
         p = Path(m)
-        if not p.is_file():
+        if not p.exists():
             raise EdgetlError(f"model file not found: {p}; pass the path of a .tflite file")
-        try:
+        try:  # regular files only: a FIFO or a device is refused, never read
             runner.check_tflite(p)
         except runner.RunnerError as e:
             raise EdgetlError(str(e)) from e
@@ -63,10 +118,15 @@ def _check_args(models: list, data, labels, runs: int, warmup: int, threads, del
         raise EdgetlError(
             f"data folder not found: {data}; give a folder with one sub-folder per class"
         )
-    if labels is not None and not Path(labels).is_file():
+    if labels is not None and not Path(labels).exists():
         raise EdgetlError(
             f"labels file not found: {labels}; give a text file with one label a line"
         )
+    if labels is not None:
+        try:  # a FIFO or a device is refused here, in one line, before any model runs
+            runner.read_labels_file(labels)
+        except runner.RunnerError as e:
+            raise EdgetlError(str(e)) from e
     if not isinstance(runs, int) or runs < 1:
         raise EdgetlError(f"runs must be at least 1, got {runs!r}")
     if not isinstance(warmup, int) or warmup < 0:
@@ -76,6 +136,8 @@ def _check_args(models: list, data, labels, runs: int, warmup: int, threads, del
     if delegate not in runner.DELEGATES:
         choices = ", ".join(runner.DELEGATES)
         raise EdgetlError(f"unknown delegate {delegate!r}; use one of {choices}")
+    if data is not None:
+        _check_labels_match(models, data, labels)
 
 
 def run_runner(
@@ -87,6 +149,10 @@ def run_runner(
     delegate: str = "xnnpack",
     labels: str | os.PathLike | None = None,
     timeout: float | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    raw: bool = False,
+    bgr: bool = False,
 ) -> dict:
     """Run the device runner on one model in a fresh process and return its JSON report.
 
@@ -99,6 +165,9 @@ def run_runner(
         delegate: ``"xnnpack"``, ``"edgetpu"`` or ``"none"``.
         labels: labels file for models without edgetl metadata.
         timeout: seconds before the run is stopped (None: no limit).
+        mean, std: per-channel preprocessing (1 or 3 values) for models without metadata.
+        raw: feed pixels unchanged in the input dtype.
+        bgr: the model wants BGR channel order.
 
     Returns:
         The runner's report dict (see ``edgetl.runner.run``).
@@ -116,6 +185,14 @@ def run_runner(
             cmd += ["--data", str(data)]
         if labels is not None:
             cmd += ["--labels", str(labels)]
+        if mean:
+            cmd += ["--mean", *map(repr, map(float, mean))]
+        if std:
+            cmd += ["--std", *map(repr, map(float, std))]
+        if raw:
+            cmd.append("--raw")
+        if bgr:
+            cmd.append("--bgr")
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired as e:
@@ -164,6 +241,8 @@ def _row(model: Path, report: dict | None, error: str | None) -> dict:
         "speed_x": None,
         "interpreter": None,
         "delegate": None,
+        "left_out": None,
+        "left_out_files": None,
         "error": error,
         "report": report,
     }
@@ -181,6 +260,11 @@ def _row(model: Path, report: dict | None, error: str | None) -> dict:
             interpreter=(report.get("interpreter") or {}).get("name"),
             delegate=report.get("delegate"),
         )
+        if report.get("accuracy"):
+            row.update(
+                left_out=acc.get("left_out", acc.get("skipped")),
+                left_out_files=[f.get("path") for f in acc.get("left_out_files") or []],
+            )
     return row
 
 
@@ -193,6 +277,10 @@ def bench(
     delegate: str = "xnnpack",
     labels: str | os.PathLike | None = None,
     timeout: float | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    raw: bool = False,
+    bgr: bool = False,
 ) -> list[dict]:
     """Benchmark models one after another, each in a fresh runner process, into one table.
 
@@ -208,6 +296,10 @@ def bench(
         delegate: ``"xnnpack"``, ``"edgetpu"`` or ``"none"``.
         labels: labels file for models without edgetl metadata (needed with ``data`` then).
         timeout: seconds per model before its run is stopped (None: no limit).
+        mean, std: per-channel preprocessing (1 or 3 values), passed to the runner for
+            third-party models without metadata (they override a model's own metadata).
+        raw: feed pixels unchanged in the input dtype (the runner's ``--raw``).
+        bgr: the model wants BGR channel order (the runner's ``--bgr``).
 
     Returns:
         One dict per model, in the given order: ``name`` (file name), ``path``, ``format``
@@ -215,19 +307,29 @@ def bench(
         ``top1``/``top5`` (None without data), ``p50_ms``, ``p90_ms``, ``mean_ms``,
         ``throughput_ips``, ``peak_rss_mb`` (of that model's process), ``size_x`` (size / first
         model's size), ``speed_x`` (first model's p50 / this p50: 2.0 means twice as fast),
-        ``interpreter``, ``delegate``, ``error`` (None, or the runner's one-line error) and
+        ``interpreter``, ``delegate``, ``left_out`` (files of the data folder not evaluated:
+        unreadable, not an image format, not a regular file; None without data),
+        ``left_out_files`` (the first few of them), ``error`` (None, or the runner's one-line
+        error) and
         ``report`` (the runner's full report, None on error).
 
     Raises:
-        EdgetlError: a missing or non-TFLite model, a missing data folder or labels file, or a
-            bad number.
+        EdgetlError: a missing or non-TFLite model, a missing data folder or labels file, a data
+            folder whose sub-folders match none of a model's labels, ``raw`` with ``mean``/``std``,
+            or a bad number.
     """
     _check_args(models, data, labels, runs, warmup, threads, delegate)
+    if raw and (mean or std):
+        raise EdgetlError("--raw feeds pixels unchanged: leave out --mean/--std, or drop --raw")
+    for flag, values in (("--mean", mean), ("--std", std)):
+        if values is not None:
+            parse_values(",".join(map(str, values)), flag)
     rows = []
     for m in models:
         path = Path(m)
         try:
-            report = run_runner(path, data, runs, warmup, threads, delegate, labels, timeout)
+            report = run_runner(path, data, runs, warmup, threads, delegate, labels, timeout,
+                                mean=mean, std=std, raw=raw, bgr=bgr)
             rows.append(_row(path, report, None))
         except EdgetlError as e:
             rows.append(_row(path, None, str(e)))
@@ -240,8 +342,8 @@ def bench(
 
 
 def _columns(rows: list[dict]) -> list[tuple]:
-    has_acc = any(r.get("top1") is not None for r in rows)
-    return [c for c in COLUMNS if c[0] != "top1" or has_acc]
+    has_acc = any(r.get("top1") is not None or r.get("left_out") is not None for r in rows)
+    return [c for c in COLUMNS if c[0] not in ("top1", "left_out") or has_acc]
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
@@ -280,8 +382,10 @@ def format_table(rows: list[dict]) -> str:
     Returns:
         The table; the top-1 column appears only when some row has an accuracy.
     """
+    printable = _runner().printable
     cols = _columns(rows)
-    cells = [[c[1] for c in cols]] + [[_cell(r, c[0], c[3]) for c in cols] for r in rows]
+    cells = [[c[1] for c in cols]] + [[printable(_cell(r, c[0], c[3])) for c in cols]
+                                      for r in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(cols))]
     out = []
     for n, line in enumerate(cells):
@@ -292,12 +396,18 @@ def format_table(rows: list[dict]) -> str:
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     out += [f"error: {e}" for e in _errors(rows)]
+    for r in rows:
+        if r.get("left_out"):
+            shown = ", ".join(r.get("left_out_files") or [])
+            out.append(f"{r['name']}: {r['left_out']} file(s) of the data folder left out "
+                       f"(not evaluated){': ' + shown if shown else ''}"
+                       f"{', ...' if r['left_out'] > len(r.get('left_out_files') or []) else ''}")
     if len(rows) > 1:
         out.append(f"size x and speed x are relative to {rows[0]['name']} (speed: p50 ratio)")
     where = machine_line(rows)
     if where:
         out.append(where)
-    return "\n".join(out)
+    return "\n".join(printable(line) for line in out)
 
 
 def format_markdown(rows: list[dict]) -> str:
@@ -310,9 +420,10 @@ def format_markdown(rows: list[dict]) -> str:
         Markdown text: the table, then any errors as a list.
     """
     cols = _columns(rows)
+    printable = _runner().printable
 
     def esc(text: str) -> str:
-        return text.replace("|", "\\|")
+        return printable(text).replace("|", "\\|")
 
     out = ["| " + " | ".join(c[2] for c in cols) + " |"]
     out.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(cols))) + "|")
@@ -325,9 +436,14 @@ def format_markdown(rows: list[dict]) -> str:
     if len(rows) > 1:
         out.append("")
         out.append(f"Ratios are relative to `{rows[0]['name']}` (speed: p50 latency ratio).")
+    left = [r for r in rows if r.get("left_out")]
+    if left:
+        out.append("")
+        out += [f"- {esc(r['name'])}: {r['left_out']} file(s) of the data folder left out: "
+                + esc(", ".join(r.get("left_out_files") or [])) for r in left]
     where = machine_line(rows)
     if where:
-        out += ["", where[0].upper() + where[1:] + "."]
+        out += ["", esc(where[0].upper() + where[1:]) + "."]
     return "\n".join(out) + "\n"
 
 

@@ -117,8 +117,29 @@ def _labels(model: Path) -> tuple[bool, list[str] | None]:
         meta = runner.read_metadata(model)
     except runner.RunnerError as e:  # damaged metadata would fail on the device too
         raise EdgetlError(str(e)) from e
-    labels = (meta or {}).get("labels")
-    return meta is not None, ([str(x) for x in labels] if labels else None)
+    labels = [str(x) for x in (meta or {}).get("labels") or []]
+    for label in labels:
+        if "\n" in label or "\r" in label:  # labels.txt is one label a line
+            raise EdgetlError(
+                f"{model}: label {label!r} in the model's metadata contains a line break; "
+                "re-export the model with single-line labels"
+            )
+    return meta is not None, (labels or None)
+
+
+def _check_name(name: str, what: str) -> None:
+    """Refuse control characters in a name that goes into run.sh, README.txt and tar members.
+
+    A newline in a model's file name would start a new shell line in run.sh's comment; an
+    escape sequence would reach the terminal of whoever reads README.txt or lists the tarball.
+    """
+    from edgetl.runner import printable
+
+    if printable(name) != name:
+        raise EdgetlError(
+            f"{what} {name!r} contains control characters (a line break, tab or escape "
+            "sequence), which would reach run.sh and README.txt on the device; rename it"
+        )
 
 
 def bundle_files(model_path: str | os.PathLike) -> dict[str, bytes]:
@@ -132,25 +153,30 @@ def bundle_files(model_path: str | os.PathLike) -> dict[str, bytes]:
         (when the metadata has labels), ``requirements.txt``, ``run.sh`` and ``README.txt``.
 
     Raises:
-        EdgetlError: the model is missing or not a TFLite file.
+        EdgetlError: the model is missing, not a regular file or not a TFLite file, its name has
+            control characters, or a label has a line break.
     """
     from edgetl import runner
 
     model = Path(model_path)
-    if not model.is_file():
+    if not model.exists():
         raise EdgetlError(f"model file not found: {model}; pass the path of a .tflite file")
-    try:
-        runner.check_tflite(model)
+    _check_name(model.name, "model file name")
+    try:  # regular files only: a FIFO or a device is refused, never read
+        data = runner.check_tflite(model)
     except runner.RunnerError as e:
         raise EdgetlError(str(e)) from e
     files: dict[str, bytes] = {
         RUNNER_NAME: _runner_file().read_bytes(),
-        model.name: model.read_bytes(),
+        model.name: data,
     }
     extra = ""
     sidecar = _sidecar(model)
     if sidecar is not None:
-        files[sidecar.name] = sidecar.read_bytes()
+        try:
+            files[sidecar.name] = runner._read_file(sidecar, "sidecar file")
+        except runner.RunnerError as e:
+            raise EdgetlError(str(e)) from e
         extra += f"  {sidecar.name}\n      the export's settings and verification results\n"
     has_meta, labels = _labels(model)
     if labels:
@@ -214,10 +240,12 @@ def bundle(
         The path written (``out``).
 
     Raises:
-        EdgetlError: the model is not a TFLite file, ``out`` exists and ``overwrite`` is False,
-            or ``out``'s parent folder does not exist.
+        EdgetlError: the model is not a TFLite file, a name has control characters (refused,
+            not escaped: they would reach run.sh and the tar member names), ``out`` exists and
+            ``overwrite`` is False, or ``out``'s parent folder does not exist.
     """
     out = Path(out)
+    _check_name(out.name, "--out name")
     if out.exists() and not overwrite:
         raise EdgetlError(
             f"{out} already exists; pass --overwrite to replace it or choose another --out"

@@ -23,7 +23,9 @@ app.add_typer(data_app, name="data")
 
 
 def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
+    from edgetl.runner import printable  # names from files must not drive the terminal
+
+    typer.echo(f"error: {printable(message)}", err=True)
     raise typer.Exit(code)
 
 
@@ -206,13 +208,24 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
     markdown: Optional[Path] = typer.Option(None, help="Write a Markdown table."),
     plots: Optional[Path] = typer.Option(None, help="Write PNG plots here (matplotlib)."),
+    mean: Optional[str] = typer.Option(None, help="Per-channel mean for models without "
+                                                  "metadata: 127.5 or 123.7,116.3,103.5."),
+    std: Optional[str] = typer.Option(None, help="Per-channel std (1 or 3 values, as --mean)."),
+    raw: bool = typer.Option(False, help="Feed pixels unchanged in the model's input dtype."),
+    bgr: bool = typer.Option(False, help="The models want BGR channel order."),
 ) -> None:
     """Run each model through the device runner; one comparison table (size, accuracy, latency)."""
     from edgetl import bench as b
+    from edgetl import runner as r
 
+    for out, flag in ((json_out, "--json"), (markdown, "--markdown")):
+        if out:  # before the models run, not after
+            _guard(r.check_writable, str(out), flag)
     rows = _guard(b.bench, [str(m) for m in models], data=str(data) if data else None,
                   runs=runs, warmup=warmup, threads=threads, delegate=delegate,
-                  labels=str(labels) if labels else None)
+                  labels=str(labels) if labels else None,
+                  mean=_guard(b.parse_values, mean, "--mean"),
+                  std=_guard(b.parse_values, std, "--std"), raw=raw, bgr=bgr)
     typer.echo(b.format_table(rows))
     if json_out:
         _guard(b.write_json, rows, json_out)
@@ -230,20 +243,31 @@ def bench(
 @app.command()
 def predict(
     model: Path = typer.Argument(..., help="A .tflite classifier."),
-    images: List[Path] = typer.Argument(..., help="Image files to classify."),
+    images: List[Path] = typer.Argument(..., help="Image files, or folders of images (one "
+                                                  "level deep), to classify."),
     top: int = typer.Option(5, help="Labels shown per image."),
     labels: Optional[Path] = typer.Option(None, help="Labels file for models without "
                                                      "metadata."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the predictions as JSON."),
 ) -> None:
-    """Classify images through the device runner: the --top labels of each, with scores."""
+    """Classify images through the device runner: the --top labels of each, with scores.
+
+    A folder gives its images one level deep (sub-folders are not searched). Files that cannot
+    be classified are skipped and listed; exit 2 only when none could be.
+    """
     from edgetl import runner as r
 
+    if json_out:
+        _guard(r.check_writable, str(json_out))
     args = [str(model), "--image", *map(str, images), "--top", str(top)]
     report = _guard(r.run, args + (["--labels", str(labels)] if labels else []))
     typer.echo(r.format_predictions(report["predictions"]))
     for note in report["notes"]:
-        typer.echo(f"note: {note}", err=True)
+        typer.echo(f"note: {r.printable(note)}", err=True)
+    skipped = [p for p in report["predictions"] if p.get("error")]
+    if skipped:
+        typer.echo(f"note: {len(skipped)} of {len(report['predictions'])} file(s) skipped "
+                   f"(first: {r.printable(skipped[0]['error'])})", err=True)
     if json_out:
         _guard(r.write_json, str(json_out), r.finite(report["predictions"]))
 

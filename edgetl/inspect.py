@@ -128,9 +128,9 @@ def load_info(path: str | os.PathLike) -> Any:
     """
     runner = _runner()
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise EdgetlError(f"model file not found: {p}; pass the path of a .tflite file")
-    try:
+    try:  # opens regular files only: a FIFO or a device is refused, never read
         return runner.read_model(p)
     except runner.RunnerError as e:
         raise EdgetlError(str(e)) from e
@@ -881,7 +881,8 @@ def format_inspect(report: dict, max_rows: int = 12) -> str:
         max_rows: how many Edge TPU op rows to show before summarising the rest.
 
     Returns:
-        Multi-line text (no trailing newline).
+        Multi-line text (no trailing newline); control characters in names read from the model
+        (labels, tensor names, metadata strings) are escaped, so they cannot drive a terminal.
     """
     mb = report["size_bytes"] / 1e6
     lines = [
@@ -965,4 +966,5 @@ def format_inspect(report: dict, max_rows: int = 12) -> str:
         lines.append(f"  metadata   TFLite metadata: {', '.join(report['metadata_names'])}")
     else:
         lines.append("  metadata   none (not an edgetl export)")
-    return "\n".join(lines)
+    printable = _runner().printable
+    return "\n".join(printable(line) for line in lines)
