@@ -598,6 +598,13 @@ def _parse_model(data: bytes, name: str) -> ModelInfo:
         if offset > 1 and offset + size > fb.n:
             raise fb.fail("a buffer at offset %d of %d bytes lies past the end" % (offset, size))
 
+    # What the interpreter dereferences without checking (it segfaults on a model without
+    # subgraphs, found by tests/test_fuzz_tflite.py): refuse here, in one line.
+    if not subgraphs:
+        raise fb.fail("it has no subgraph")
+    for t in tensors:
+        if t.buffer >= len(buffers):
+            raise fb.fail("tensor %d uses buffer %d of %d" % (t.index, t.buffer, len(buffers)))
     metadata_names = []
     min_runtime = ""
     for m in model.tables(6, "metadata"):
@@ -1919,21 +1926,22 @@ def classify(model: Model, paths: list, prep: "dict | None", labels: "list | Non
     results = []
     for given in paths:
         files, skipped = expand_images([given])
-        results += [{"path": p, "top": [], "error": reason} for p, reason in skipped]
+        here = [{"path": p, "top": [], "error": reason} for p, reason in skipped]
         for path in files:
             try:
                 pixels = load_image(path, size, resample, channels)
             except RunnerError as exc:
-                results.append({"path": path, "top": [], "error": str(exc)})
+                here.append({"path": path, "top": [], "error": str(exc)})
                 continue
             scores = model.class_scores(preprocess(pixels, prep))
             best = np.argsort(-scores, kind="stable")[:k]
-            results.append({
+            here.append({
                 "path": path,
                 "top": [{"index": int(i), "label": labels[i] if labels else None,
                          "score": float(scores[i])} for i in best],
                 "error": None,
             })
+        results += sorted(here, key=lambda item: item["path"])  # a folder's files in name order
     if not any(r["error"] is None for r in results):
         first = results[0]["error"] if results else "a folder without images"
         raise RunnerError(
