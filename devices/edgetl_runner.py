@@ -602,9 +602,6 @@ def _parse_model(data: bytes, name: str) -> ModelInfo:
     # subgraphs, found by tests/test_fuzz_tflite.py): refuse here, in one line.
     if not subgraphs:
         raise fb.fail("it has no subgraph")
-    for t in tensors:
-        if t.buffer >= len(buffers):
-            raise fb.fail("tensor %d uses buffer %d of %d" % (t.index, t.buffer, len(buffers)))
     metadata_names = []
     min_runtime = ""
     for m in model.tables(6, "metadata"):

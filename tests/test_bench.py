@@ -104,7 +104,7 @@ def test_text_markdown_and_json_outputs(rows, tmp_path):
     table = B.format_table(rows)
     lines = table.splitlines()
     assert lines[0].split() == [
-        "model", "format", "size", "MB", "top-1", "p50", "ms", "p90", "ms", "img/s",
+        "model", "format", "size", "MB", "top-1", "left", "out", "p50", "ms", "p90", "ms", "img/s",
         "peak", "RSS", "MB", "size", "x", "speed", "x",
     ]
     assert lines[2].startswith(V1) and "66.67%" in lines[2]
@@ -115,14 +115,15 @@ def test_text_markdown_and_json_outputs(rows, tmp_path):
     assert (" ".join(machine["simd"]) or "no int8-relevant SIMD") in lines[-1]
     md = B.format_markdown(rows)
     assert md.startswith(
-        "| model | format | size (MB) | top-1 | p50 (ms) | p90 (ms) | images/s | peak RSS (MB) "
+        "| model | format | size (MB) | top-1 | left out | p50 (ms) | p90 (ms) | images/s "
+        "| peak RSS (MB) "
         "| size × | speed × |\n|---|---|---:|"
     )
     assert f"| {V1} | uint8 | 0.50 | 66.67% |" in md
     assert md.rstrip().splitlines()[-1].startswith("Measured on ")
     out = B.write_json(rows, tmp_path / "bench.json")
     data = json.loads(out.read_text())
-    assert data["columns"][:4] == ["name", "format", "size_mb", "top1"]
+    assert data["columns"][:5] == ["name", "format", "size_mb", "top1", "left_out"]
     assert [r["name"] for r in data["rows"]] == [V1, V2]
     assert "report" not in data["rows"][0]
     assert data["reports"][V2]["accuracy"]["top1"] == 1.0
