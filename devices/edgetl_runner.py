@@ -188,6 +188,8 @@ def _regular_file_problem(path) -> "str | None":
     """None for a regular file (symlinks followed), else why it is skipped; opens nothing."""
     try:
         mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "image not found: %s" % path
     except OSError as exc:
         return "cannot read %s: %s" % (path, exc.strerror or exc)
     if stat.S_ISREG(mode):
