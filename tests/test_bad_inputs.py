@@ -700,7 +700,49 @@ CASES = [
          r"images\.idx' is truncated: header says \(100, 28, 28\)"),
     Case("data-synth-into-non-empty-folder", _synth_nonempty, 2,
          r"photos' exists and is not empty"),
+    # device runner, predict, bench, bundle: hostile names and files (issues 11, 12)
+    Case("runner-model-is-fifo", lambda e: ["runner", _fifo(e.tmp / "pipe.tflite")], 2,
+         r"pipe\.tflite is a named pipe \(FIFO\), not a regular file"),
+    Case("runner-json-is-folder",
+         lambda e: ["runner", e.int8, "--runs", "1", "--json", e.tmp], 2,
+         r"cannot write --json .*: it is a folder"),
+    Case("bundle-name-control-chars",
+         lambda e: ["edgetl", "bundle", _copy_as(e.int8, e.tmp / "a\nb.tflite"), "--out",
+                    e.tmp / "pi"], 2, r"'a\\nb\.tflite' contains control characters"),
+    Case("runner-metadata-many-members", lambda e: ["runner", _many_members(e)], 2,
+         r"80 members, more than the 64"),
+    Case("bench-folders-match-no-label",
+         lambda e: ["edgetl", "bench", e.int8, "--data", _digit_folders(e), "--runs", "1"], 2,
+         r"none of the sub-folders of .* \('0', '1'\) matches a label"),
 ]
+
+
+def _fifo(p: Path) -> Path:
+    os.mkfifo(p)
+    return p
+
+
+def _copy_as(src: Path, dst: Path) -> Path:
+    shutil.copyfile(src, dst)
+    return dst
+
+
+def _many_members(e) -> Path:
+    out = _copy_as(e.int8, e.tmp / "many.tflite")
+    with zipfile.ZipFile(out, "a") as z:  # appended members: 2 of edgetl's + 78 more
+        for k in range(78):
+            z.writestr(f"pad{k:03d}.txt", "x")
+    return out
+
+
+def _digit_folders(e) -> Path:
+    data = e.data()
+    for k, d in enumerate(sorted(p for p in data.iterdir() if p.is_dir())[:2]):
+        d.rename(data / str(k))
+    for d in data.iterdir():
+        if not d.name.isdigit():
+            shutil.rmtree(d)
+    return data
 
 
 def _touch(p: Path) -> Path:
