@@ -24,6 +24,11 @@ What is measured, goal in brackets (issue 6):
 7. export time of MobileNetV2-224 int8 with 200 calibration images [<= 60 s], by phase.
 8. Fashion-MNIST accuracy on the 10,000 test images: float Keras, post-training int8, QAT int8
    (both QAT scopes) [PTQ drop <= 1.0 point, QAT drop <= 0.3, QAT int8 >= PTQ int8].
+9. ``transfer`` (issue 13, run with ``--only transfer``): the real ImageNet EfficientNet-Lite0
+   (``../shared/realdata/pretrained``) as ``--base-model``, two-phase on Fashion-MNIST (100
+   images per class), held-out test images through the runner: PTQ int8 vs QAT int8, both
+   scopes, with tfmot's initial ranges and with ranges initialised from data [QAT int8 - PTQ
+   int8 >= 0 points, 95 % interval not entirely below 0].
 """
 
 from __future__ import annotations
@@ -78,7 +83,16 @@ QUICK = dict(
     pretrain_epochs=1, pretrain_lr=3e-3, finetune_epochs=1, finetune_lr=1e-3,
 )
 SECTIONS = ("export", "latency", "int8paths", "overhead", "memory", "notop", "training",
-            "accuracy")
+            "accuracy", "transfer")
+PRETRAINED = REALDATA / "pretrained" / "efficientnet_lite0_imagenet_keras2.h5"
+# Section 9: small on purpose (2 shared cores); the issue's own set-up at 96 px.
+TRANSFER = dict(size=96, train_per_class=100, test_per_class=100, epochs=5, fine_tune_epochs=5,
+                fine_tune_lr=1e-4, batch=32,
+                runs=("float", "qat_all_tfmot", "qat_all_data", "qat_trained_tfmot",
+                      "qat_trained_data", "qat_all_data-adapt", "float_lr1e-5",
+                      "qat_all_data_lr1e-5"))
+TRANSFER_QUICK = dict(TRANSFER, size=32, train_per_class=10, test_per_class=10, epochs=1,
+                      fine_tune_epochs=1, runs=("float", "qat_all_tfmot", "qat_all_data"))
 
 
 # --- statistics ----------------------------------------------------------------------------------
@@ -776,6 +790,137 @@ def section_accuracy(P: dict, fm: tuple[Path, Path], work: Path) -> dict:
             "timings_s": {k: round(v, 1) for k, v in timings.items()}}
 
 
+# --- 9: transfer from a real pretrained base -----------------------------------------------------
+
+def section_transfer(P: dict, work: Path) -> dict:
+    """The user's path from real ImageNet weights: --base-model EfficientNet-Lite0, two-phase,
+    float vs PTQ int8 vs QAT int8 (scopes all / trained; QAT ranges from tfmot's start or from
+    data), every figure paired on the same held-out test images.
+
+    Run names: ``float`` (no QAT), ``qat_<scope>_<ranges>``, a ``_lr1e-5`` suffix for the
+    fine-tune learning rate 1e-5 (otherwise ``fine_tune_lr``).
+    """
+    from edgetl.config import (ExportConfig, QatRanges, QatScope, Quantization, Strategy,
+                               TrainConfig)
+    from edgetl.data import idx_to_folders
+    from edgetl.errors import VerificationError
+    from edgetl.export import export
+    from edgetl.keras import keras
+    from edgetl.runner import list_images
+    from edgetl.train import load_run, train
+
+    T = P["transfer"]
+    root = work / "transfer"
+    root.mkdir(exist_ok=True)
+    f = FASHION
+    folders = {}
+    for split, stem, n in (("train", "train", T["train_per_class"]),
+                           ("test", "t10k", T["test_per_class"])):
+        d = root / f"fm_{split}_{n}"
+        if not (d / ".done").exists():
+            idx_to_folders(str(f / f"{stem}-images-idx3-ubyte.gz"),
+                           str(f / f"{stem}-labels-idx1-ubyte.gz"), d, limit=n, overwrite=True)
+            (d / ".done").write_text("")
+        folders[split] = d
+    size = T["size"]
+    common = dict(data=str(folders["train"]), base_model=str(PRETRAINED), input_size=size,
+                  strategy=Strategy.two_phase, epochs=T["epochs"],
+                  fine_tune_epochs=T["fine_tune_epochs"], batch_size=T["batch"], seed=0,
+                  overwrite=True, quiet=True)
+    names = None
+    items = truth = None
+    preds, rows, timings, progress = {}, {}, {}, root / "partial.json"
+    for name in P.get("transfer_runs") or T["runs"]:
+        lr = 1e-5 if name.endswith("_lr1e-5") else T["fine_tune_lr"]
+        parts = name.replace("_lr1e-5", "").split("_")
+        qat = parts[0] == "qat"
+        scope = QatScope(parts[1]) if qat else QatScope.all
+        ranges = QatRanges(parts[2]) if qat else QatRanges.data
+        run = root / name
+        t0 = time.perf_counter()
+        # A finished run in --work is reused (and its predictions): parallel processes can
+        # split the runs with --transfer-runs, then one more process gathers them all.
+        cached = run / "transfer_predictions.json"
+        if cached.exists():
+            if names is None:
+                names = load_run(run)["class_names"]
+                items, _, _ = list_images(str(folders["test"]), names)
+                truth = np.asarray([c for _, c in items])
+            saved = json.loads(cached.read_text())
+            preds[name] = {k: np.asarray(v) for k, v in saved["predictions"].items()}
+            timings.update(saved["timings_s"])
+            rows[name] = {k: float((v == truth).mean()) for k, v in preds[name].items()}
+            continue
+        if not (run / "metrics.json").exists():
+            train(TrainConfig(out=str(run), fine_tune_lr=lr, qat=qat, qat_scope=scope,
+                              qat_ranges=ranges, **common))
+        timings[f"train_{name}_s"] = round(time.perf_counter() - t0, 1)
+        keras.backend.clear_session()
+        if names is None:
+            names = load_run(run)["class_names"]
+            items, _, _ = list_images(str(folders["test"]), names)
+            truth = np.asarray([c for _, c in items])
+        prep = load_run(run)["preprocessing"]
+        p = {"keras_float": _keras_predictions(run / "model.keras", items, size, prep)}
+        t0 = time.perf_counter()
+        try:
+            res = export(ExportConfig(run=str(run), modes=(Quantization.int8,), overwrite=True,
+                                      max_drop=100.0))
+        except VerificationError as e:
+            res = e.result
+        timings[f"export_{name}_s"] = round(time.perf_counter() - t0, 1)
+        tfl = _tflite_predictions(res.files[0], items, prep, names)
+        if qat:
+            p["keras_qat"] = _keras_predictions(run / "qat.h5", items, size, prep)
+            p["qat_int8"] = tfl
+            p["ptq_int8_same_run"] = _tflite_predictions(
+                _ptq(run, run / "export" / "ptq_int8.tflite"), items, prep, names)
+        else:
+            p["ptq_int8"] = tfl
+        preds[name] = p
+        rows[name] = {k: float((v == truth).mean()) for k, v in p.items()}
+        keras.backend.clear_session()
+        cached.write_text(json.dumps({"predictions": {k: v.tolist() for k, v in p.items()},
+                                      "timings_s": {k: v for k, v in timings.items()
+                                                    if k.endswith(f"_{name}_s")}}))
+        progress.write_text(json.dumps({"runs": rows, "timings_s": timings}, indent=1))
+        log(f"transfer {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[name].items()))
+
+    summary = {}
+    if "float" not in preds:
+        return {"runs": rows, "timings_s": timings}
+    ptq = preds["float"]["ptq_int8"]
+    summary["float_keras"] = rows["float"]["keras_float"]
+    summary["ptq_int8"] = rows["float"]["ptq_int8"]
+    summary["ptq_drop"] = paired(preds["float"]["keras_float"], ptq, truth)
+    for name, p in preds.items():
+        if "qat_int8" in p:
+            # QAT int8 against what the user would otherwise ship: PTQ int8 of the float run
+            # (same head phase and seed; the fine-tune phase runs without QAT).
+            summary[f"{name}_minus_ptq"] = paired(p["qat_int8"], ptq, truth)
+            summary[f"{name}_minus_ptq_same_run"] = paired(p["qat_int8"],
+                                                           p["ptq_int8_same_run"], truth)
+            summary[f"{name}_drop_vs_own_keras"] = paired(p["keras_qat"], p["qat_int8"], truth)
+    for a, b in (("qat_all_data", "qat_all_tfmot"), ("qat_trained_data", "qat_trained_tfmot"),
+                 ("qat_all_data", "qat_trained_data"), ("qat_all_data", "qat_all_data-adapt"),
+                 ("qat_all_data", "qat_all_data_lr1e-5")):
+        if a in preds and b in preds:
+            summary[f"{a}_minus_{b}"] = paired(preds[a]["qat_int8"], preds[b]["qat_int8"], truth)
+    if "float_lr1e-5" in preds:
+        summary["ptq_lr1e-4_minus_lr1e-5"] = paired(ptq, preds["float_lr1e-5"]["ptq_int8"], truth)
+        summary["float_lr1e-4_minus_lr1e-5"] = paired(preds["float"]["keras_float"],
+                                                     preds["float_lr1e-5"]["keras_float"], truth)
+    budget = {"base": f"{PRETRAINED.name} (--base-model, default cut top_activation)",
+              "data": f"first {T['train_per_class']} Fashion-MNIST training images per class "
+                      "(file order), --val-split 0.2 (edgetl's default), augmentation on",
+              "test": f"first {T['test_per_class']} test images per class (held out), runner",
+              "size": size, "strategy": f"two-phase {T['epochs']} + {T['fine_tune_epochs']}",
+              "fine_tune_lr": T["fine_tune_lr"], "batch": T["batch"], "seed": 0,
+              "calibration": "200 class-balanced training images (export and QAT ranges)"}
+    return {"budget": budget, "test_images": len(items), "runs": rows, "summary": summary,
+            "timings_s": timings}
+
+
 # --- the report ----------------------------------------------------------------------------------
 
 def _fmt_stat(s: dict | None, fmt: str = "{:.2f}") -> tuple[str, str]:
@@ -989,6 +1134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
                     help="folder for <date>.json and <date>.md")
     ap.add_argument("--work", help="scratch folder (default: a temporary one, removed)")
+    ap.add_argument("--transfer-runs", nargs="+", help="section transfer: only these runs "
+                    f"(of {', '.join(TRANSFER['runs'])})")
     ap.add_argument("--update-readme", action="store_true",
                     help="put the Markdown into README.md's Performance section")
     args = ap.parse_args(argv)
@@ -1044,6 +1191,14 @@ def main(argv=None) -> int:
             timed("notop", section_notop, P, work)
         if "training" in sections:
             timed("training", section_training, P, fm[0] if fm else None, work)
+        if "transfer" in sections:
+            if FASHION.is_dir() and PRETRAINED.is_file():
+                P["transfer"] = TRANSFER_QUICK if args.quick else TRANSFER
+                P["transfer_runs"] = args.transfer_runs
+                timed("transfer", section_transfer, P, work)
+            else:
+                R.setdefault("notes", []).append(f"{PRETRAINED} or {FASHION} not found: no "
+                                                 "transfer section")
         if "accuracy" in sections:
             if fm:
                 timed("accuracy", section_accuracy, P, fm, work)

@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from edgetl.config import IOType, Pooling, QatScope, Quantization, Strategy
+from edgetl.config import IOType, Pooling, QatRanges, QatScope, Quantization, Strategy
 from edgetl.errors import EdgetlError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -77,6 +77,11 @@ def train(
     qat: bool = typer.Option(False, help="Quantization-aware training (tfmot)."),
     qat_scope: QatScope = typer.Option(QatScope.all, help="Fake-quantize all layers or only "
                                                           "the trained ones."),
+    qat_ranges: QatRanges = typer.Option(
+        QatRanges.data, help="Start of the QAT activation ranges: data = min/max of a "
+        "calibration pass over 200 training images, frozen layers' ranges then fixed; "
+        "data-adapt = the same, all ranges then adapt; tfmot = tfmot's [-6, 6] (clips "
+        "pretrained activations)."),
     augment: bool = typer.Option(True, help="Random flip/rotation/zoom/contrast."),
     class_weights: str = typer.Option("none", help="none or auto (inverse frequency)."),
     strict: bool = typer.Option(False, help="Unreadable images are an error, not skipped."),
@@ -98,7 +103,7 @@ def train(
         unfreeze=unfreeze, unfreeze_from=unfreeze_from, epochs=epochs,
         fine_tune_epochs=fine_tune_epochs, lr=lr, fine_tune_lr=fine_tune_lr,
         batch_size=batch_size, head=head, pooling=pooling, dropout=dropout, qat=qat,
-        qat_scope=qat_scope, augment=augment, class_weights=class_weights, strict=strict,
+        qat_scope=qat_scope, qat_ranges=qat_ranges, augment=augment, class_weights=class_weights, strict=strict,
         seed=seed, resume=resume, overwrite=overwrite, quiet=quiet)
     from edgetl.train import train as run_train
 

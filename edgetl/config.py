@@ -25,6 +25,12 @@ class QatScope(str, Enum):
     trained = "trained"  # annotate only the layers that train; the rest is calibrated at export
 
 
+class QatRanges(str, Enum):
+    data = "data"  # set from a calibration pass over training images; frozen layers' stay fixed
+    data_adapt = "data-adapt"  # set from data, then every range follows tfmot's moving average
+    tfmot = "tfmot"  # tfmot's own start ([-6, 6]) and moving average
+
+
 class Quantization(str, Enum):
     int8 = "int8"
     float32 = "float32"
@@ -68,6 +74,8 @@ class TrainConfig:
         dropout: dropout before the classifier.
         qat: quantization-aware training in the phase that trains base layers.
         qat_scope: which layers get fake quantization.
+        qat_ranges: where the fake-quant activation ranges start (and whether frozen layers'
+            ranges adapt during QAT).
         augment: random flip/rotation/zoom/contrast on training images.
         class_weights: 'none' or 'auto' (inverse frequency).
         strict: unreadable images are an error instead of being skipped.
@@ -101,6 +109,7 @@ class TrainConfig:
     dropout: float = 0.2
     qat: bool = False
     qat_scope: QatScope = QatScope.all
+    qat_ranges: QatRanges = QatRanges.data
     augment: bool = True
     class_weights: str = "none"
     strict: bool = False
@@ -150,7 +159,8 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         known = {f for f in cls.__dataclass_fields__}
         d = {k: v for k, v in d.items() if k in known}
-        for k, enum in (("strategy", Strategy), ("pooling", Pooling), ("qat_scope", QatScope)):
+        for k, enum in (("strategy", Strategy), ("pooling", Pooling), ("qat_scope", QatScope),
+                        ("qat_ranges", QatRanges)):
             if k in d:
                 d[k] = enum(d[k])
         return cls(**d)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgetl import backbones
-from edgetl.config import Pooling, QatScope, Strategy, TrainConfig
+from edgetl.config import Pooling, QatRanges, QatScope, Strategy, TrainConfig
 from edgetl.data import (class_weights, list_hash, make_dataset, scan_folder, stratified_split)
 from edgetl.errors import EdgetlError
 
@@ -290,6 +290,37 @@ def frozen_stay_frozen(model):
     finally:
         for layer, own in hidden:
             layer._trainable_weights[:] = own
+
+
+QAT_CALIBRATION_IMAGES = 200  # export's default --num-calibration: the same images with seed 0
+
+
+def init_ranges(qat_model, cfg: TrainConfig, train_items, size: int, prep: dict, log) -> None:
+    """Sets the QAT model's activation ranges from a calibration pass over training images
+    (unless --qat-ranges tfmot): the sample export calibrates with by default."""
+    if QatRanges(cfg.qat_ranges) == QatRanges.tfmot:
+        log("QAT ranges start at tfmot's [-6, 6] (--qat-ranges tfmot)")
+        return
+    from edgetl import calibrate
+    from edgetl.runner import RunnerError
+
+    chosen = calibrate.sample(train_items, QAT_CALIBRATION_IMAGES, cfg.seed)
+    try:
+        images = calibrate.load_images([p for p, _ in chosen], size, prep)
+    except RunnerError as e:
+        raise EdgetlError(f"QAT range calibration cannot read a training image: {e}") from None
+    n = calibrate.init_qat_ranges(qat_model, images, cfg.batch_size)
+    fixed = QatRanges(cfg.qat_ranges) == QatRanges.data
+    log(f"QAT ranges initialised from {len(images)} training images ({n} activation ranges, "
+        f"min/max; frozen layers' ranges {'fixed' if fixed else 'adapting'})")
+
+
+def _ranges_during_fit(model, phase: Phase, cfg: TrainConfig):
+    if phase.qat and QatRanges(cfg.qat_ranges) == QatRanges.data:
+        from edgetl.calibrate import frozen_ranges_fixed
+
+        return frozen_ranges_fixed(model)
+    return contextlib.nullcontext()
 
 
 def qat_to_float(qat_model, float_model) -> None:
@@ -566,6 +597,8 @@ def _train(cfg: TrainConfig, run: Path, state: dict | None) -> TrainResult:
         if phase.qat:
             current = quantize(float_model, cfg.qat_scope)
             qat_model = current
+            if pi != done_phase:  # a resumed phase gets its ranges from the checkpoint
+                init_ranges(current, cfg, train_items, size, prep, log)
         optimizer = keras.optimizers.Adam(phase.lr)
         current.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
                         metrics=["accuracy"])
@@ -582,7 +615,7 @@ def _train(cfg: TrainConfig, run: Path, state: dict | None) -> TrainResult:
                 if phase.qat:
                     qat_to_float(current, float_model)
                 continue
-        with frozen_stay_frozen(current):
+        with frozen_stay_frozen(current), _ranges_during_fit(current, phase, cfg):
             log(f"phase {pi + 1}/{len(plan)}: {phase.name}, {phase.epochs} epoch(s), "
                 f"lr {phase.lr}{', QAT' if phase.qat else ''}; trainable weights: "
                 f"{sum(int(tf.size(w)) for w in current.trainable_weights):,}")
