@@ -1,0 +1,165 @@
+"""QAT ranges initialised from data (issue 13): a pretrained base's frozen layers do not clip.
+
+The base is "pretrained-like": a tiny CNN trained here, then rescaled without changing its
+function (ReLU is positively homogeneous: conv1 x8, conv2's bias x8, conv3's kernel / 8), so its
+frozen layers' activations reach well past tfmot's initial [-6, 6], as a real ImageNet base's do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import realdata
+
+# A frozen layer's fake-quant range may clip at most this fraction of the values the
+# calibration images give it (min/max ranges clip none of them).
+MAX_CLIPPED = 0.001
+# QAT int8 may trail PTQ int8 by at most this many points on the 100 held-out images.
+TOLERANCE_POINTS = 5.0
+SIZE = 48
+PREP = {"name": "tf", "mean": [127.5] * 3, "std": [127.5] * 3, "channel_order": "RGB"}
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    """(train folder, held-out test folder, pretrained-like base .h5)."""
+    from edgetl import calibrate
+    from edgetl.data import make_synth, scan_folder
+
+    root = tmp_path_factory.mktemp("qatranges")
+    make_synth(root / "train", classes=4, per_class=50, size=SIZE, seed=3)
+    make_synth(root / "test", classes=4, per_class=25, size=SIZE, seed=11)
+    from edgetl.keras import keras, tf
+
+    tf.keras.utils.set_random_seed(0)
+    items = scan_folder(root / "train", (SIZE, SIZE)).items
+    x = calibrate.load_images([p for p, _ in items], SIZE, PREP)
+    y = np.asarray([c for _, c in items])
+    inp = keras.Input((SIZE, SIZE, 3))
+    h = keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="c1")(inp)
+    h = keras.layers.Conv2D(16, 3, strides=2, activation="relu", name="c2")(h)
+    h = keras.layers.Conv2D(16, 3, activation="relu", name="c3")(h)
+    h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
+    out = keras.layers.Dense(4, activation="softmax", name="pred")(h)
+    model = keras.Model(inp, out)
+    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=15, batch_size=16, verbose=0)
+    before = model.predict(x, verbose=0)
+    k1, b1 = model.get_layer("c1").get_weights()
+    model.get_layer("c1").set_weights([k1 * 8, b1 * 8])
+    k2, b2 = model.get_layer("c2").get_weights()
+    model.get_layer("c2").set_weights([k2, b2 * 8])
+    k3, b3 = model.get_layer("c3").get_weights()
+    model.get_layer("c3").set_weights([k3 / 8, b3])
+    np.testing.assert_allclose(model.predict(x, verbose=0), before, atol=1e-4)
+    base = root / "base.h5"
+    model.save(str(base), save_format="h5")
+    keras.backend.clear_session()
+    return root / "train", root / "test", base
+
+
+def _train(task, out, **kw):
+    from edgetl.config import Strategy, TrainConfig
+    from edgetl.train import train
+
+    data, _, base = task
+    cfg = TrainConfig(data=str(data), out=str(out), base_model=str(base), input_size=SIZE,
+                      strategy=Strategy.two_phase, epochs=4, fine_tune_epochs=3,
+                      fine_tune_lr=1e-3, batch_size=16, augment=False, quiet=True, **kw)
+    return train(cfg)
+
+
+def _int8_accuracy(run, test) -> float:
+    from edgetl.config import ExportConfig, Quantization
+    from edgetl.export import export
+    from edgetl.runner import Model, evaluate, list_images
+
+    res = export(ExportConfig(run=str(run), modes=(Quantization.int8,), max_drop=100.0))
+    assert res.reports["int8"]["integer_only"]
+    names = json.loads((run / "config.json").read_text())["class_names"]
+    items, _, _ = list_images(str(test), names)
+    meta = json.loads((run / "config.json").read_text())["preprocessing"]
+    r = evaluate(Model(res.files[0]), items, dict(meta, resize="bilinear"), names, batch_size=50)
+    return 100.0 * float(r["top1"])
+
+
+def test_frozen_ranges_cover_calibration_and_qat_int8_not_below_ptq(task, tmp_path):
+    from edgetl import calibrate
+    from edgetl.train import QAT_CALIBRATION_IMAGES, load_model
+
+    _, test, _ = task
+    qat_run = tmp_path / "qat"
+    _train(task, qat_run, qat=True)
+    split = json.loads((qat_run / "split.json").read_text())
+    chosen = calibrate.sample([tuple(x) for x in split["train"]], QAT_CALIBRATION_IMAGES, 0)
+    images = calibrate.load_images([p for p, _ in chosen], SIZE, PREP)
+
+    qat_model = load_model(qat_run / "qat.h5")
+    stats = calibrate.observe(qat_model, images)
+    frozen = [s for s in stats if s.frozen]
+    assert {s.layer for s in frozen} >= {"quant_c1", "quant_c2"}
+    worst = max(frozen, key=lambda s: s.clipped)
+    assert worst.clipped <= MAX_CLIPPED, worst
+    # The base really is wide: tfmot's own start [-6, 6] would clip those same layers.
+    assert max(s.seen_high for s in frozen) > 6
+    for layer in qat_model.layers:
+        for w in layer.weights:
+            if w.name.endswith(("output_min:0", "post_activation_min:0")):
+                w.assign(np.full(w.shape, -6.0, np.float32))
+            elif w.name.endswith(("output_max:0", "post_activation_max:0")):
+                w.assign(np.full(w.shape, 6.0, np.float32))
+    assert max(s.clipped for s in calibrate.observe(qat_model, images) if s.frozen) > MAX_CLIPPED
+
+    float_run = tmp_path / "float"
+    _train(task, float_run)
+    qat_acc, ptq_acc = _int8_accuracy(qat_run, test), _int8_accuracy(float_run, test)
+    assert ptq_acc > 40, ptq_acc  # the task is learnt (chance: 25 %)
+    assert qat_acc >= ptq_acc - TOLERANCE_POINTS, (qat_acc, ptq_acc)
+
+
+def test_initialisation_prints_one_line(task, tmp_path):
+    """The user sees how the ranges were set (and that tfmot's start was asked for)."""
+    import subprocess
+    import sys
+
+    data, _, base = task
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    cmd = [str(Path(sys.executable).with_name("edgetl")), "train", "--data", str(data), "--out",
+           str(tmp_path / "r"), "--base-model", str(base), "--input-size", str(SIZE),
+           "--strategy", "fine-tune", "--epochs", "1", "--qat", "--no-augment",
+           "--batch-size", "32"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [x for x in r.stderr.splitlines() if x.startswith("QAT ranges")]
+    assert len(lines) == 1, r.stderr[-2000:]
+    assert lines[0].startswith("QAT ranges initialised from 160 training images ("), lines
+    assert lines[0].endswith("min/max; frozen layers' ranges fixed)"), lines
+
+
+@pytest.mark.slow
+def test_real_pretrained_base_qat_int8_above_chance(tmp_path):
+    """The shared ImageNet EfficientNet-Lite0: 1 epoch of QAT, int8 export, integer-only."""
+    base = realdata("pretrained/efficientnet_lite0_imagenet_keras2.h5")
+    fm = realdata("fashion-mnist")
+    from edgetl.config import Strategy
+    from edgetl.data import idx_to_folders
+
+    train_dir, test_dir = tmp_path / "train", tmp_path / "test"
+    idx_to_folders(str(fm / "train-images-idx3-ubyte.gz"), str(fm / "train-labels-idx1-ubyte.gz"),
+                   train_dir, limit=20)
+    idx_to_folders(str(fm / "t10k-images-idx3-ubyte.gz"), str(fm / "t10k-labels-idx1-ubyte.gz"),
+                   test_dir, limit=10)
+    from edgetl.config import TrainConfig
+    from edgetl.train import train
+
+    run = tmp_path / "run"
+    train(TrainConfig(data=str(train_dir), out=str(run), base_model=str(base), input_size=64,
+                      strategy=Strategy.fine_tune, epochs=1, fine_tune_lr=1e-4, batch_size=16,
+                      qat=True, quiet=True))
+    acc = _int8_accuracy(run, test_dir)
+    assert acc > 20, acc  # 10 classes: chance is 10 %
