@@ -284,6 +284,28 @@ def verify_accuracy(keras_model, tflite_path: Path, items, size: int, prep: dict
     }
 
 
+def _against_float_before_qat(run: Path, verification: dict, items, size: int, prep: dict,
+                              unsafe: bool) -> None:
+    """A QAT int8 file judged against what the user would otherwise have shipped: the float
+    model from before QAT (the run keeps it as float_before_qat.keras)."""
+    from edgetl.train import FLOAT_BEFORE_QAT, load_model
+
+    path = run / FLOAT_BEFORE_QAT
+    if not path.exists():  # runs made before edgetl kept it
+        return
+    model = load_model(path, unsafe)
+    right = 0
+    for start in range(0, len(items), 32):
+        chunk = items[start:start + 32]
+        x = load_batch([p for p, _ in chunk], size, prep)
+        pred = np.asarray(model(x, training=False)).argmax(-1)
+        right += int((pred == np.array([label for _, label in chunk])).sum())
+    acc = right / max(len(items), 1)
+    verification["float_before_qat_accuracy"] = acc
+    verification["drop_vs_float_before_qat_points"] = round(
+        (acc - verification["tflite_accuracy"]) * 100, 4)
+
+
 # --- the stage -----------------------------------------------------------------------------------
 
 def _check_config(cfg: ExportConfig) -> tuple:
@@ -414,6 +436,11 @@ def format_reports(result: ExportResult) -> str:
                          f"{a['keras_accuracy']:.4f}  tflite {a['tflite_accuracy']:.4f}  drop "
                          f"{a['drop_points']:.2f} points  top-1 agreement "
                          f"{a['top1_agreement']:.4f}  ({a['interpreter']})")
+            if "float_before_qat_accuracy" in a:
+                lines.append(f"  against the float model before QAT: "
+                             f"{a['float_before_qat_accuracy']:.4f} -> tflite "
+                             f"{a['tflite_accuracy']:.4f}  drop "
+                             f"{a['drop_vs_float_before_qat_points']:.2f} points")
             worst = sorted((v, k) for k, v in a["per_class_tflite"].items() if v is not None)[:3]
             lines.append("  weakest classes (tflite): " + ", ".join(f"{k} {v:.3f}"
                                                                    for v, k in worst))
@@ -492,6 +519,8 @@ def _export_one(cfg, mode, model, float_model, qat, calib, run, run_cfg, name, t
             verification = verify_accuracy(src, staged, val, size, prep, names)
             report["verify_s"] = round(time.perf_counter() - t0, 3)
             report["accuracy"] = verification
+            if qat and mode == Quantization.int8:
+                _against_float_before_qat(run, verification, val, size, prep, cfg.unsafe)
             if verification["drop_points"] > cfg.max_drop:
                 failures.append(f"{target.name}: top-1 dropped "
                                 f"{verification['drop_points']:.2f} points "

@@ -292,6 +292,7 @@ def frozen_stay_frozen(model):
             layer._trainable_weights[:] = own
 
 
+FLOAT_BEFORE_QAT = "float_before_qat.keras"
 QAT_CALIBRATION_IMAGES = 200  # export's default --num-calibration: the same images with seed 0
 
 
@@ -598,6 +599,8 @@ def _train(cfg: TrainConfig, run: Path, state: dict | None) -> TrainResult:
             current = quantize(float_model, cfg.qat_scope)
             qat_model = current
             if pi != done_phase:  # a resumed phase gets its ranges from the checkpoint
+                # What the user would otherwise have shipped: export judges QAT against it.
+                _save_model(float_model, run / FLOAT_BEFORE_QAT)
                 init_ranges(current, cfg, train_items, size, prep, log)
         optimizer = keras.optimizers.Adam(phase.lr)
         current.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",

@@ -74,7 +74,7 @@ def _train(task, out, **kw):
     return train(cfg)
 
 
-def _int8_accuracy(run, test) -> float:
+def _int8_accuracy(run, test) -> tuple[float, dict]:
     from edgetl.config import ExportConfig, Quantization
     from edgetl.export import export
     from edgetl.runner import Model, evaluate, list_images
@@ -85,7 +85,7 @@ def _int8_accuracy(run, test) -> float:
     items, _, _ = list_images(str(test), names)
     meta = json.loads((run / "config.json").read_text())["preprocessing"]
     r = evaluate(Model(res.files[0]), items, dict(meta, resize="bilinear"), names, batch_size=50)
-    return 100.0 * float(r["top1"])
+    return 100.0 * float(r["top1"]), res.reports["int8"]
 
 
 def test_frozen_ranges_cover_calibration_and_qat_int8_not_below_ptq(task, tmp_path):
@@ -117,9 +117,18 @@ def test_frozen_ranges_cover_calibration_and_qat_int8_not_below_ptq(task, tmp_pa
 
     float_run = tmp_path / "float"
     _train(task, float_run)
-    qat_acc, ptq_acc = _int8_accuracy(qat_run, test), _int8_accuracy(float_run, test)
+    (qat_acc, qat_report), (ptq_acc, ptq_report) = (_int8_accuracy(qat_run, test),
+                                                    _int8_accuracy(float_run, test))
     assert ptq_acc > 40, ptq_acc  # the task is learnt (chance: 25 %)
     assert qat_acc >= ptq_acc - TOLERANCE_POINTS, (qat_acc, ptq_acc)
+    # Export judges the QAT file against the float model from before QAT, too.
+    v = qat_report["accuracy"]
+    assert (qat_run / "float_before_qat.keras").is_file()
+    assert 0 <= v["float_before_qat_accuracy"] <= 1
+    assert v["drop_vs_float_before_qat_points"] == pytest.approx(
+        (v["float_before_qat_accuracy"] - v["tflite_accuracy"]) * 100, abs=1e-3)
+    assert "float_before_qat_accuracy" not in ptq_report["accuracy"]
+    print(f"QAT int8 {qat_acc:.1f} vs PTQ int8 {ptq_acc:.1f} on 100 held-out images")
 
 
 def test_initialisation_prints_one_line(task, tmp_path):
@@ -161,5 +170,5 @@ def test_real_pretrained_base_qat_int8_above_chance(tmp_path):
     train(TrainConfig(data=str(train_dir), out=str(run), base_model=str(base), input_size=64,
                       strategy=Strategy.fine_tune, epochs=1, fine_tune_lr=1e-4, batch_size=16,
                       qat=True, quiet=True))
-    acc = _int8_accuracy(run, test_dir)
+    acc, _ = _int8_accuracy(run, test_dir)
     assert acc > 20, acc  # 10 classes: chance is 10 %
