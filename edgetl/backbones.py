@@ -45,6 +45,10 @@ class BackboneSpec:
         qat: True when tfmot's default 8-bit QAT quantizes every layer of it.
         qat_note: why QAT is not supported, and the way out.
         extra: extra keyword arguments for the constructor.
+        native: built by edgetl (``keras_name`` names a builder in this module), not by
+            ``tf_keras.applications``.
+        imagenet_note: set when ``--weights imagenet`` cannot be served: where the weights
+            come from and how to pass them.
     """
 
     name: str
@@ -57,8 +61,18 @@ class BackboneSpec:
     qat: bool = True
     qat_note: str = ""
     extra: dict = field(default_factory=dict)
+    native: bool = False
+    imagenet_note: str = ""
 
 
+_LITE_WEIGHTS = (
+    "Keras publishes no ImageNet weights for EfficientNet-Lite and edgetl downloads none from "
+    "unofficial sources. Google's ImageNet checkpoints are in github.com/tensorflow/tpu "
+    "(models/official/efficientnet/lite, Apache-2.0): convert one to a Keras 2 .h5 with "
+    "keras.applications.EfficientNet layer names (stem_conv, block1a_dwconv, ..., top_conv) "
+    "and pass --weights PATH (the converted Lite0 of ../shared/realdata/pretrained loads this "
+    "way), or pass a whole saved model as --base-model FILE, or use --weights none"
+)
 _QAT_NO_BN = (
     "it has BatchNormalization layers that do not follow a convolution (pre-activation / "
     "dense blocks), which tfmot's default 8-bit scheme cannot quantize; train without --qat "
@@ -89,6 +103,9 @@ REGISTRY: dict[str, BackboneSpec] = {
                      qat_note=_QAT_NO_ADD_MUL),
         BackboneSpec("efficientnetb3", "EfficientNetB3", 300, "raw", 32, None, qat=False,
                      qat_note=_QAT_NO_ADD_MUL),
+        *(BackboneSpec(f"efficientnetlite{i}", f"EfficientNetLite{i}", size, "tf", 32, None,
+                       native=True, imagenet_note=_LITE_WEIGHTS)
+          for i, size in enumerate((224, 240, 260, 280, 300))),
         BackboneSpec("resnet50", "ResNet50", 224, "caffe"),
         BackboneSpec("resnet101", "ResNet101", 224, "caffe"),
         BackboneSpec("resnet152", "ResNet152", 224, "caffe"),
@@ -128,6 +145,8 @@ def check_combination(spec: BackboneSpec, size: int, weights: str, alpha: float 
     if alpha is not None and not spec.alphas:
         raise EdgetlError(f"--alpha applies to MobileNets only, not to {spec.name}")
     if weights == "imagenet":
+        if spec.imagenet_note:
+            raise EdgetlError(f"--weights imagenet for {spec.name}: {spec.imagenet_note}")
         if spec.imagenet_sizes and size not in spec.imagenet_sizes:
             raise EdgetlError(
                 f"--input-size {size}: ImageNet weights for {spec.name} exist only for "
@@ -142,6 +161,147 @@ def check_combination(spec: BackboneSpec, size: int, weights: str, alpha: float 
     if qat and not spec.qat:
         raise EdgetlError(f"--qat is not supported for {spec.name}: {spec.qat_note} (or try "
                           "--qat-scope trained, which wraps only the layers that train)")
+
+
+def constructor(spec: BackboneSpec):
+    """The function that builds the backbone, called like ``tf_keras.applications``' ones:
+    ``(input_shape=, include_top=, weights=None | path, **spec.extra)``."""
+    if spec.native:
+        return globals()[spec.keras_name]
+    from edgetl.keras import keras
+
+    return getattr(keras.applications, spec.keras_name)
+
+
+# --- EfficientNet-Lite, built natively -----------------------------------------------------------
+# EfficientNet without squeeze-excitation, with ReLU6, stem (32) and head (1280) not scaled, and
+# the first and last stages not repeated more (Google's efficientnet_lite_builder). Layer names
+# follow keras.applications.EfficientNet, so a converted checkpoint loads by name.
+
+# (kernel, repeats, filters in, filters out, expand ratio, stride) per stage: EfficientNet-B0.
+_LITE_STAGES = ((3, 1, 32, 16, 1, 1), (3, 2, 16, 24, 6, 2), (5, 2, 24, 40, 6, 2),
+                (3, 3, 40, 80, 6, 2), (5, 3, 80, 112, 6, 1), (5, 4, 112, 192, 6, 2),
+                (3, 1, 192, 320, 6, 1))
+# (width, depth) per variant.
+_LITE_SCALING = {0: (1.0, 1.0), 1: (1.0, 1.1), 2: (1.1, 1.2), 3: (1.2, 1.4), 4: (1.4, 1.8)}
+
+
+def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
+    filters *= width
+    new = max(divisor, int(filters + divisor / 2) // divisor * divisor)
+    return int(new + divisor if new < 0.9 * filters else new)
+
+
+def efficientnet_lite(variant: int, input_shape=None, include_top: bool = False,
+                      weights: str | None = None, classes: int = 1000):
+    """EfficientNet-Lite{variant} as a flat tf_keras functional model.
+
+    Args:
+        variant: 0..4.
+        input_shape: (H, W, 3); H and W may be None.
+        include_top: add avg_pool, top_dropout and the 1000-class ``predictions`` layer.
+        weights: None (random) or a Keras 2 .h5 (weights or whole model) with the same layer
+            names; loaded by name, and every weighted layer must be found in it.
+
+    Raises:
+        EdgetlError: ``weights`` lacks a layer of the model or a shape differs.
+    """
+    import math
+
+    from edgetl.keras import keras
+
+    width, depth = _LITE_SCALING[variant]
+    layers = keras.layers
+    inp = layers.Input(shape=input_shape or (None, None, 3))
+
+    x = layers.Conv2D(32, 3, 2, padding="same", use_bias=False, name="stem_conv")(inp)
+    x = layers.BatchNormalization(epsilon=1e-3, momentum=0.99, name="stem_bn")(x)
+    x = layers.ReLU(6.0, name="stem_activation")(x)
+    last = len(_LITE_STAGES) - 1
+    for i, (kernel, repeats, f_in, f_out, expand, stride) in enumerate(_LITE_STAGES):
+        f_in, f_out = _round_filters(f_in, width), _round_filters(f_out, width)
+        if i not in (0, last):
+            repeats = int(math.ceil(depth * repeats))
+        for j in range(repeats):
+            p = f"block{i + 1}{chr(97 + j)}_"
+            cin = f_in if j == 0 else f_out
+            shortcut = x
+            h = x
+            if expand != 1:
+                h = layers.Conv2D(cin * expand, 1, padding="same", use_bias=False,
+                                  name=f"{p}expand_conv")(h)
+                h = layers.BatchNormalization(epsilon=1e-3, momentum=0.99,
+                                              name=f"{p}expand_bn")(h)
+                h = layers.ReLU(6.0, name=f"{p}expand_activation")(h)
+            h = layers.DepthwiseConv2D(kernel, stride if j == 0 else 1, padding="same",
+                                       use_bias=False, name=f"{p}dwconv")(h)
+            h = layers.BatchNormalization(epsilon=1e-3, momentum=0.99, name=f"{p}bn")(h)
+            h = layers.ReLU(6.0, name=f"{p}activation")(h)
+            h = layers.Conv2D(f_out, 1, padding="same", use_bias=False,
+                              name=f"{p}project_conv")(h)
+            h = layers.BatchNormalization(epsilon=1e-3, momentum=0.99,
+                                          name=f"{p}project_bn")(h)
+            if j > 0:  # same shape in and out: stride 1, cin == f_out
+                h = layers.Add(name=f"{p}add")([h, shortcut])
+            x = h
+    x = layers.Conv2D(1280, 1, padding="same", use_bias=False, name="top_conv")(x)
+    x = layers.BatchNormalization(epsilon=1e-3, momentum=0.99, name="top_bn")(x)
+    x = layers.ReLU(6.0, name="top_activation")(x)
+    if include_top:
+        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        x = layers.Dropout(0.2 if variant < 2 else 0.3, name="top_dropout")(x)
+        x = layers.Dense(classes, activation="softmax", name="predictions")(x)
+    model = keras.Model(inp, x, name=f"efficientnet_lite{variant}")
+    if weights not in (None, "none"):
+        _load_by_name(model, str(weights))
+    return model
+
+
+def _load_by_name(model, path: str) -> None:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            group = f["model_weights"] if "model_weights" in f else f
+            names = {n.decode() if isinstance(n, bytes) else n
+                     for n in group.attrs.get("layer_names", [])}
+    except (OSError, KeyError) as e:
+        raise EdgetlError(f"--weights '{path}' is not a Keras .h5 weights file: {e}") from None
+    missing = [layer.name for layer in model.layers if layer.weights and layer.name not in names]
+    if missing:
+        raise EdgetlError(f"--weights '{path}' does not fit {model.name}: no weights for "
+                          f"{len(missing)} layer(s), e.g. {', '.join(missing[:3])}")
+    # A deeper variant has every block name of a shallower one: by name it would "fit".
+    extra = sorted(n for n in names if n.startswith("block") and n not in
+                   {layer.name for layer in model.layers})
+    if extra:
+        raise EdgetlError(f"--weights '{path}' does not fit {model.name}: it has blocks the "
+                          f"model lacks ({', '.join(extra[:3])}): weights of another variant?")
+    try:
+        model.load_weights(path, by_name=True)
+    except ValueError as e:
+        raise EdgetlError(f"--weights '{path}' does not fit {model.name}: "
+                          f"{str(e).splitlines()[0][:200]}") from None
+
+
+def EfficientNetLite0(**kw):  # noqa: N802 - named like tf_keras.applications' constructors
+    return efficientnet_lite(0, **kw)
+
+
+def EfficientNetLite1(**kw):  # noqa: N802
+    return efficientnet_lite(1, **kw)
+
+
+def EfficientNetLite2(**kw):  # noqa: N802
+    return efficientnet_lite(2, **kw)
+
+
+def EfficientNetLite3(**kw):  # noqa: N802
+    return efficientnet_lite(3, **kw)
+
+
+def EfficientNetLite4(**kw):  # noqa: N802
+    return efficientnet_lite(4, **kw)
 
 
 def preprocessing(spec: BackboneSpec) -> dict:

@@ -133,7 +133,7 @@ def build_base(cfg: TrainConfig, size: int):
     kwargs = dict(spec.extra)
     if spec.alphas:
         kwargs["alpha"] = cfg.alpha if cfg.alpha is not None else 1.0
-    builder = getattr(keras.applications, spec.keras_name)
+    builder = backbones.constructor(spec)
     try:
         base = builder(input_shape=(size, size, 3), include_top=False,
                        weights=None if weights == "none" else weights, **kwargs)

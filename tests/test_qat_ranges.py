@@ -172,3 +172,77 @@ def test_real_pretrained_base_qat_int8_above_chance(tmp_path):
                       qat=True, quiet=True))
     acc, _ = _int8_accuracy(run, test_dir)
     assert acc > 20, acc  # 10 classes: chance is 10 %
+
+
+# --- EfficientNet-Lite in the registry -----------------------------------------------------------
+
+# Parameters of the 1000-class models, in millions, from Google's EfficientNet-Lite README.
+LITE_PARAMS_M = {0: 4.7, 1: 5.4, 2: 6.1, 3: 8.2, 4: 13.0}
+
+
+def test_efficientnet_lite_sizes_match_the_published_models():
+    from edgetl.backbones import efficientnet_lite, get_backbone
+
+    for i, params in LITE_PARAMS_M.items():
+        spec = get_backbone(f"efficientnet-lite{i}")
+        assert spec.qat and spec.preprocessing == "tf"
+        model = efficientnet_lite(i, input_shape=(32, 32, 3), include_top=True)
+        assert abs(model.count_params() / 1e6 - params) < 0.15, (i, model.count_params())
+        names = {layer.name for layer in model.layers}
+        assert not any("se_" in n or "swish" in n for n in names)  # no squeeze-excite
+        assert {"stem_conv", "block1a_dwconv", "top_activation", "predictions"} <= names
+
+
+def test_efficientnet_lite_imagenet_says_where_weights_come_from(synth, tmp_path):
+    from edgetl.config import TrainConfig
+    from edgetl.errors import EdgetlError
+    from edgetl.train import train
+
+    out = tmp_path / "run"
+    with pytest.raises(EdgetlError) as e:
+        train(TrainConfig(data=str(synth), out=str(out), backbone="efficientnetlite2",
+                          quiet=True))  # --weights imagenet is the default
+    text = str(e.value)
+    assert "--weights imagenet for efficientnetlite2" in text
+    assert "github.com/tensorflow/tpu" in text and "--weights PATH" in text
+    assert "--weights none" in text and "\n" not in text
+    assert not out.exists()
+
+
+def test_efficientnet_lite0_loads_the_shared_imagenet_file_by_name():
+    """Built natively, Lite0 takes the real ImageNet file as --weights PATH, layer for layer."""
+    path = realdata("pretrained/efficientnet_lite0_imagenet_keras2.h5")
+    coral = realdata("coral")
+    from edgetl import calibrate
+    from edgetl.backbones import efficientnet_lite, get_backbone, preprocessing
+    from edgetl.config import TrainConfig
+    from edgetl.keras import keras
+    from edgetl.train import build_base
+
+    ref = keras.models.load_model(str(path), compile=False)
+    native = efficientnet_lite(0, input_shape=(224, 224, 3), include_top=True, weights=str(path))
+    assert [x.name for x in native.layers[1:]] == [x.name for x in ref.layers[1:]]
+    photos = [str(coral / f"{n}.bmp") for n in ("cat", "bird", "grace_hopper")]
+    x = calibrate.load_images(photos, 224, preprocessing(get_backbone("efficientnetlite0")))
+    np.testing.assert_allclose(native.predict(x, verbose=0), ref.predict(x, verbose=0),
+                               atol=1e-5)
+    assert list(native.predict(x, verbose=0).argmax(-1)) == [285, 19, 652]  # cat, chickadee, uniform
+    # The user's path: --backbone efficientnetlite0 --weights PATH (the top is not needed).
+    base, spec = build_base(TrainConfig(data=".", backbone="efficientnetlite0",
+                                        weights=str(path)), 96)
+    assert spec.name == "efficientnetlite0" and base.output.shape[-1] == 1280
+    cut = keras.Model(ref.input, ref.get_layer("top_activation").output)
+    x96 = calibrate.load_images(photos, 96, preprocessing(spec))
+    np.testing.assert_allclose(base.predict(x96, verbose=0), cut.predict(x96, verbose=0),
+                               atol=1e-4)
+
+
+def test_efficientnet_lite_weights_that_do_not_fit_are_refused(tmp_path):
+    from edgetl.backbones import efficientnet_lite
+    from edgetl.errors import EdgetlError
+
+    for variant in (1, 2):  # deeper with the same widths; wider
+        other = tmp_path / f"lite{variant}.h5"
+        efficientnet_lite(variant, input_shape=(32, 32, 3)).save_weights(str(other))
+        with pytest.raises(EdgetlError, match="does not fit efficientnet_lite0"):
+            efficientnet_lite(0, input_shape=(32, 32, 3), weights=str(other))
