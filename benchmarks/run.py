@@ -1039,7 +1039,30 @@ def rows_of(R: dict) -> list[tuple]:
                        "<= 0.3", s[f"{scope}_drop"])
             add_paired("8", f"QAT int8 − PTQ int8 of the same run (points), scope "
                        f"{scope[4:]}", ">= 0.0", s[f"{scope}_minus_ptq_same_run"])
+    tr = R.get("transfer")
+    if tr and "summary" in tr:
+        s = tr["summary"]
+        for name, label in (("qat_all_data", "scope all, ranges from data"),
+                            ("qat_trained_data", "scope trained, ranges from data"),
+                            ("qat_all_tfmot", "scope all, tfmot's ranges"),
+                            ("qat_trained_tfmot", "scope trained, tfmot's ranges"),
+                            ("qat_all_data-adapt", "scope all, from data, adapting")):
+            if f"{name}_minus_ptq" in s:
+                rows.append(_paired_row("9", f"real pretrained base: QAT int8 − PTQ int8 "
+                                        f"(points), {label}", ">= 0.0",
+                                        s[f"{name}_minus_ptq"], quick))
     return rows
+
+
+def _paired_row(num, figure, goal, p, quick) -> tuple:
+    lo, hi = p["ci95_points"]
+    verdict = _verdict(p["diff_points"], goal, quick)
+    target = goal.split(" ", 1)[1]
+    if verdict == "**missed**" and lo <= float(target) <= hi:
+        verdict = "missed, within noise"
+    return (num, figure, goal, f"{p['diff_points']:.2f}",
+            f"95 % CI {lo:+.2f}…{hi:+.2f} ({p['a_only']} vs {p['b_only']} images differ)",
+            verdict)
 
 
 def markdown(R: dict) -> str:
@@ -1112,6 +1135,19 @@ def markdown(R: dict) -> str:
                   "| --- | --- | --- | --- | --- |"]
         for name, r in acc["runs"].items():
             f = lambda k: f"{r[k] * 100:.2f}" if k in r else "-"  # noqa: E731
+            ptq = "ptq_int8" if "ptq_int8" in r else "ptq_int8_same_run"
+            lines.append(f"| {name} | {f('keras_float')} | {f('keras_qat')} | {f(ptq)} | "
+                         f"{f('qat_int8')} |")
+    tr = R.get("transfer")
+    if tr and "budget" in tr:
+        b = tr["budget"]
+        lines += ["", f"Transfer from real ImageNet weights (section 9): {b['base']}, "
+                      f"{b['size']} px, {b['strategy']}, fine-tune lr {b['fine_tune_lr']}; "
+                      f"{b['data']}; top-1 on {tr['test_images']:,} held-out images ({b['test']}).",
+                  "", "| run | float Keras | QAT Keras | PTQ int8 (same run) | QAT int8 |",
+                  "| --- | --- | --- | --- | --- |"]
+        for name, r in tr["runs"].items():
+            f = lambda k: f"{r[k] * 100:.1f}" if k in r else "-"  # noqa: E731
             ptq = "ptq_int8" if "ptq_int8" in r else "ptq_int8_same_run"
             lines.append(f"| {name} | {f('keras_float')} | {f('keras_qat')} | {f(ptq)} | "
                          f"{f('qat_int8')} |")
