@@ -108,7 +108,7 @@ class TrainConfig:
     pooling: Pooling = Pooling.avg
     dropout: float = 0.2
     qat: bool = False
-    qat_scope: QatScope = QatScope.all
+    qat_scope: QatScope = QatScope.trained
     qat_ranges: QatRanges = QatRanges.data
     augment: bool = True
     class_weights: str = "none"

@@ -98,7 +98,7 @@ def _case(tmp_path: Path, synth: Path, name: str):
         extra = ["--unfreeze", "3"]
         needles = ["--unfreeze", "feature-extract", "fine-tune"]
     elif name == "qat unsupported":
-        extra = ["--backbone", "mobilenetv3small", "--qat"]
+        extra = ["--backbone", "mobilenetv3small", "--qat", "--qat-scope", "all"]
         needles = ["--qat", "mobilenetv3small"]
     elif name == "weights file missing":
         extra = ["--weights", "/no/such/file.h5"]

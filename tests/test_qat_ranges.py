@@ -94,7 +94,7 @@ def test_frozen_ranges_cover_calibration_and_qat_int8_not_below_ptq(task, tmp_pa
 
     _, test, _ = task
     qat_run = tmp_path / "qat"
-    _train(task, qat_run, qat=True)
+    _train(task, qat_run, qat=True, qat_scope="all")  # the scope where frozen layers carry ranges
     split = json.loads((qat_run / "split.json").read_text())
     chosen = calibrate.sample([tuple(x) for x in split["train"]], QAT_CALIBRATION_IMAGES, 0)
     images = calibrate.load_images([p for p, _ in chosen], SIZE, PREP)

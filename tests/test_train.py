@@ -301,7 +301,8 @@ def _weights_by_suffix(layer) -> dict:
 def test_qat_fine_tune_wraps_trains_the_top_and_copies_weights_back(synth, tmp_path,
                                                                      pretrained_base):
     cfg = tiny_config(synth, tmp_path / "run", strategy="fine-tune", unfreeze=10, qat=True,
-                      weights=str(pretrained_base), epochs=1, fine_tune_lr=1e-3, val_split=0.5)
+                      qat_scope="all", weights=str(pretrained_base), epochs=1,
+                      fine_tune_lr=1e-3, val_split=0.5)
     result = _train(cfg)
     run = Path(result.run_dir)
     initial, n_base = _initial(cfg)
