@@ -102,7 +102,7 @@ class TrainConfig:
     epochs: int = 10
     fine_tune_epochs: int = 10
     lr: float = 1e-3
-    fine_tune_lr: float = 1e-5
+    fine_tune_lr: float = 1e-4
     batch_size: int = 32
     head: str = ""
     pooling: Pooling = Pooling.avg
