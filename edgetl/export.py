@@ -123,11 +123,11 @@ def _replay_manifest(path: str, run_cfg: dict) -> list[str]:
 
 
 def load_batch(paths, size: int, prep: dict) -> np.ndarray:
-    """Images -> preprocessed float32 batch, with the runner's own decode and normalisation."""
-    from edgetl.runner import load_image, preprocess
+    """Images -> preprocessed float32 batch, with the runner's own decode and normalisation
+    (the calibration pass QAT range initialisation uses too)."""
+    from edgetl.calibrate import load_images
 
-    pixels = np.stack([load_image(p, (size, size)) for p in paths])
-    return preprocess(pixels, prep).astype(np.float32)
+    return load_images(paths, size, prep)
 
 
 def write_manifest(path: Path, paths, run_cfg: dict, source: str, seed: int) -> dict:
