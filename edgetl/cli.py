@@ -410,6 +410,37 @@ def fleet_setup(
     _fleet_report(rows, f.SETUP_COLUMNS, None, None, "hosts")
 
 
+@app.command()
+def sensitivity(
+    run: Path = typer.Argument(..., help="Training run directory."),
+    num_images: int = typer.Option(50, help="Validation images to compare on (never the "
+                                            "calibration images)."),
+    num_calibration: int = typer.Option(200, help="Calibration images, as export --int8."),
+    top: int = typer.Option(20, help="Rows of the text table (the JSON has all)."),
+    seed: int = typer.Option(0, help="Seed of the calibration and validation samples."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the full report "
+                                                                "here."),
+    unsafe: bool = typer.Option(False, help="Allow Lambda layers / custom code in the run's "
+                                            "model file (only for runs you trust)."),
+) -> None:
+    """Rank the model's tensors by the error int8 quantization adds (float32 vs int8 TFLite)."""
+    from edgetl import runner as r
+    from edgetl.sensitivity import SensitivityConfig, format_report, sensitivity as measure
+
+    if top < 1:
+        _fail(f"--top {top} must be at least 1")
+    if json_out:
+        _guard(r.check_writable, str(json_out), "--json")
+    cfg = SensitivityConfig(run=str(run), num_images=num_images,
+                            num_calibration=num_calibration, seed=seed, unsafe=unsafe)
+    report = _guard(measure, cfg)
+    if json_out:
+        from edgetl.sensitivity import write_json
+
+        _guard(write_json, report, str(json_out))
+    typer.echo(format_report(report, top))
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
