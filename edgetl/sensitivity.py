@@ -15,6 +15,8 @@ name. Per matched int8 activation tensor, over all its values on all images:
 - ``rmse_per_scale``: RMSE of the int8 model's tensor against the float one, in units of the
   tensor's scale (0.29 is pure rounding; far more means error arriving from upstream or clipping).
 - ``clipped``: fraction of the float values outside the int8 tensor's representable range.
+- ``flips_alone``: images whose Keras top-1 changes when only this tensor is quantized (its
+  scale/zero point applied to the matching Keras layer output; weights stay float).
 
 The QuantizationDebugger is not used (it fails on some TF versions); weights' own rounding error
 shows in ``sqnr_db`` of the op's output, not in ``own_sqnr_db``.
@@ -130,7 +132,68 @@ def _db(signal: float, noise: float) -> float | None:
     return round(10 * math.log10(signal / noise), 3)
 
 
-def measure(model, calib: np.ndarray, images: np.ndarray, labels=None) -> dict:
+def _layer_of(tensor: str) -> str:
+    """The Keras layer a TFLite tensor name points at: a fused name lists the op that produces
+    the tensor first ('model/conv_relu/Relu6;model/conv_bn/...' -> 'conv_relu')."""
+    parts = tensor.split(";")[0].split("/")
+    return parts[-2] if len(parts) >= 2 else parts[0]
+
+
+def _fake_quant(y, scale: float, zero_point: int, qmin: int, qmax: int):
+    from edgetl.keras import tf
+
+    codes = tf.clip_by_value(tf.round(y / scale) + zero_point, qmin, qmax)
+    return (codes - zero_point) * scale
+
+
+def _predict(model, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    return np.concatenate([np.asarray(model(images[i:i + batch], training=False)).reshape(
+        len(images[i:i + batch]), -1).argmax(-1) for i in range(0, len(images), batch)])
+
+
+def _flips_alone(model, rows: list[dict], first: dict, images: np.ndarray) -> None:
+    """Sets each row's ``flips_alone``: images whose Keras top-1 changes when only this tensor is
+    quantized (its int8 scale/zero point applied to the Keras layer's output; weights and every
+    other tensor stay float). Only for rows whose values on the first image equal a Keras layer's
+    output (a fused tensor that is not a layer's output keeps None)."""
+    from edgetl.keras import keras
+
+    names = {layer.name for layer in model.layers}
+    by_layer = {}
+    for r in rows:
+        if r["layer"] in names:
+            by_layer.setdefault(r["layer"], []).append(r)
+    if not by_layer:
+        return
+    layers = list(by_layer)
+    probe = keras.Model(model.inputs, [model.get_layer(n).output for n in layers])
+    outs = probe(images[:1], training=False)
+    outs = outs if isinstance(outs, (list, tuple)) else [outs]
+    base = _predict(model, images)
+    for name, out in zip(layers, outs):
+        out = np.asarray(out, dtype=np.float64)
+        tol = 1e-4 * float(np.abs(out).max()) + 1e-6
+        same = [r for r in by_layer[name] if first[r["tensor"]].shape == out.shape
+                and np.allclose(first[r["tensor"]], out, rtol=1e-3, atol=tol)]
+        if len(same) != 1:
+            continue
+        r, layer = same[0], model.get_layer(name)
+        info = np.iinfo(r["dtype"])
+        original = layer.call
+
+        def call(*args, _original=original, _r=r, _info=info, **kwargs):
+            return _fake_quant(_original(*args, **kwargs), _r["scale"], _r["zero_point"],
+                               int(_info.min), int(_info.max))
+
+        layer.__dict__["call"] = call  # the instance attribute shadows the method, undone below
+        try:
+            r["flips_alone"] = int((_predict(model, images) != base).sum())
+        finally:
+            del layer.__dict__["call"]
+
+
+def measure(model, calib: np.ndarray, images: np.ndarray, labels=None,
+            flips: bool = True) -> dict:
     """Per-tensor float-vs-int8 error of a Keras model on preprocessed images.
 
     Args:
@@ -138,10 +201,14 @@ def measure(model, calib: np.ndarray, images: np.ndarray, labels=None) -> dict:
         calib: (N, H, W, 3) float32 calibration batch for the int8 conversion.
         images: (M, H, W, 3) float32 images to compare on, disjoint from ``calib``.
         labels: optional (M,) true class indices, for the accuracy of both files.
+        flips: also count, per tensor, the top-1 flips of the Keras model when only that
+            tensor is quantized (one pass over ``images`` per tensor).
 
     Returns:
         The report dict: ``metric``, ``model`` (output agreement, accuracies, tensor counts) and
-        ``tensors`` (one row per matched tensor, worst ``own_sqnr_db`` first, with ``rank``).
+        ``tensors`` (one row per matched tensor, worst ``own_sqnr_db`` first, with ``rank``,
+        ``layer`` and ``flips_alone``: images whose top-1 changes when only this tensor is
+        quantized, None where no Keras layer output matches the tensor).
 
     Raises:
         EdgetlError: conversion failed, or no tensor could be matched by name.
@@ -160,6 +227,7 @@ def measure(model, calib: np.ndarray, images: np.ndarray, labels=None) -> dict:
     f_out, q_out = fl.get_output_details()[0]["index"], q8.get_output_details()[0]["index"]
     out_f2 = out_err2 = 0.0
     top_f, top_q = [], []
+    first = {}  # tensor name -> float32 model's value on the first image
     for x in images:
         fl.set_tensor(f_in, x[None])
         q8.set_tensor(q_in, x[None])
@@ -177,6 +245,7 @@ def measure(model, calib: np.ndarray, images: np.ndarray, labels=None) -> dict:
             p["sum_own2"] += float(((f - own) ** 2).sum())
             p["clipped"] += int(((codes < p["qmin"]) | (codes > p["qmax"])).sum())
             p["n"] += f.size
+            first.setdefault(p["tensor"], f)
         yf = fl.get_tensor(f_out).astype(np.float64).ravel()
         yq = q8.get_tensor(q_out).astype(np.float64).ravel()
         out_f2 += float((yf * yf).sum())
@@ -194,12 +263,15 @@ def measure(model, calib: np.ndarray, images: np.ndarray, labels=None) -> dict:
             "sqnr_db": _db(p["sum_f2"], p["sum_err2"]),
             "rmse_per_scale": round(math.sqrt(p["sum_err2"] / n) / p["scale"], 4),
             "clipped": round(p["clipped"] / n, 6),
+            "layer": _layer_of(p["tensor"]), "flips_alone": None,
         })
     # None (no error at all) sorts last.
     rows.sort(key=lambda r: (r["own_sqnr_db"] is None, r["own_sqnr_db"] or 0.0,
                              r["sqnr_db"] is None, r["sqnr_db"] or 0.0))
     for k, r in enumerate(rows, 1):
         r["rank"] = k
+    if flips:
+        _flips_alone(model, rows, first, images)
     top_f, top_q = np.array(top_f), np.array(top_q)
     summary = {
         "images": int(len(images)), "calibration_images": int(len(calib)),
@@ -273,13 +345,15 @@ def format_report(report: dict, top: int = 20) -> str:
     lines = [f"per-tensor int8 sensitivity of {report.get('run', 'the model')} on {m['images']} "
              f"validation images ({m['calibration_images']} calibration images; "
              f"{m['tensors_matched']} tensors matched by name)",
-             f"ranked by {report['metric']}", "",
+             f"ranked by {report['metric']}; flips: images whose top-1 changes when only that "
+             "tensor is quantized", "",
              f"{'rank':>4}  {'own dB':>7}  {'acc. dB':>7}  {'rmse/s':>7}  {'clipped':>8}  "
-             f"{'op':<18} tensor"]
+             f"{'flips':>5}  {'op':<18} layer (full tensor names in the JSON)"]
     for r in report["tensors"][:top]:
-        name = r["tensor"] if len(r["tensor"]) <= 70 else r["tensor"][:67] + "..."
+        flips = "-" if r.get("flips_alone") is None else str(r["flips_alone"])
         lines.append(f"{r['rank']:>4}  {db(r['own_sqnr_db']):>7}  {db(r['sqnr_db']):>7}  "
-                     f"{r['rmse_per_scale']:>7.3f}  {r['clipped']:>8.2%}  {r['op']:<18} {name}")
+                     f"{r['rmse_per_scale']:>7.3f}  {r['clipped']:>8.2%}  {flips:>5}  "
+                     f"{r['op']:<18} {r['layer']}")
     lines.append("")
     line = (f"output: SQNR {db(m['output_sqnr_db'])} dB, top-1 agreement float32 vs int8 "
             f"{m['top1_agreement']:.4f} ({m['top1_flips']} flip(s))")

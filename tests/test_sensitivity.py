@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -74,6 +75,10 @@ def test_built_to_be_sensitive_layer_ranks_first(report):
     keys = [r["own_sqnr_db"] for r in rows if r["own_sqnr_db"] is not None]
     assert keys == sorted(keys)
     assert data["metric"].startswith("own_sqnr_db")
+    # Layers whose output is one TFLite tensor get their quantized-alone flips counted.
+    by_layer = {r["layer"]: r for r in rows}
+    for layer in ("conv_b", "cat", "gap"):
+        assert 0 <= by_layer[layer]["flips_alone"] <= data["model"]["images"]
 
 
 def test_tensors_matched_by_name_with_their_quantization(report):
@@ -156,3 +161,36 @@ def test_damaged_split_refused(sensitive_run, tmp_path):
     assert r.exit_code == 2
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and "is damaged" in lines[0] and "split.json" in lines[0]
+
+
+def test_flips_alone_quantizes_only_that_layer_and_restores_it():
+    from edgetl.keras import keras
+    from edgetl.sensitivity import _flips_alone, _predict
+
+    k = keras.layers
+    x = k.Input((16, 16, 3))
+    c = k.Conv2D(4, 3, name="c")(x)
+    y = k.Dense(3, name="head")(k.GlobalAveragePooling2D(name="gap")(c))
+    model = keras.Model(x, y)
+    images = np.random.default_rng(1).uniform(-1, 1, (30, 16, 16, 3)).astype(np.float32)
+    base = _predict(model, images)
+    first = np.asarray(model.get_layer("c")(images[:1]), dtype=np.float64)
+    # A scale so coarse that every value of 'c' rounds to zero: the head sees only its bias
+    # (zero), so every image falls to class 0; a right-sized scale changes nothing.
+    rows = [{"tensor": "model/c/BiasAdd", "layer": "c", "dtype": "int8", "scale": 1e6,
+             "zero_point": 0, "flips_alone": None},
+            {"tensor": "model/gap/Mean", "layer": "gap", "dtype": "int8", "scale": 1.0,
+             "zero_point": 0, "flips_alone": None},
+            {"tensor": "model/x/y;model/c/other", "layer": "x", "dtype": "int8", "scale": 1.0,
+             "zero_point": 0, "flips_alone": None}]
+    gap_first = np.asarray(model.get_layer("gap")(model.get_layer("c")(images[:1])),
+                           dtype=np.float64)
+    rows[1]["scale"] = float(np.abs(gap_first).max()) / 100
+    _flips_alone(model, rows, {"model/c/BiasAdd": first, "model/gap/Mean": gap_first,
+                               "model/x/y;model/c/other": first}, images)
+    assert len(set(base)) > 1  # the test means something only if classes vary
+    assert rows[0]["flips_alone"] == int((base != 0).sum()) > 0
+    assert isinstance(rows[1]["flips_alone"], int)  # matched by its values on image 0
+    assert rows[2]["flips_alone"] is None  # no Keras layer named 'x' with these values
+    assert "call" not in model.get_layer("c").__dict__  # the model is left as it was
+    assert (_predict(model, images) == base).all()
