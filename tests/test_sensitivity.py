@@ -194,3 +194,17 @@ def test_flips_alone_quantizes_only_that_layer_and_restores_it():
     assert rows[2]["flips_alone"] is None  # no Keras layer named 'x' with these values
     assert "call" not in model.get_layer("c").__dict__  # the model is left as it was
     assert (_predict(model, images) == base).all()
+
+
+def test_validation_inside_calibration_refused(sensitive_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(sensitive_run, copy)
+    split = json.loads((copy / "split.json").read_text())
+    split["val"] = split["train"]  # every validation image would be a calibration image
+    (copy / "split.json").write_text(json.dumps(split))
+    r = _cli(copy, "--num-calibration", 200)
+    assert r.exit_code == 2
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and "no validation image outside the calibration set" in lines[0]
