@@ -88,8 +88,9 @@ def _interpreter(raw: bytes):
         from edgetl.keras import tf
 
         make = tf.lite.Interpreter
+    no_delegate = mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     interp = make(model_content=raw, experimental_preserve_all_tensors=True,
-                  experimental_op_resolver_type=mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+                  experimental_op_resolver_type=no_delegate)
     interp.allocate_tensors()
     return interp
 
