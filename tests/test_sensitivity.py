@@ -27,6 +27,7 @@ def _heavy_tail_model(size: int, classes: int):
     codes on the tail and rounds the bulk away. Nothing else in the model is like that."""
     from edgetl.keras import keras
 
+    keras.utils.set_random_seed(0)  # the same initial weights on every run
     k = keras.layers
     x = k.Input((size, size, 3))
     a = k.Conv2D(8, 3, padding="same", activation="relu", name="conv_a")(x)
@@ -167,6 +168,7 @@ def test_flips_alone_quantizes_only_that_layer_and_restores_it():
     from edgetl.keras import keras
     from edgetl.sensitivity import _flips_alone, _predict
 
+    keras.utils.set_random_seed(0)
     k = keras.layers
     x = k.Input((16, 16, 3))
     c = k.Conv2D(4, 3, name="c")(x)
