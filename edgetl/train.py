@@ -417,6 +417,7 @@ def _claim(out: Path):
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
+                fd = None  # not ours: never unlinked here
                 raise EdgetlError(f"run directory '{out}' is in use by another edgetl train "
                                   f"(it holds '{lock}'): wait for it to finish, or choose "
                                   "another --out") from None
@@ -540,6 +541,9 @@ def _fault(e: BaseException, run: Path, kept: bool) -> EdgetlError | None:
                                "--input-size")
         found = re.search(re.escape(str(run)) + r"[^\s;:,'\"]*", text)
         path = found.group(0) if found else run
+        if found and "/.tmp-" in path:  # TensorFlow's own temp name inside ours, already removed
+            path = path[:path.index("/", path.index("/.tmp-") + 1)] if "/" in path[
+                path.index("/.tmp-") + 1:] else path
         known = [r for r in ("No space left on device", "Read-only file system",
                              "Permission denied", "Disk quota exceeded", "No such file or directory")
                  if r in text]
