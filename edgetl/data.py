@@ -454,8 +454,11 @@ def make_synth(out: str | os.PathLike, classes: int = 4, per_class: int = 60, si
 
     if not 2 <= classes <= len(SYNTH_CLASSES):
         raise EdgetlError(f"--classes {classes} must be between 2 and {len(SYNTH_CLASSES)}")
-    if per_class < 1 or size < 16:
-        raise EdgetlError(f"--per-class {per_class} / --size {size}: need >= 1 image and >= 16 px")
+    from edgetl.config import MAX_SEED, check_number, parse_input_size
+
+    check_number("--per-class", per_class, integer=True, low=1, high=100_000)
+    parse_input_size(size, "--size")
+    check_number("--seed", seed, integer=True, low=0, high=MAX_SEED)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise EdgetlError(f"'{out}' exists and is not empty: choose another folder or pass "

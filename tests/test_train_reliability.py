@@ -520,3 +520,16 @@ def test_full_disk_while_checkpointing_is_one_line_and_leaves_a_resumable_run(da
         assert not (full / ".run.lock").exists()
     finally:
         subprocess.run(["umount", str(full)])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--size", "5000"], r"--size 5000 is too large \(maximum 1024 px"),
+    (["--size", "8"], r"--size 8 is too small \(minimum 16\)"),
+    (["--seed", "-1"], r"--seed -1 must be a whole number >= 0"),
+    (["--per-class", "0"], r"--per-class 0 must be a whole number >= 1"),
+    (["--classes", "1"], r"--classes 1 must be between 2 and 6"),
+])
+def test_data_synth_numbers_are_checked(args, message, tmp_path):
+    code, _, err = _invoke("data", "synth", tmp_path / "out", *args)
+    assert code == 2 and re.search(message, _one_error_line(err)), err
+    assert list(tmp_path.iterdir()) == []
