@@ -479,8 +479,9 @@ def _signals_raise():
 
 
 @contextlib.contextmanager
-def _signals_deferred():
-    """A signal arriving inside waits until the block is done (renames that must pair up)."""
+def _signals_deferred(then_raise: bool = True):
+    """A signal arriving inside waits until the block is done (renames that must pair up);
+    ``then_raise=False`` drops it (the run has already finished)."""
     _deferred["depth"] += 1
     try:
         yield
@@ -488,7 +489,8 @@ def _signals_deferred():
         _deferred["depth"] -= 1
         if not _deferred["depth"] and _deferred["pending"] is not None:
             _deferred["pending"] = None
-            raise KeyboardInterrupt
+            if then_raise:
+                raise KeyboardInterrupt
 
 
 def _remove_temp_files(run: Path) -> None:
@@ -876,7 +878,7 @@ def train(cfg: TrainConfig, given=None) -> TrainResult:
             if fault is not None:
                 raise fault from None
             raise
-        with _signals_deferred():
+        with _signals_deferred(then_raise=False):
             if done.set_aside:
                 shutil.rmtree(_aside(out), ignore_errors=True)
     return result
