@@ -90,6 +90,12 @@ def _read_file(path: str) -> _File:
                           "(.keras, .h5 or a SavedModel directory)")
     if p.is_dir():
         return _read_savedmodel(path, p)
+    if not p.is_file():  # a FIFO, socket or device: opening it could block forever
+        from edgetl.data import _not_regular
+
+        raise EdgetlError(f"--base-model '{path}' is {(_not_regular(p) or 'not a regular file')}"
+                          "; pass a saved Keras model file (.keras, .h5) or a SavedModel "
+                          "directory")
     suffix = p.suffix.lower()
     if suffix == ".keras":
         return _read_keras_zip(path, p)

@@ -16,7 +16,72 @@ import typer
 from edgetl.config import IOType, Pooling, QatRanges, QatScope, Quantization, Strategy
 from edgetl.errors import EdgetlError
 
+def _parse_error_line(e, args: list) -> str:
+    """typer's own parse error as edgetl's one line: ``--epochs: 'nan' is not an integer``."""
+    import re
+
+    from typer._click import exceptions as cx
+
+    text = e.format_message()
+    param = getattr(e, "param", None)
+    if isinstance(e, cx.MissingParameter) and param is not None:
+        name = param.opts[0] if param.param_type_name == "option" else param.name.upper()
+        return f"{name} is required (see '{e.ctx.command_path} --help')" if e.ctx else \
+            f"{name} is required"
+    if isinstance(e, cx.BadParameter) and param is not None:
+        opts = list(getattr(param, "opts", []) or [])
+        name = opts[0] if param.param_type_name == "option" and opts else param.name.upper()
+        value = None
+        for i, a in enumerate(args):
+            for o in opts:
+                if a == o and i + 1 < len(args):
+                    value = args[i + 1]
+                elif a.startswith(o + "="):
+                    value = a[len(o) + 1:]
+        kind = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+        inner = [t for t in getattr(kind, "__args__", ()) if t is not type(None)]
+        kind = inner[0] if inner else kind
+        shown = "" if value is None else f"{value!r} "
+        if kind is int:
+            return f"{name}: {shown}is not an integer"
+        if kind is float:
+            return f"{name}: {shown}is not a number"
+        choices = re.search(r"is not one of (.*?)\.?$", e.message)
+        if choices:
+            return f"{name}: {shown}is not one of {choices.group(1)}"
+        return f"{name}: {shown}{e.message.rstrip('.')}".replace(": Value error, ", ": ")
+    hint = f" (see '{e.ctx.command_path} --help')" if getattr(e, "ctx", None) else ""
+    text = text.rstrip(".")
+    return f"{text[:1].lower()}{text[1:]}{hint}"
+
+
+class _Group(typer.core.TyperGroup):
+    """Turns every parse error of every command into one ``error: ...`` line, exit 2 (typer's
+    default is a usage line and a box)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        return self._one_line(args, super().make_context, info_name, args, parent=parent,
+                              **extra)
+
+    def invoke(self, ctx):
+        return self._one_line(list(ctx.protected_args if hasattr(ctx, "protected_args") else [])
+                              + list(ctx.args), super().invoke, ctx)
+
+    @staticmethod
+    def _one_line(args, fn, *a, **kw):
+        from typer._click import exceptions as cx
+
+        try:
+            return fn(*a, **kw)
+        except cx.NoArgsIsHelpError:
+            raise
+        except cx.UsageError as e:
+            typer.echo(f"error: {_parse_error_line(e, list(args or []))}", err=True)
+            raise typer.Exit(2) from None
+
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  cls=_Group,
                   help="Transfer learning to verified int8 TFLite for Raspberry Pi and Coral.")
 data_app = typer.Typer(no_args_is_help=True, help="Built-in datasets: generated shapes, IDX.")
 app.add_typer(data_app, name="data")
@@ -52,7 +117,9 @@ def _reraise(e: Exception):
 
 @app.command()
 def train(
-    data: Path = typer.Option(..., help="Folder with one sub-folder of images per class."),
+    ctx: typer.Context,
+    data: Optional[Path] = typer.Option(None, help="Folder with one sub-folder of images per "
+                                                   "class (with --resume: the run's)."),
     backbone: str = typer.Option("mobilenetv2", help="Registry name; see `edgetl backbones`."),
     out: Optional[Path] = typer.Option(None, help="Run directory [runs/<backbone>-<time>]."),
     base_model: Optional[Path] = typer.Option(None, help="Your own saved model as the backbone."),
@@ -99,8 +166,15 @@ def train(
 
     if resume and out is None:
         _fail("--resume needs --out RUN (the run directory to continue)")
+    if data is None and not resume:
+        _fail("--data is required: a folder with one sub-folder of images per class")
+    from typer._click.core import ParameterSource
+
+    # With --resume, each flag typed on the command line must match the run's own setting.
+    given = {name for name in ctx.params
+             if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
     cfg = TrainConfig(
-        data=str(data), out=str(out) if out else None, backbone=backbone,
+        data=str(data) if data is not None else "", out=str(out) if out else None, backbone=backbone,
         base_model=str(base_model) if base_model else None, cut_layer=cut_layer, unsafe=unsafe,
         weights=weights, alpha=alpha, input_size=input_size,
         val_data=str(val_data) if val_data else None, val_split=val_split, strategy=strategy,
@@ -111,7 +185,7 @@ def train(
         seed=seed, resume=resume, overwrite=overwrite, quiet=quiet)
     from edgetl.train import train as run_train
 
-    result = _guard(run_train, cfg)
+    result = _guard(run_train, cfg, given)
     typer.echo(f"run: {result.run_dir}  val_accuracy: {result.val_accuracy:.4f}  "
                f"epochs: {result.epochs_done}{'  (QAT)' if result.qat else ''}")
 

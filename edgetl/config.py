@@ -2,10 +2,60 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
 from edgetl.errors import EdgetlError
+
+
+MIN_INPUT_SIZE = 16
+# Classifier backbones top out near 600 px (EfficientNetB7); past this, the folder scan alone
+# decodes gigabytes (every image is held at the training size).
+MAX_INPUT_SIZE = 1024
+MAX_SEED = 2**32 - 1  # numpy's and TensorFlow's seed range
+
+
+def parse_input_size(value, flag: str = "--input-size") -> int:
+    """The one parser of an input size: a whole number of pixels in [16, 1024] (square).
+
+    Raises:
+        EdgetlError: not a whole number, or out of bounds; the message names ``flag``.
+    """
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise EdgetlError(f"{flag} {value!r} is not a whole number of pixels (e.g. 224)")
+    if value < MIN_INPUT_SIZE:
+        raise EdgetlError(f"{flag} {value} is too small (minimum {MIN_INPUT_SIZE})")
+    if value > MAX_INPUT_SIZE:
+        raise EdgetlError(f"{flag} {value} is too large (maximum {MAX_INPUT_SIZE} px: every image "
+                          "is decoded at this size)")
+    return value
+
+
+def check_number(flag: str, value, *, integer: bool = False, low=None, high=None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """Refuses a non-number, NaN, an infinity or a value out of [low, high] (open ends if asked).
+
+    Raises:
+        EdgetlError: naming ``flag`` and the accepted range.
+    """
+    kind = "a whole number" if integer else "a number"
+    ok = not isinstance(value, bool) and (isinstance(value, int) if integer
+                                          else isinstance(value, (int, float)))
+    if ok and not integer:
+        ok = math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+        rng = " and ".join(x for x in (lo, hi) if x)
+        raise EdgetlError(f"{flag} {value!r} must be {kind}{' ' + rng if rng else ''}"
+                          f"{'' if integer else ' (finite)'}")
 
 
 class Strategy(str, Enum):
@@ -119,7 +169,22 @@ class TrainConfig:
     quiet: bool = False
 
     def check(self) -> None:
-        """Refuses contradictory or impossible settings before anything is read or written."""
+        """Refuses contradictory, impossible or non-finite settings before anything is read or
+        written; every message names its flag."""
+        for flag, value in (("--data", self.data), ("--backbone", self.backbone),
+                            ("--weights", self.weights), ("--head", self.head),
+                            ("--class-weights", self.class_weights)):
+            if not isinstance(value, str):
+                raise EdgetlError(f"{flag} {value!r} must be text")
+        for flag, value in (("--out", self.out), ("--base-model", self.base_model),
+                            ("--cut-layer", self.cut_layer), ("--val-data", self.val_data),
+                            ("--unfreeze-from", self.unfreeze_from)):
+            if value is not None and not isinstance(value, str):
+                raise EdgetlError(f"{flag} {value!r} must be text")
+        for flag, value in (("--unsafe", self.unsafe), ("--qat", self.qat),
+                            ("--augment", self.augment), ("--strict", self.strict)):
+            if not isinstance(value, bool):
+                raise EdgetlError(f"{flag} {value!r} must be true or false")
         if self.resume and self.overwrite:
             raise EdgetlError("--resume and --overwrite contradict each other: pick one")
         if self.val_data and self.val_split is not None:
@@ -129,24 +194,27 @@ class TrainConfig:
         if self.strategy == Strategy.feature_extract and (self.unfreeze or self.unfreeze_from):
             raise EdgetlError("--unfreeze/--unfreeze-from need --strategy fine-tune or two-phase "
                               "(feature-extract keeps the whole base frozen)")
-        if self.unfreeze is not None and self.unfreeze < 1:
-            raise EdgetlError(f"--unfreeze {self.unfreeze} must be at least 1")
+        if self.unfreeze is not None:
+            check_number("--unfreeze", self.unfreeze, integer=True, low=1)
         if self.cut_layer and not self.base_model:
             raise EdgetlError("--cut-layer needs --base-model")
-        if self.epochs < 1 or (self.strategy == Strategy.two_phase and self.fine_tune_epochs < 1):
-            raise EdgetlError(f"--epochs {self.epochs} / --fine-tune-epochs "
-                              f"{self.fine_tune_epochs} must be at least 1")
-        if self.batch_size < 1:
-            raise EdgetlError(f"--batch-size {self.batch_size} must be at least 1")
-        if not (self.lr > 0 and self.fine_tune_lr > 0):
-            raise EdgetlError(f"learning rates must be > 0 (got --lr {self.lr}, --fine-tune-lr "
-                              f"{self.fine_tune_lr})")
-        if not 0 <= self.dropout < 1:
-            raise EdgetlError(f"--dropout {self.dropout} must be in [0, 1)")
+        check_number("--epochs", self.epochs, integer=True, low=1, high=100_000)
+        check_number("--fine-tune-epochs", self.fine_tune_epochs, integer=True,
+                     low=1 if self.strategy == Strategy.two_phase else 0, high=100_000)
+        check_number("--batch-size", self.batch_size, integer=True, low=1, high=65_536)
+        check_number("--lr", self.lr, low=0, low_open=True)
+        check_number("--fine-tune-lr", self.fine_tune_lr, low=0, low_open=True)
+        check_number("--dropout", self.dropout, low=0, high=1, high_open=True)
+        if self.val_split is not None:
+            check_number("--val-split", self.val_split, low=0, high=1, low_open=True,
+                         high_open=True)
+        if self.alpha is not None:
+            check_number("--alpha", self.alpha, low=0, low_open=True, high=10)
+        check_number("--seed", self.seed, integer=True, low=0, high=MAX_SEED)
         if self.class_weights not in ("none", "auto"):
             raise EdgetlError(f"--class-weights '{self.class_weights}': use 'none' or 'auto'")
-        if self.input_size is not None and self.input_size < 16:
-            raise EdgetlError(f"--input-size {self.input_size} is too small (minimum 16)")
+        if self.input_size is not None:
+            parse_input_size(self.input_size)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -162,8 +230,15 @@ class TrainConfig:
         for k, enum in (("strategy", Strategy), ("pooling", Pooling), ("qat_scope", QatScope),
                         ("qat_ranges", QatRanges)):
             if k in d:
-                d[k] = enum(d[k])
-        return cls(**d)
+                try:
+                    d[k] = enum(d[k])
+                except ValueError:
+                    raise EdgetlError(f"{k} {d[k]!r} is not one of "
+                                      f"{', '.join(e.value for e in enum)}") from None
+        try:
+            return cls(**d)
+        except TypeError as e:  # a required field (data) is missing
+            raise EdgetlError(str(e).split(".")[-1].strip()) from None
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,9 @@ import numpy as np
 
 from edgetl.errors import EdgetlError
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}  # the common ones; see image_extensions
+# Pillow formats never read from a data folder: EPS runs Ghostscript (an external program).
+NOT_READ_FORMATS = {"EPS"}
 DECODE_CHUNK = 32  # images decoded per Python call in make_dataset
 # scan_folder keeps the pixels it decodes when they fit in this, so that training does not decode
 # every image a second time in its first epoch (benchmarks/run.py, section 6).
@@ -81,8 +83,44 @@ def _is_within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
+def image_extensions() -> frozenset:
+    """Every file extension Pillow can open (WebP, TIFF, ...), plus the common ones."""
+    global _EXTENSIONS
+    if _EXTENSIONS is None:
+        from PIL import Image
+
+        Image.init()
+        _EXTENSIONS = frozenset(IMAGE_EXTENSIONS | {
+            ext.lower() for ext, fmt in Image.registered_extensions().items()
+            if fmt in Image.OPEN and fmt not in NOT_READ_FORMATS})
+    return _EXTENSIONS
+
+
+_EXTENSIONS = None
+
+
+def _not_regular(path: Path) -> str | None:
+    """Why a path is not a regular file (FIFO, socket, device, broken link), or None.
+
+    Checked with stat only: opening a FIFO blocks until someone writes to it."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        return f"cannot stat it ({e.strerror}; a broken symlink?)"
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a folder"
+            if stat.S_ISDIR(mode) else "not a regular file")
+    return f"not a regular file: {kind}, never opened"
+
+
 def _walk_images(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Image files under folder (recursively), not following symlinked folders into loops."""
+    """Regular image files under folder (recursively), not following symlinked folders into
+    loops; everything else is returned with the reason it is left out."""
+    extensions = image_extensions()
     found, other = [], []
     seen = set()
     top = os.path.realpath(folder)
@@ -101,10 +139,14 @@ def _walk_images(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
             p = Path(dirpath) / name
             if name.startswith("."):
                 continue
-            if p.suffix.lower() in IMAGE_EXTENSIONS:
+            odd = _not_regular(p)
+            if odd:
+                other.append((str(p), odd))
+            elif p.suffix.lower() in extensions:
                 found.append(p)
             else:
-                other.append((str(p), "not an image file (extension)"))
+                other.append((str(p), f"not an image file (extension "
+                                      f"'{p.suffix or p.name}' is not a format Pillow reads)"))
     return found, other
 
 
@@ -173,7 +215,16 @@ def scan_folder(root: str | os.PathLike, size: tuple[int, int] | None = None,
     if class_names is None:
         empty = [n for n in names if present.get(index[n], 0) == 0]
         if empty:
-            raise EdgetlError(f"class folder '{root / empty[0]}' has no readable images: add "
+            folder = root / empty[0]
+            left = [(p, why) for p, why in skipped
+                    if _is_within(os.path.abspath(p), os.path.abspath(folder))]
+            why = ""
+            if left:
+                exts = sorted({Path(p).suffix.lower() or Path(p).name for p, _ in left})
+                why = (f" (it has {len(left)} file(s) left out: {', '.join(exts[:5])}; e.g. "
+                       f"'{left[0][0]}': {left[0][1]}; edgetl reads JPEG, PNG, WebP, TIFF, BMP, "
+                       "GIF and every other format Pillow opens)")
+            raise EdgetlError(f"class folder '{folder}' has no readable images{why}: add "
                               "images or remove the folder")
     elif not items:
         raise EdgetlError(f"folder '{root}' has no readable images")
@@ -403,8 +454,11 @@ def make_synth(out: str | os.PathLike, classes: int = 4, per_class: int = 60, si
 
     if not 2 <= classes <= len(SYNTH_CLASSES):
         raise EdgetlError(f"--classes {classes} must be between 2 and {len(SYNTH_CLASSES)}")
-    if per_class < 1 or size < 16:
-        raise EdgetlError(f"--per-class {per_class} / --size {size}: need >= 1 image and >= 16 px")
+    from edgetl.config import MAX_SEED, check_number, parse_input_size
+
+    check_number("--per-class", per_class, integer=True, low=1, high=100_000)
+    parse_input_size(size, "--size")
+    check_number("--seed", seed, integer=True, low=0, high=MAX_SEED)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise EdgetlError(f"'{out}' exists and is not empty: choose another folder or pass "

@@ -348,24 +348,53 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _prepare_run_dir(cfg: TrainConfig) -> tuple[Path, TrainConfig, dict | None]:
-    """Creates (or, with --resume, reopens) the run directory; never clobbers without --overwrite."""
-    out = Path(cfg.out) if cfg.out else Path("runs") / (
+def _out_path(cfg: TrainConfig) -> Path:
+    return Path(cfg.out) if cfg.out else Path("runs") / (
         f"{cfg.backbone if not cfg.base_model else 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+class _RunDir:
+    """What _prepare_run_dir did, so that a failure can undo exactly that."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.created = False  # this process made the run directory
+        self.set_aside = False  # --overwrite moved the previous run to _aside(out)
+
+
+def _prepare_run_dir(cfg: TrainConfig, out: Path, given, done: _RunDir
+                     ) -> tuple[Path, TrainConfig, dict | None]:
+    """Creates (or, with --resume, reopens) the run directory; never clobbers without --overwrite.
+
+    Called with the run's lock held. ``done`` records what was changed, for the undo.
+    """
+    aside = _aside(out)
     if cfg.resume:
-        state_file = out / "state.json"
-        if not (out / "config.json").is_file():
-            raise EdgetlError(f"--resume: '{out}' is not an edgetl run (no config.json); start a "
-                              "new run without --resume")
-        saved = json.loads((out / "config.json").read_text())
-        if saved.get("run_format", RUN_FORMAT) > RUN_FORMAT:
-            raise EdgetlError(f"run '{out}' was written by a newer edgetl (run format "
-                              f"{saved['run_format']}); upgrade edgetl to resume it")
-        resumed = TrainConfig.from_dict(dict(saved["train"], resume=True, quiet=cfg.quiet,
+        config = _read_run_config(out)
+        saved = TrainConfig.from_dict(config["train"])  # validated by _read_run_config
+        _refuse_changed_flags(cfg, saved, given, out)
+        resumed = TrainConfig.from_dict(dict(saved.to_dict(), resume=True, quiet=cfg.quiet,
+                                             strict=cfg.strict, unsafe=cfg.unsafe,
                                              out=str(out)))
-        state = json.loads(state_file.read_text()) if state_file.is_file() else None
+        check_out_outside_data(out, resumed)
+        state = _read_state(out, resumed)
+        if aside.exists() and not cfg.quiet:
+            print(f"note: '{aside}' holds a run an interrupted --overwrite set aside; it is "
+                  "kept (delete it when you no longer need it)", file=sys.stderr)
         return out, resumed, state
     check_out_dir(out, "--out")
+    if aside.exists():
+        # Only a killed --overwrite leaves this (the lock says no one else is running here).
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        if not out.exists():
+            os.replace(aside, out)
+            print(f"note: put back the run an interrupted --overwrite had set aside in "
+                  f"'{aside}'", file=sys.stderr)
+        else:
+            raise EdgetlError(f"'{aside}' holds the run an interrupted --overwrite set aside "
+                              f"(replaced by the run in '{out}'): move it back or delete it, "
+                              "then try again")
     if out.exists() and any(out.iterdir()):
         if not cfg.overwrite:
             raise EdgetlError(f"run directory '{out}' already exists: pass --overwrite to replace "
@@ -373,16 +402,367 @@ def _prepare_run_dir(cfg: TrainConfig) -> tuple[Path, TrainConfig, dict | None]:
         if not (out / "config.json").is_file():
             raise EdgetlError(f"--overwrite refused: '{out}' is not an edgetl run directory "
                               "(no config.json); choose another --out")
-        # Set aside, not deleted: train() puts it back if the new run is refused.
-        shutil.rmtree(_aside(out), ignore_errors=True)
-        os.replace(out, _aside(out))
-    out.mkdir(parents=True, exist_ok=True)
+        # Set aside, not deleted: put back on any failure, deleted only once this run succeeds.
+        with _signals_deferred():
+            os.replace(out, aside)
+            done.set_aside = True
+    if not out.exists():
+        out.mkdir(parents=True)
+        done.created = True
     return out, cfg, None
 
 
 def _aside(run: Path) -> Path:
-    """Where --overwrite keeps the replaced run until the new one has started."""
+    """Where --overwrite keeps the replaced run until the new one has succeeded."""
     return run.with_name(f".{run.name}.replaced")
+
+
+def _lock_path(run: Path) -> Path:
+    return run.with_name(f".{run.name}.lock")
+
+
+@contextlib.contextmanager
+def _claim(out: Path):
+    """Holds an exclusive lock on the run directory (a sibling lock file, flock'ed).
+
+    The kernel drops a flock when its process dies, so a killed run never blocks the next one.
+    Missing parent folders are created for the lock file and removed again on failure.
+
+    Raises:
+        EdgetlError: another process holds the run.
+    """
+    import fcntl
+
+    made = []
+    probe = out.parent
+    while not probe.exists() and probe != probe.parent:
+        made.append(probe)
+        probe = probe.parent
+    for d in reversed(made):
+        d.mkdir()
+    lock = _lock_path(out)
+    fd = None
+    try:
+        while fd is None:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                fd = None  # not ours: never unlinked here
+                raise EdgetlError(f"run directory '{out}' is in use by another edgetl train "
+                                  f"(it holds '{lock}'): wait for it to finish, or choose "
+                                  "another --out") from None
+            try:  # the previous holder may have unlinked the file after we opened it
+                same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                fd = None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    except BaseException:
+        if fd is not None:
+            _unlock(lock, fd)
+            fd = None
+        for d in made:  # innermost first
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+    finally:
+        if fd is not None:
+            _unlock(lock, fd)
+
+
+def _unlock(lock: Path, fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(lock)  # while still locked: a waiter re-checks the inode
+    os.close(fd)
+
+
+_deferred = {"depth": 0, "pending": None}
+
+
+def _on_signal(signum, frame):
+    if _deferred["depth"]:
+        _deferred["pending"] = signum
+        return
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _signals_raise():
+    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread while training runs, so the
+    run directory is put right (temp files, a set-aside run) before the process ends."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _signals_deferred(then_raise: bool = True):
+    """A signal arriving inside waits until the block is done (renames that must pair up);
+    ``then_raise=False`` drops it (the run has already finished)."""
+    _deferred["depth"] += 1
+    try:
+        yield
+    finally:
+        _deferred["depth"] -= 1
+        if not _deferred["depth"] and _deferred["pending"] is not None:
+            _deferred["pending"] = None
+            if then_raise:
+                raise KeyboardInterrupt
+
+
+def _remove_temp_files(run: Path) -> None:
+    """Removes the temporary names this module writes (.tmp-*, .*.tmp) anywhere in the run."""
+    if not run.is_dir():
+        return
+    for dirpath, dirnames, filenames in os.walk(run):
+        for name in list(dirnames):
+            if name.startswith(".tmp-"):
+                shutil.rmtree(Path(dirpath) / name, ignore_errors=True)
+                dirnames.remove(name)
+        for name in filenames:
+            if name.startswith(".tmp-") or (name.startswith(".") and name.endswith(".tmp")):
+                with contextlib.suppress(OSError):
+                    os.unlink(Path(dirpath) / name)
+
+
+def _undo(done: _RunDir) -> None:
+    """After a failure: temp files go; a set-aside run comes back; a new run without a finished
+    epoch is removed (there is nothing to resume). A run with finished epochs stays resumable."""
+    out = done.out
+    _remove_temp_files(out)
+    if done.set_aside:
+        failed = out.with_name(f".{out.name}.failed")
+        shutil.rmtree(failed, ignore_errors=True)
+        if out.exists():
+            os.replace(out, failed)
+        os.replace(_aside(out), out)
+        shutil.rmtree(failed, ignore_errors=True)
+    elif done.created and not (out / "state.json").exists():
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _fault(e: BaseException, run: Path, kept: bool) -> EdgetlError | None:
+    """A fault of the machine (disk full, read-only, TensorFlow's file and memory errors) as one
+    line naming the path; None for anything else."""
+    import re
+
+    tf_error = None
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and isinstance(e, tf.errors.OpError):
+        tf_error = e
+    if isinstance(e, OSError):
+        path = e.filename or run
+        reason = e.strerror or str(e)
+    elif tf_error is not None:
+        text = str(getattr(e, "message", e))
+        if isinstance(e, tf.errors.ResourceExhaustedError) and "OOM" in text:
+            return EdgetlError("out of memory while training: lower --batch-size or "
+                               "--input-size")
+        found = re.search(re.escape(str(run)) + r"[^\s;:,'\"]*", text)
+        path = found.group(0) if found else run
+        if found and "/.tmp-" in path:  # TensorFlow's own temp name inside ours, already removed
+            path = path[:path.index("/", path.index("/.tmp-") + 1)] if "/" in path[
+                path.index("/.tmp-") + 1:] else path
+        known = [r for r in ("No space left on device", "Read-only file system",
+                             "Permission denied", "Disk quota exceeded", "No such file or directory")
+                 if r in text]
+        reason = known[0] if known else (text.splitlines() or [type(e).__name__])[0][:200]
+    elif isinstance(e, MemoryError):
+        return EdgetlError("out of memory while training: lower --batch-size or --input-size")
+    else:
+        return None
+    then = (f"; the run is kept: fix that, then continue it with `edgetl train --out {run} "
+            "--resume`") if kept else ""
+    return EdgetlError(f"cannot read or write '{path}': {reason}{then}")
+
+
+def _read_json(path: Path, what: str):
+    """A run's JSON file, or an EdgetlError naming it."""
+    import stat
+
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise EdgetlError(f"'{path}' is not a regular file: the run is damaged")
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError):
+        raise EdgetlError(f"'{path}' is corrupt (not JSON): {what}") from None
+    except OSError as e:
+        raise EdgetlError(f"cannot read '{path}': {e.strerror or e}") from None
+
+
+def _damaged(file: Path, field: str, problem: str, todo: str) -> EdgetlError:
+    return EdgetlError(f"'{file}' field '{field}' {problem}: {todo}")
+
+
+def validate_run_config(config, file: Path, todo: str) -> dict:
+    """Checks every field of a run's config.json that resume and export use.
+
+    Returns the config. Raises EdgetlError naming the file and the field.
+    """
+    import math
+
+    from edgetl.config import parse_input_size
+
+    if not isinstance(config, dict):
+        raise EdgetlError(f"'{file}' is not a JSON object: {todo}")
+    fmt = config.get("run_format", RUN_FORMAT)
+    if isinstance(fmt, bool) or not isinstance(fmt, int):
+        raise _damaged(file, "run_format", f"is {fmt!r}, not a whole number", todo)
+    if fmt > RUN_FORMAT:
+        raise EdgetlError(f"run '{file.parent}' was written by a newer edgetl (run format "
+                          f"{fmt}); upgrade edgetl")
+    train_cfg = config.get("train")
+    if not isinstance(train_cfg, dict):
+        raise _damaged(file, "train", "is missing or not an object", todo)
+    try:
+        TrainConfig.from_dict(dict(train_cfg, resume=False, overwrite=False)).check()
+    except EdgetlError as e:
+        import re
+
+        flag = re.search(r"--([a-z-]+)", str(e)) or re.match(r"(\w+)", str(e))
+        name = flag.group(1).replace("-", "_") if flag else "?"
+        raise _damaged(file, f"train.{name}", f"is invalid ({e})", todo) from None
+    if "input_size" in config:
+        try:
+            parse_input_size(config["input_size"], "value")
+        except EdgetlError as e:
+            raise _damaged(file, "input_size", f"is invalid ({e})", todo) from None
+    prep = config.get("preprocessing")
+    if "preprocessing" in config:
+        if not isinstance(prep, dict):
+            raise _damaged(file, "preprocessing", f"is {prep!r}, not an object with mean, std "
+                           "and channel_order", todo)
+        for key in ("mean", "std"):
+            v = prep.get(key)
+            if not (isinstance(v, list) and len(v) == 3 and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                    for x in v)):
+                raise _damaged(file, f"preprocessing.{key}", f"is {v!r}, not 3 finite numbers",
+                               todo)
+        if any(x == 0 for x in prep["std"]):
+            raise _damaged(file, "preprocessing.std", "has a zero", todo)
+        if prep.get("channel_order") not in ("RGB", "BGR"):
+            raise _damaged(file, "preprocessing.channel_order",
+                           f"is {prep.get('channel_order')!r}, not 'RGB' or 'BGR'", todo)
+    names = config.get("class_names")
+    if "class_names" in config:
+        if not (isinstance(names, list) and len(names) >= 2
+                and all(isinstance(n, str) and n for n in names)):
+            raise _damaged(file, "class_names", "is not a list of at least 2 names", todo)
+        if len(set(names)) != len(names):
+            raise _damaged(file, "class_names", "repeats a name", todo)
+    for key in ("n_base_layers",):
+        v = config.get(key)
+        if key in config and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise _damaged(file, key, f"is {v!r}, not a whole number >= 1", todo)
+    return config
+
+
+def _read_run_config(out: Path) -> dict:
+    file = out / "config.json"
+    if not file.is_file():
+        raise EdgetlError(f"--resume: '{out}' is not an edgetl run (no config.json); start a "
+                          "new run without --resume")
+    todo = "the run is damaged; start a new run (--overwrite)"
+    config = validate_run_config(_read_json(file, todo), file, todo)
+    if "data" not in config["train"]:
+        raise _damaged(file, "train.data", "is missing", todo)
+    return config
+
+
+def _read_state(out: Path, cfg: TrainConfig) -> dict | None:
+    """state.json checked against the run's phases and checkpoints (None: no epoch finished)."""
+    file = out / "state.json"
+    if not file.exists():
+        return None
+    todo = "the run is damaged; start a new run (--overwrite)"
+    state = _read_json(file, todo)
+    if not isinstance(state, dict):
+        raise EdgetlError(f"'{file}' is not a JSON object: {todo}")
+    plan = phases(cfg)
+    phase, epoch, ckpt = state.get("phase"), state.get("epoch"), state.get("checkpoint")
+    if isinstance(phase, bool) or not isinstance(phase, int) or not 0 <= phase < len(plan):
+        raise _damaged(file, "phase", f"is {phase!r}, not a phase of this run "
+                       f"(0..{len(plan) - 1})", todo)
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or \
+            not 0 <= epoch <= plan[phase].epochs:
+        raise _damaged(file, "epoch", f"is {epoch!r}, not in 0..{plan[phase].epochs}", todo)
+    if not isinstance(ckpt, str) or "/" in ckpt or ckpt.startswith(".") or \
+            not (out / "checkpoints" / ckpt / "ckpt.index").is_file():
+        raise _damaged(file, "checkpoint", f"names {ckpt!r}, which is not a complete "
+                       "checkpoint in checkpoints/", todo)
+    return state
+
+
+# Settings that do not change what a resumed run computes.
+_RESUME_FREE = {"out", "resume", "overwrite", "quiet", "strict", "unsafe"}
+
+
+def _refuse_changed_flags(cfg: TrainConfig, saved: TrainConfig, given, out: Path) -> None:
+    """--resume continues with the run's own settings; a flag that differs is refused by name.
+
+    ``given``: the fields set on the command line (None: the fields that differ from the
+    defaults, for library calls).
+    """
+    mine, theirs = cfg.to_dict(), saved.to_dict()
+    if given is None:
+        defaults = TrainConfig(data="").to_dict()
+        given = {k for k, v in mine.items() if v != defaults[k]}
+    differ = []
+    for key in sorted(set(given) - _RESUME_FREE):
+        if key not in mine:
+            continue
+        a, b = mine[key], theirs.get(key)
+        if key in ("data", "val_data", "base_model") and a is not None and b is not None:
+            same = os.path.realpath(a) == os.path.realpath(b)
+        else:
+            same = a == b
+        if not same:
+            flag = "--" + key.replace("_", "-")
+            if isinstance(a, bool):
+                flag = flag if a else "--no-" + key.replace("_", "-")
+                differ.append(f"{flag} (run: {'--' if b else '--no-'}{key.replace('_', '-')})")
+            else:
+                differ.append(f"{flag} {a!r} (run: {b!r})")
+    if differ:
+        raise EdgetlError(f"--resume continues '{out}' with its own settings, and these flags "
+                          f"differ from them: {', '.join(differ)}; drop them to resume, or start "
+                          "a new run with --overwrite")
+
+
+def check_out_outside_data(out: Path, cfg: TrainConfig) -> None:
+    """Refuses a run directory inside (or equal to) the data folders: it would be scanned as a
+    class, or --overwrite would move the data."""
+    real_out = os.path.realpath(out)
+    for flag, folder in (("--data", cfg.data), ("--val-data", cfg.val_data)):
+        if not folder:
+            continue
+        real = os.path.realpath(folder)
+        if _is_within(real_out, real) or _is_within(real, real_out):
+            where = "is inside" if _is_within(real_out, real) and real_out != real else \
+                "contains" if real_out != real else "is"
+            raise EdgetlError(f"--out '{out}' {where} {flag} '{folder}': the run directory must "
+                              f"be outside the data folder; choose another --out")
+
+
+def _is_within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def check_out_dir(out: Path, flag: str) -> None:
@@ -491,28 +871,48 @@ def _datasets(cfg: TrainConfig, size: int):
     return names, train_items, val_items, skipped, pixels
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def train(cfg: TrainConfig, given=None) -> TrainResult:
     """Runs (or resumes) a training run and writes its run directory.
 
+    Args:
+        cfg: the settings.
+        given: with --resume, the fields set on the command line (each must match the run's);
+            None: the fields that differ from TrainConfig's defaults.
+
+    The run directory is locked for the whole run. On any failure (an exception of any type,
+    SIGINT, SIGTERM) temporary files are removed, a run set aside by --overwrite is put back,
+    and a new run that finished no epoch is removed; a run with finished epochs stays resumable.
+
     Raises:
-        EdgetlError: for bad input, before anything is written where possible.
+        EdgetlError: bad input, before anything is written where possible; a fault of the
+            machine (disk full, read-only, TensorFlow's file errors), naming the path.
+        KeyboardInterrupt: SIGINT or SIGTERM.
     """
     cfg.check()
-    if cfg.base_model is None:
+    if cfg.base_model is None and not cfg.resume:
         backbones.get_backbone(cfg.backbone)  # unknown names fail before any data is read
     if not cfg.resume:
         _preflight(cfg)
-    run, cfg, state = _prepare_run_dir(cfg)
-    created = not cfg.resume
-    try:
-        result = _train(cfg, run, state)
-    except EdgetlError:
-        if created and not (run / "state.json").exists():
-            shutil.rmtree(run, ignore_errors=True)  # nothing half-written for a refused run
-            if _aside(run).exists():
-                os.replace(_aside(run), run)  # --overwrite: nothing deleted either
-        raise
-    shutil.rmtree(_aside(run), ignore_errors=True)
+    out = _out_path(cfg)
+    if not cfg.resume:
+        check_out_outside_data(out, cfg)
+    check_out_dir(out, "--out")
+    done = _RunDir(out)
+    with _signals_raise(), _claim(out):
+        try:
+            run, cfg, state = _prepare_run_dir(cfg, out, given, done)
+            result = _train(cfg, run, state)
+        except BaseException as e:
+            with _signals_deferred():
+                _undo(done)
+            kept = (out / "state.json").exists() and not done.set_aside
+            fault = _fault(e, out, kept)
+            if fault is not None:
+                raise fault from None
+            raise
+        with _signals_deferred(then_raise=False):
+            if done.set_aside:
+                shutil.rmtree(_aside(out), ignore_errors=True)
     return result
 
 
@@ -538,8 +938,16 @@ def _train(cfg: TrainConfig, run: Path, state: dict | None) -> TrainResult:
     from edgetl.keras import keras, tf, versions  # after the data checks, for the same reason
 
     log = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    if skipped:
-        log(f"skipped {len(skipped)} unreadable file(s), e.g. {skipped[0][0]}: {skipped[0][1]}")
+    if skipped:  # said even with --quiet: data left out is not progress; split.json lists all
+        first = "; ".join(f"'{p}': {why}" for p, why in skipped[:3])
+        print(f"note: left out {len(skipped)} file(s) (all listed in {run / 'split.json'}): "
+              f"{first}{'; ...' if len(skipped) > 3 else ''}", file=sys.stderr, flush=True)
+    if cfg.resume:
+        saved = _read_run_config(run)
+        if saved.get("class_names", names) != names:
+            raise EdgetlError(f"--resume: the classes in '{cfg.data}' ({', '.join(names)}) are "
+                              f"not the run's ({', '.join(saved['class_names'])}); restore the "
+                              "data folder, or start a new run (--overwrite)")
 
     model, n_base, spec = build_model(cfg, len(names), size)
     prep = backbones.preprocessing(spec) if spec else _base_model_prep(cfg)
@@ -561,14 +969,11 @@ def _train(cfg: TrainConfig, run: Path, state: dict | None) -> TrainResult:
         _atomic_write(run / "labels.txt", "\n".join(names) + "\n")
         _atomic_write(run / "split.json", json.dumps(
             {"train": train_items, "val": val_items, "skipped": skipped}, indent=1))
-    elif (run / "split.json").is_file():
-        split = json.loads((run / "split.json").read_text())
-        train_items = [tuple(x) for x in split["train"]]
-        val_items = [tuple(x) for x in split["val"]]
+    elif (run / "split.json").exists():
+        train_items, val_items = _read_split(run, len(names))
     else:
         # Killed between config.json and split.json: the split is seeded, so the one just made
         # is the run's own as long as the data is unchanged.
-        saved = json.loads((run / "config.json").read_text())
         if saved.get("data_hash") != list_hash(train_items + val_items):
             raise EdgetlError(f"--resume: '{run}' has no split.json and its data folder changed "
                               "since the run started; start a new run (--overwrite)")
@@ -648,6 +1053,32 @@ def _train(cfg: TrainConfig, run: Path, state: dict | None) -> TrainResult:
     return TrainResult(str(run), metrics["accuracy"], global_epoch, qat_model is not None)
 
 
+def _read_split(run: Path, n_classes: int) -> tuple[list, list]:
+    """split.json's train and val lists, checked: [path, class index] pairs of existing files."""
+    file = run / "split.json"
+    todo = "the run is damaged; start a new run (--overwrite)"
+    split = _read_json(file, todo)
+    if not isinstance(split, dict):
+        raise EdgetlError(f"'{file}' is not a JSON object: {todo}")
+    lists = []
+    for key in ("train", "val"):
+        items = split.get(key)
+        if not isinstance(items, list) or (key == "val" and not items):
+            raise _damaged(file, key, "is missing or empty" if not items else "is not a list",
+                           todo)
+        for i, item in enumerate(items):
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                    and isinstance(item[1], int) and not isinstance(item[1], bool)
+                    and 0 <= item[1] < n_classes):
+                raise _damaged(file, f"{key}[{i}]", f"is {item!r}, not [path, class index "
+                               f"0..{n_classes - 1}]", todo)
+            if not os.path.isfile(item[0]):
+                raise EdgetlError(f"'{file}' lists '{item[0]}', which is no longer a file: "
+                                  "restore the data folder, or start a new run (--overwrite)")
+        lists.append([tuple(x) for x in items])
+    return lists[0], lists[1]
+
+
 def _base_model_prep(cfg: TrainConfig) -> dict:
     from edgetl.basemodel import base_model_preprocessing
 
@@ -687,23 +1118,58 @@ def evaluate_keras(model, ds, names: list[str]) -> dict:
 
 
 def load_run(run: str | os.PathLike) -> dict:
-    """Reads a run's config.json, refusing what is not a finished edgetl run."""
+    """Reads a run's config.json, refusing what is not a finished, intact edgetl run.
+
+    Every field export uses is checked (types, sizes, preprocessing, class names), and against
+    the saved model's own config (read without deserialising): one class name per model output,
+    input_size equal to the model's input.
+
+    Raises:
+        EdgetlError: naming the file and the field.
+    """
     run = Path(run)
     cfg_file = run / "config.json"
     if not run.is_dir() or not cfg_file.is_file():
         raise EdgetlError(f"'{run}' is not an edgetl run directory (no config.json); train one "
                           "with `edgetl train`")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except ValueError:
-        raise EdgetlError(f"'{cfg_file}' is corrupt (not JSON)") from None
-    if config.get("run_format", 0) > RUN_FORMAT:
-        raise EdgetlError(f"run '{run}' was written by a newer edgetl (run format "
-                          f"{config['run_format']}); upgrade edgetl")
+    todo = "the run is damaged; copy the whole run directory again, or re-train it"
+    config = validate_run_config(_read_json(cfg_file, todo), cfg_file, todo)
+    for key in ("input_size", "preprocessing", "class_names"):
+        if key not in config:
+            raise _damaged(cfg_file, key, "is missing", todo)
     if not (run / "model.keras").exists():
         raise EdgetlError(f"run '{run}' has no model.keras: the run did not finish; continue it "
                           "with `edgetl train --out RUN --resume`")
+    shape, outputs = _model_io(run / "model.keras")
+    size = config["input_size"]
+    if shape is not None and any(d is not None and d != size for d in shape[1:3]):
+        raise _damaged(cfg_file, "input_size", f"is {size}, but model.keras takes "
+                       f"{shape[1]}x{shape[2]} px", todo)
+    if outputs is not None and outputs != len(config["class_names"]):
+        raise _damaged(cfg_file, "class_names", f"has {len(config['class_names'])} names, but "
+                       f"model.keras has {outputs} outputs (one name per output)", todo)
     return config
+
+
+def _model_io(path: Path) -> tuple[list | None, int | None]:
+    """(input batch shape, number of outputs of the classifier layer) from a saved model's
+    config, without deserialising; None where the config does not say."""
+    from edgetl import basemodel
+
+    try:
+        config = basemodel._read_file(str(path)).config
+    except EdgetlError:
+        return None, None  # load_model reports an unreadable model
+    if not isinstance(config, dict):
+        return None, None
+    shape = basemodel._config_input_shape(config)
+    units = None
+    for layer in (config.get("config") or {}).get("layers") or []:
+        if isinstance(layer, dict) and (layer.get("config") or {}).get("name") == \
+                f"{HEAD_PREFIX}predictions":
+            value = layer["config"].get("units")
+            units = value if isinstance(value, int) and not isinstance(value, bool) else None
+    return (shape if isinstance(shape, list) and len(shape) == 4 else None), units
 
 
 def load_model(path: str | os.PathLike, unsafe: bool = False):
