@@ -71,6 +71,7 @@ __all__ = [
     "attach_metadata",
     "strip_metadata",
     "read_metadata",
+    "read_standard_metadata",
     "read_labels",
     "read_labels_file",
     "match_labels",
@@ -886,6 +887,83 @@ def _metadata_from_members(members, name: str) -> "dict | None":
     ):
         raise RunnerError("%s: metadata labels are not a list of strings" % name)
     return meta
+
+
+def read_standard_metadata(path_or_bytes) -> "dict | None":
+    """The standard TFLite metadata (``TFLITE_METADATA``, as MediaPipe and Model Maker write it).
+
+    Reads the fields an image classifier needs: name, description, version, author; the first
+    input's ``NormalizationOptions`` and value range; the first output's ``TENSOR_AXIS_LABELS``
+    file, with its labels when that file is in the appended archive.
+
+    Returns:
+        ``{"name", "description", "version", "author", "min_parser_version", "mean", "std",
+        "input_min", "input_max", "color_space", "labels_file", "labels"}`` (``mean``/``std``/
+        ``labels`` None when absent), or None when the model has no standard metadata.
+
+    Raises:
+        RunnerError: not a TFLite model, or standard metadata present but corrupt.
+    """
+    data, name = _model_bytes(path_or_bytes)
+    model = _FlatBuffer(data, name).root()
+    blob = None
+    for m in model.tables(6, "metadata"):
+        if m.string(0, "metadata name") == "TFLITE_METADATA":
+            buffers = model.tables(4, "buffers")
+            index = m.scalar(1, "I", 0)
+            if index >= len(buffers):
+                raise RunnerError("%s: TFLITE_METADATA points at buffer %d of %d: re-export the "
+                                  "model" % (name, index, len(buffers)))
+            start, count = buffers[index]._vector(0, 1, "TFLITE_METADATA buffer")
+            blob = data[start : start + count] if start is not None else b""
+            break
+    if blob is None:
+        return None
+    what = "%s TFLITE_METADATA" % name
+    if len(blob) < 8 or blob[4:8] != b"M001":
+        raise RunnerError("%s is not a metadata flatbuffer (no M001 identifier)" % what)
+    root = _FlatBuffer(blob, what).root()
+    out = {
+        "name": root.string(0, "name"), "description": root.string(1, "description"),
+        "version": root.string(2, "version"), "author": root.string(4, "author"),
+        "min_parser_version": root.string(7, "min_parser_version"),
+        "mean": None, "std": None, "input_min": None, "input_max": None, "color_space": None,
+        "labels_file": None, "labels": None,
+    }
+    subgraphs = root.tables(3, "subgraph metadata")
+    inputs = subgraphs[0].tables(2, "input tensor metadata") if subgraphs else []
+    outputs = subgraphs[0].tables(3, "output tensor metadata") if subgraphs else []
+    if inputs:
+        tensor = inputs[0]
+        content = tensor._target(3, "input content")
+        if content is not None:
+            content = root.fb.table(content, "input content")
+            props = content._target(1, "image properties")
+            if content.scalar(0, "B", 0) == 2 and props is not None:  # ImageProperties
+                space = root.fb.table(props, "image properties").scalar(0, "b", 0)
+                out["color_space"] = {1: "RGB", 2: "GRAYSCALE"}.get(space, "UNKNOWN")
+        for unit in tensor.tables(4, "process units"):
+            options = unit._target(1, "process unit options")
+            if unit.scalar(0, "B", 0) == 1 and options is not None:  # NormalizationOptions
+                norm = root.fb.table(options, "normalization options")
+                out["mean"] = norm.scalars(0, "f", "normalization mean")
+                out["std"] = norm.scalars(1, "f", "normalization std")
+                break
+        stats = tensor._target(5, "input stats")
+        if stats is not None:
+            stats = root.fb.table(stats, "input stats")
+            out["input_max"] = stats.scalars(0, "f", "stats max") or None
+            out["input_min"] = stats.scalars(1, "f", "stats min") or None
+    if outputs:
+        for f in outputs[0].tables(6, "associated files"):
+            if f.scalar(2, "b", 0) == 2:  # TENSOR_AXIS_LABELS (the first one: default locale)
+                out["labels_file"] = f.string(0, "associated file name")
+                break
+    if out["labels_file"]:
+        members, _ = _read_zip_members(data)
+        if members and out["labels_file"] in members:
+            out["labels"] = _decode_labels(members[out["labels_file"]], name)
+    return out
 
 
 def _labels_from_members(members, name: str, meta: "dict | None"):

@@ -459,7 +459,8 @@ def _export_one(cfg, mode, model, float_model, qat, calib, run, run_cfg, name, t
                 manifest_path, split, timings) -> tuple[dict, list[str]]:
     from edgetl.inspect import edgetpu_section, integer_only_report
     from edgetl.keras import versions
-    from edgetl.runner import attach_metadata, read_model
+    from edgetl.metadata import mediapipe_note, write as write_metadata
+    from edgetl.runner import read_model
 
     size, prep, names = run_cfg["input_size"], run_cfg["preprocessing"], run_cfg["class_names"]
     io = IOType(cfg.io) if mode in (Quantization.int8, Quantization.int16x8) else IOType.float32
@@ -510,7 +511,9 @@ def _export_one(cfg, mode, model, float_model, qat, calib, run, run_cfg, name, t
     # killed export never leaves a .tflite that looks finished.
     staged = target.with_name(f".{target.stem}.partial.tflite")
     try:
-        _atomic_write_bytes(staged, attach_metadata(raw, meta, names))
+        # Standard TFLite metadata (MediaPipe, LiteRT support library) + edgetl's appended zip.
+        _atomic_write_bytes(staged, write_metadata(raw, meta, names))
+        report["mediapipe"] = mediapipe_note(meta) or "ok"
         if cfg.edgetpu:
             report["edgetpu"] = edgetpu_section(info, str(staged))
         if cfg.verify:
@@ -532,7 +535,7 @@ def _export_one(cfg, mode, model, float_model, qat, calib, run, run_cfg, name, t
         report["timings"] = dict(timings, convert_s=convert_s)
         if failures:  # keep the file, marked as failed in its own metadata
             meta["verification"] = {"passed": False, "failures": failures}
-            _atomic_write_bytes(staged, attach_metadata(raw, meta, names))
+            _atomic_write_bytes(staged, write_metadata(raw, meta, names))
         sidecar = dict(meta, verification=report, file=target.name,
                        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         _atomic_write_bytes(target.with_suffix(".json"), json.dumps(sidecar, indent=2).encode())
