@@ -889,12 +889,13 @@ def _metadata_from_members(members, name: str) -> "dict | None":
     return meta
 
 
-def read_standard_metadata(path_or_bytes) -> "dict | None":
+def read_standard_metadata(path_or_bytes, with_labels: bool = True) -> "dict | None":
     """The standard TFLite metadata (``TFLITE_METADATA``, as MediaPipe and Model Maker write it).
 
     Reads the fields an image classifier needs: name, description, version, author; the first
     input's ``NormalizationOptions`` and value range; the first output's ``TENSOR_AXIS_LABELS``
-    file, with its labels when that file is in the appended archive.
+    file, with its labels when that file is in the appended archive (and ``with_labels``: a
+    caller that has read the archive already passes False).
 
     Returns:
         ``{"name", "description", "version", "author", "min_parser_version", "mean", "std",
@@ -959,7 +960,7 @@ def read_standard_metadata(path_or_bytes) -> "dict | None":
             if f.scalar(2, "b", 0) == 2:  # TENSOR_AXIS_LABELS (the first one: default locale)
                 out["labels_file"] = f.string(0, "associated file name")
                 break
-    if out["labels_file"]:
+    if out["labels_file"] and with_labels:
         members, _ = _read_zip_members(data)
         if members and out["labels_file"] in members:
             out["labels"] = _decode_labels(members[out["labels_file"]], name)
@@ -1676,6 +1677,7 @@ class Model:
         path: the model file.
         info: what the flatbuffer holds (``ModelInfo``).
         metadata: edgetl metadata dict, or None.
+        standard_metadata: the standard TFLite metadata (``read_standard_metadata``), or None.
         labels: labels the model carries (edgetl metadata or an associated labels file), or None.
         labels_source: where ``labels`` came from (``edgetl metadata``, ``associated file ...``).
         interpreter_name: ``ai_edge_litert``, ``tflite_runtime`` or ``tensorflow.lite``.
@@ -1709,6 +1711,7 @@ class Model:
         self.info = _parse_model(data, self.path)
         try:  # the archive is read once per load
             self.metadata, self.labels, self.labels_source = read_model_metadata(data)
+            self.standard_metadata = read_standard_metadata(data, with_labels=False)
         except RunnerError as exc:  # read from bytes: name the file, not "the model bytes"
             raise RunnerError(str(exc).replace("the model bytes", self.path, 1)) from None
         if self.info.is_edgetpu and delegate != "edgetpu":
@@ -1829,7 +1832,23 @@ class Model:
         """The metadata's preprocessing when present, else :meth:`raw_prep`."""
         if self.metadata is not None and "input" in self.metadata:
             return prep_from_metadata(self.metadata)
-        return self.raw_prep()
+        return self.standard_prep() or self.raw_prep()
+
+    def standard_prep(self) -> "dict | None":
+        """Mean/std from standard TFLite metadata, for a float input (None otherwise).
+
+        As MediaPipe and the TFLite Support library do, an integer input gets the raw pixels:
+        its quantization is the normalisation.
+        """
+        std_meta = self.standard_metadata or {}
+        if std_meta.get("mean") is None or std_meta.get("std") is None:
+            return None
+        if self._in_dtype.kind != "f":
+            return None
+        prep = {"mean": std_meta["mean"], "std": std_meta["std"], "channel_order": "RGB",
+                "resize": "bilinear"}
+        _check_prep(prep, "%s standard metadata" % self.path)
+        return prep
 
     def quantize_input(self, x: np.ndarray) -> np.ndarray:
         """Float model input -> the model's input dtype (quantized with its own parameters)."""
@@ -1840,8 +1859,11 @@ class Model:
             # worth of fresh pages per step costs more than the arithmetic on a small device.
             if self.input.scale > 0:
                 q = np.divide(x, np.float32(self.input.scale), dtype=np.float32)
-                q += np.float32(self.input.zero_point)
-                np.rint(q, out=q)
+                # Round half up, with a margin for float error: with mean 127.5 / std 127.5 and
+                # zero point 127, pixel p lands on p - 0.5, which then always maps to the raw
+                # pixel (what MediaPipe and Coral's tools feed), not to p or p - 1 by parity.
+                q += np.float32(self.input.zero_point + 0.5 + 1e-3)
+                np.floor(q, out=q)
             else:
                 q = x.copy()
             info = np.iinfo(dt)
@@ -2315,6 +2337,8 @@ def _resolve_prep(args, model: Model) -> "tuple[dict, str]":
         prep, source = model.raw_prep(), "raw pixels (--raw)"
     elif model.metadata is not None and "input" in model.metadata:
         prep, source = prep_from_metadata(model.metadata), "edgetl metadata"
+    elif model.standard_prep() is not None:
+        prep, source = model.standard_prep(), "standard TFLite metadata (NormalizationOptions)"
     else:
         prep, source = model.raw_prep(), "raw pixels (no edgetl metadata)"
     prep = dict(prep)

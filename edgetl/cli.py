@@ -211,7 +211,8 @@ def export(
     float16: bool = typer.Option(False, "--float16", help="float16 weights."),
     dynamic: bool = typer.Option(False, "--dynamic", help="Dynamic-range (int8 weights)."),
     int16x8: bool = typer.Option(False, "--int16x8", help="int16 activations, int8 weights."),
-    io: IOType = typer.Option(IOType.int8, help="I/O type of integer models."),
+    io: IOType = typer.Option(IOType.uint8, help="I/O type of integer models (uint8: "
+                              "MediaPipe, Coral, LiteRT; int8: LiteRT only)."),
     num_calibration: int = typer.Option(200, help="Calibration images (class-balanced)."),
     calibration: Optional[Path] = typer.Option(None, help="Your own calibration folder."),
     calibration_manifest: Optional[Path] = typer.Option(None, help="Replay a calibration."),
@@ -261,7 +262,10 @@ def export(
     if as_json:
         typer.echo(json.dumps(result.reports, indent=2))
     else:
+        from edgetl.metadata import IO_ADVICE
+
         typer.echo(format_reports(result))
+        typer.echo(IO_ADVICE)
 
 
 @app.command()

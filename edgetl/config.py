@@ -248,7 +248,8 @@ class ExportConfig:
     Attributes:
         run: training run directory.
         modes: conversions to write (int8, float32, float16, dynamic, int16x8).
-        io: input/output type of integer models.
+        io: input/output type of integer models: uint8 (the default: MediaPipe Tasks and
+            Coral's tools take it; plain LiteRT too), int8 (MediaPipe refuses it), float32.
         num_calibration: calibration images (class-balanced sample of the training split).
         calibration: the user's own calibration folder (class folders or flat images).
         calibration_manifest: replay the calibration of an earlier export.
@@ -266,7 +267,7 @@ class ExportConfig:
 
     run: str
     modes: tuple = (Quantization.int8,)
-    io: IOType = IOType.int8
+    io: IOType = IOType.uint8
     num_calibration: int = 200
     calibration: str | None = None
     calibration_manifest: str | None = None

@@ -46,8 +46,8 @@ CONTENT_FEATURE, CONTENT_IMAGE = 1, 2
 OPTIONS_NORMALIZATION = 1
 
 # Which input/output type suits which runtime (printed by `edgetl export`).
-IO_ADVICE = ("I/O types: uint8 for MediaPipe Tasks and Coral's tools (the default), int8 for "
-             "plain LiteRT interpreters (MediaPipe refuses int8 input), float32 for float callers")
+IO_ADVICE = ("I/O: uint8 (the default) loads in MediaPipe Tasks, Coral's tools and LiteRT; int8 "
+             "in plain LiteRT only (MediaPipe refuses it); float32 I/O for callers feeding floats")
 
 
 def _schema():
