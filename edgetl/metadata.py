@@ -190,6 +190,31 @@ def add_to_model(model_bytes: bytes, metadata: bytes) -> bytes:
     return bytes(b.Output())
 
 
+def strip(model_bytes: bytes) -> bytes:
+    """The model without its ``TFLITE_METADATA`` entry and without any appended archive.
+
+    What stays is the converter's model, re-packed: two exports of the same weights compare equal
+    whatever their names. The metadata's buffer is left empty, so buffer indices do not move.
+    """
+    import flatbuffers
+
+    from edgetl.runner import strip_metadata
+
+    schema = _schema()
+    base = strip_metadata(model_bytes)
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(base, 0))
+    kept = []
+    for m in model.metadata or []:
+        if m.name.decode("utf-8", "replace") == METADATA_NAME:
+            model.buffers[m.buffer] = schema.BufferT()
+        else:
+            kept.append(m)
+    model.metadata = kept
+    b = flatbuffers.Builder(len(base) + 1024)
+    b.Finish(model.Pack(b), MODEL_IDENTIFIER)
+    return bytes(b.Output())
+
+
 def write(model_bytes: bytes, meta: dict, labels: list) -> bytes:
     """The exported file: model + standard metadata + appended ``labels.txt`` and ``edgetl.json``.
 
