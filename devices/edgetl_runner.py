@@ -1847,7 +1847,13 @@ class Model:
             return None
         prep = {"mean": std_meta["mean"], "std": std_meta["std"], "channel_order": "RGB",
                 "resize": "bilinear"}
-        _check_prep(prep, "%s standard metadata" % self.path)
+        try:
+            _check_prep(prep, "standard metadata")
+        except RunnerError as exc:  # unusable: the pixels go in raw, and the report says why
+            note = "%s ignored" % exc
+            if note not in self.notes:
+                self.notes.append(note)
+            return None
         return prep
 
     def quantize_input(self, x: np.ndarray) -> np.ndarray:
@@ -2413,6 +2419,7 @@ def run(options) -> dict:
             notes.append(note)
 
     prep, prep_source = _resolve_prep(args, model)
+    notes += [n for n in model.notes if n not in notes]  # e.g. unusable standard metadata
     meta_in = (model.metadata or {}).get("input") or {}
     if meta_in:
         try:

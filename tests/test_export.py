@@ -51,7 +51,7 @@ def plain_int8(plain_run):
     return plain_run / "export" / "plain_int8.tflite"
 
 
-def _int8_ok(path: Path, io="int8"):
+def _int8_ok(path: Path, io="uint8"):  # uint8: the default I/O
     from edgetl.inspect import integer_only_report
     from edgetl.runner import read_model
 
@@ -72,7 +72,7 @@ def test_int8_export_is_integer_only_and_carries_metadata(plain_run, plain_int8)
     labels = (plain_run / "labels.txt").read_text().split()
     assert meta["labels"] == labels and meta["mode"] == "int8"
     assert meta["input"]["height"] == 48 and meta["input"]["mean"] == [127.5] * 3
-    assert meta["io"]["input"][0]["dtype"] == "int8" and meta["io"]["input"][0]["scale"]
+    assert meta["io"]["input"][0]["dtype"] == "uint8" and meta["io"]["input"][0]["scale"]
     assert meta["versions"]["tensorflow"].startswith("2.")
     sidecar = json.loads(plain_int8.with_suffix(".json").read_text())
     acc = sidecar["verification"]["accuracy"]
@@ -108,7 +108,7 @@ def test_reexport_from_manifest_is_byte_identical(plain_run, plain_int8, tmp_pat
                 "--no-verify")
     assert r.exit_code == 0, r.output
     again = plain_run / "export" / "again_int8.tflite"
-    from edgetl.runner import strip_metadata
+    from edgetl.metadata import strip as strip_metadata  # the name is in the standard metadata
 
     assert strip_metadata(again.read_bytes()) == strip_metadata(plain_int8.read_bytes())
     # Same run, same manifest, same name: the whole file, metadata included, is identical.

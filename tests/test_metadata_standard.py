@@ -162,6 +162,37 @@ def test_integer_model_with_standard_metadata_gets_raw_pixels(exported, tmp_path
     assert m.standard_prep() is None and m.default_prep() == m.raw_prep()
 
 
+def test_unusable_or_corrupt_standard_metadata(exported, tmp_path, capsys):
+    from edgetl import metadata
+    from edgetl.runner import Model, RunnerError, main, read_model, strip_metadata
+
+    _, float32 = _files(exported)
+    data = strip_metadata(float32.read_bytes())
+    info = read_model(data)
+    names = dict(input_name=info.tensors[info.inputs[0]].name,
+                 output_name=info.tensors[info.outputs[0]].name)
+    # std 0: the normalisation is ignored (raw pixels) and the report says so.
+    zero_std = tmp_path / "zero_std.tflite"
+    zero_std.write_bytes(metadata.add_to_model(data, metadata.metadata_buffer(
+        name="x", description="", version="", author="", input_dtype="float32", mean=[0.0],
+        std=[0.0], **names)))
+    m = Model(str(zero_std))
+    assert m.default_prep() == m.raw_prep()
+    out = tmp_path / "r.json"
+    assert main([str(zero_std), "--runs", "2", "--warmup", "1", "--json", str(out)]) == 0
+    assert any("std [0.0, 0.0, 0.0] contains 0" in n and "ignored" in n
+               for n in json.loads(out.read_text())["notes"])
+    # A TFLITE_METADATA buffer that is not a metadata flatbuffer: one error line, exit 2.
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(metadata.add_to_model(data, b"not a metadata flatbuffer"))
+    with pytest.raises(RunnerError, match="TFLITE_METADATA is not a metadata flatbuffer"):
+        Model(str(bad))
+    capsys.readouterr()
+    assert main([str(bad), "--runs", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "M001" in err[0]
+
+
 # --- the real client: MediaPipe Tasks' ImageClassifier ---------------------------------------------
 
 CLIENT = r'''
