@@ -59,6 +59,23 @@ def _schema():
     return schema
 
 
+def _builder(size: int):
+    """A flatbuffers Builder that starts byte vectors (weight buffers) on 16-byte boundaries.
+
+    The schema declares ``Buffer.data`` with ``force_align: 16`` and the converter honours it; the
+    Python object API does not, and unaligned weights are what MediaPipe's populator leaves.
+    """
+    import flatbuffers
+
+    class Builder(flatbuffers.Builder):
+        def StartVector(self, elemSize, numElems, alignment):  # noqa: N802, N803 (their API)
+            if elemSize == 1:
+                alignment = max(alignment, 16)
+            return super().StartVector(elemSize, numElems, alignment)
+
+    return Builder(size)
+
+
 def _floats(b, values) -> int:
     return b.CreateNumpyVector(np.asarray(values, dtype="<f4"))
 
@@ -165,8 +182,6 @@ def add_to_model(model_bytes: bytes, metadata: bytes) -> bytes:
     Raises:
         EdgetlError: the bytes are not a TFLite model.
     """
-    import flatbuffers
-
     schema = _schema()
     if len(model_bytes) < 8 or model_bytes[4:8] != MODEL_IDENTIFIER:
         raise EdgetlError("cannot add TFLite metadata: the bytes are not a TFLite model")
@@ -185,7 +200,7 @@ def add_to_model(model_bytes: bytes, metadata: bytes) -> bytes:
         field.name = METADATA_NAME
         field.buffer = len(model.buffers) - 1
         model.metadata.append(field)
-    b = flatbuffers.Builder(len(model_bytes) + len(metadata) + 1024)
+    b = _builder(len(model_bytes) + len(metadata) + 1024)
     b.Finish(model.Pack(b), MODEL_IDENTIFIER)
     return bytes(b.Output())
 
@@ -196,8 +211,6 @@ def strip(model_bytes: bytes) -> bytes:
     What stays is the converter's model, re-packed: two exports of the same weights compare equal
     whatever their names. The metadata's buffer is left empty, so buffer indices do not move.
     """
-    import flatbuffers
-
     from edgetl.runner import strip_metadata
 
     schema = _schema()
@@ -210,7 +223,7 @@ def strip(model_bytes: bytes) -> bytes:
         else:
             kept.append(m)
     model.metadata = kept
-    b = flatbuffers.Builder(len(base) + 1024)
+    b = _builder(len(base) + 1024)
     b.Finish(model.Pack(b), MODEL_IDENTIFIER)
     return bytes(b.Output())
 
