@@ -95,6 +95,10 @@ def test_write_is_deterministic_and_replaces_existing_metadata(exported):
     model = schema.Model.GetRootAs(strip_metadata(again), 0)
     names = [model.Metadata(i).Name() for i in range(model.MetadataLength())]
     assert names.count(b"TFLITE_METADATA") == 1
+    # Weights stay on 16-byte boundaries (the schema's force_align), as the converter wrote them.
+    starts = [model.Buffers(i)._tab.Vector(model.Buffers(i)._tab.Offset(4))
+              for i in range(model.BuffersLength()) if model.Buffers(i).DataLength()]
+    assert len(starts) > 50 and all(p % 16 == 0 for p in starts)
 
 
 def test_mediapipe_note_names_what_mediapipe_would_get_wrong():
