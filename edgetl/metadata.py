@@ -118,11 +118,20 @@ def metadata_buffer(*, name: str, description: str, version: str, author: str,
 
     Returns:
         The flatbuffer bytes (file identifier ``M001``).
+
+    Raises:
+        EdgetlError: mean/std not 1 or 3 finite numbers, or a std of 0.
     """
     import flatbuffers
 
-    mean = [float(m) for m in np.broadcast_to(np.asarray(mean, dtype=np.float64), (3,))]
-    std = [float(s) for s in np.broadcast_to(np.asarray(std, dtype=np.float64), (3,))]
+    try:
+        mean = [float(m) for m in np.broadcast_to(np.asarray(mean, dtype=np.float64), (3,))]
+        std = [float(s) for s in np.broadcast_to(np.asarray(std, dtype=np.float64), (3,))]
+    except (TypeError, ValueError):
+        raise EdgetlError(f"normalisation mean {mean!r} / std {std!r} must be 1 or 3 numbers "
+                          "each") from None
+    if not all(np.isfinite(mean + std)) or 0.0 in std:
+        raise EdgetlError(f"normalisation mean {mean} / std {std} must be finite, std non-zero")
     if input_dtype == "uint8":
         lo, hi = [0.0], [255.0]
     elif input_dtype == "float32":

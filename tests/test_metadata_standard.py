@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import zipfile
@@ -168,6 +169,7 @@ def test_integer_model_with_standard_metadata_gets_raw_pixels(exported, tmp_path
 
 def test_unusable_or_corrupt_standard_metadata(exported, tmp_path, capsys):
     from edgetl import metadata
+    from edgetl.errors import EdgetlError
     from edgetl.runner import Model, RunnerError, main, read_model, strip_metadata
 
     _, float32 = _files(exported)
@@ -175,11 +177,17 @@ def test_unusable_or_corrupt_standard_metadata(exported, tmp_path, capsys):
     info = read_model(data)
     names = dict(input_name=info.tensors[info.inputs[0]].name,
                  output_name=info.tensors[info.outputs[0]].name)
-    # std 0: the normalisation is ignored (raw pixels) and the report says so.
+    # The writer refuses std 0; a third-party file that has it anyway (patched here) gets raw
+    # pixels, and the report says why.
+    with pytest.raises(EdgetlError, match="std non-zero"):
+        metadata.metadata_buffer(name="x", description="", version="", author="",
+                                 input_dtype="float32", mean=[0.0], std=[0.0], **names)
+    buf = metadata.metadata_buffer(name="x", description="", version="", author="",
+                                   input_dtype="float32", mean=[0.0], std=[3.0], **names)
+    assert buf.count(struct.pack("<3f", 3, 3, 3)) == 1
+    buf = buf.replace(struct.pack("<3f", 3, 3, 3), struct.pack("<3f", 0, 0, 0))
     zero_std = tmp_path / "zero_std.tflite"
-    zero_std.write_bytes(metadata.add_to_model(data, metadata.metadata_buffer(
-        name="x", description="", version="", author="", input_dtype="float32", mean=[0.0],
-        std=[0.0], **names)))
+    zero_std.write_bytes(metadata.add_to_model(data, buf))
     m = Model(str(zero_std))
     assert m.default_prep() == m.raw_prep()
     out = tmp_path / "r.json"
