@@ -235,7 +235,7 @@ def _build_multi_worker(tf) -> None:
     jobs = [j for j in ("chief", "worker") if j in conf["cluster"]]
     # The coordination service notices a dead worker by its missing heartbeat, and bounds the
     # wait for workers that never start and for the shutdown barrier: no hang on any of them.
-    from tensorflow.core.protobuf import coordination_config_pb2
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
 
     context.context().configure_coordination_service(
         service_type="standalone",
