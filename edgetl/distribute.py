@@ -192,6 +192,9 @@ def prepare(cfg) -> bool:
             raise EdgetlError("--distribute multi-worker must be chosen before TensorFlow "
                               "starts: run it in a fresh process (the edgetl command does)")
         _pending = kind
+        if not os.environ.get("EDGETL_TF_LOGS"):
+            # TensorFlow logs a lost peer as C++ errors on stderr; edgetl says it in one line.
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     return _private or is_chief(conf)
 
 
@@ -246,7 +249,13 @@ def _build_multi_worker(tf) -> None:
         coordinated_jobs=[coordination_config_pb2.CoordinatedJob(
             name=j, num_tasks=cluster.num_tasks(j)) for j in jobs])
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=wait)
-    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    except (tf.errors.OpError, RuntimeError) as e:
+        raise WorkerLostError(
+            f"multi-worker: {conf['task']['type']}:{conf['task']['index']} could not join the "
+            f"cluster within {wait} s ({_why(e)}); start every worker listed in TF_CONFIG (or "
+            f"raise {TIMEOUT_ENV})") from None
     workers = sum(len(conf["cluster"][j]) for j in jobs)
     task = f"{conf['task']['type']}:{conf['task']['index']}"
     devices = tuple(strategy.extended.worker_devices)
@@ -374,8 +383,21 @@ class _worker_errors:
                 tf.errors.FailedPreconditionError)
         if isinstance(value, lost) or (isinstance(value, RuntimeError)
                                        and "cluster" in str(value).lower()):
-            first = (str(value).strip().splitlines() or [type(value).__name__])[0][:160]
             raise WorkerLostError(
-                f"multi-worker run lost a worker ({self.dist.task} saw: {first}); restart every "
-                "worker with --resume to continue from the last finished epoch") from None
+                f"multi-worker run lost a worker ({self.dist.task} saw: {_why(value)}); restart "
+                "every worker with --resume to continue from the last finished epoch") from None
         return False
+
+
+def _why(error) -> str:
+    """The useful part of TensorFlow's message about a failed peer."""
+    import re
+
+    text = str(error)
+    dead = re.search(r"unhealthy.*?/job:(\w+)/replica:\d+/task:(\d+)", text, re.S)
+    if dead:
+        return f"{dead.group(1)}:{dead.group(2)} stopped sending heartbeats"
+    text = re.sub(r"\{\{[^}]*\}\}|\[\[[^]]*\]\]", "", text)
+    first = next((line.strip() for line in text.splitlines() if line.strip()),
+                 type(error).__name__)
+    return first[:160]
