@@ -27,6 +27,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,6 +45,7 @@ SHARDING = "tf.data AutoShardPolicy.DATA (each worker keeps its share of every g
 
 _pending: Distribute | None = None  # multi-worker requested, to be built at TensorFlow start-up
 _built: "Distribution | None" = None
+_watchdog = None  # a process that ends this one if joining the cluster hangs
 _private = False  # True while a non-chief worker trains on its private copy
 
 
@@ -192,6 +195,10 @@ def prepare(cfg) -> bool:
             raise EdgetlError("--distribute multi-worker must be chosen before TensorFlow "
                               "starts: run it in a fresh process (the edgetl command does)")
         _pending = kind
+        global _watchdog
+        if _watchdog is None:  # started now, while stderr is still the user's terminal
+            _watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid())],
+                                         stdin=subprocess.PIPE)
         if not os.environ.get("EDGETL_TF_LOGS"):
             # TensorFlow logs a lost peer as C++ errors on stderr; edgetl says it in one line.
             os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
@@ -249,18 +256,44 @@ def _build_multi_worker(tf) -> None:
         coordinated_jobs=[coordination_config_pb2.CoordinatedJob(
             name=j, num_tasks=cluster.num_tasks(j)) for j in jobs])
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=wait)
+    task = f"{conf['task']['type']}:{conf['task']['index']}"
+    missing = (f"multi-worker: {task} could not join the cluster within {wait} s; start every "
+               f"worker listed in TF_CONFIG (or raise {TIMEOUT_ENV})")
+    # Joining blocks inside TensorFlow holding the GIL (deaf to SIGTERM and to Python threads;
+    # the coordination service's register timeout did not fire in tests): a watchdog process
+    # prints the one line and ends this one if the cluster is not up in time.
+    watchdog = _watchdog
+    if watchdog is not None:
+        watchdog.stdin.write(f"{wait} error: {missing}\n".encode())
+        watchdog.stdin.flush()
     try:
         strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        # A first all-reduce: returns once every worker is up.
+        strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None)
     except (tf.errors.OpError, RuntimeError) as e:
-        raise WorkerLostError(
-            f"multi-worker: {conf['task']['type']}:{conf['task']['index']} could not join the "
-            f"cluster within {wait} s ({_why(e)}); start every worker listed in TF_CONFIG (or "
-            f"raise {TIMEOUT_ENV})") from None
+        raise WorkerLostError(f"{missing} ({_why(e)})") from None
+    finally:
+        if watchdog is not None:
+            watchdog.stdin.close()  # joined (or failed): the watchdog leaves quietly
+            watchdog.wait()
     workers = sum(len(conf["cluster"][j]) for j in jobs)
-    task = f"{conf['task']['type']}:{conf['task']['index']}"
     devices = tuple(strategy.extended.worker_devices)
     _built = Distribution(strategy, "multi-worker", strategy.num_replicas_in_sync, workers, task,
                           devices)
+
+
+_WATCHDOG = """
+import os, select, signal, sys
+pid = int(sys.argv[1])
+line = sys.stdin.buffer.readline().decode()  # the timeout and message, or EOF
+if line:
+    wait, message = line.rstrip("\\n").split(" ", 1)
+    ready, _, _ = select.select([sys.stdin], [], [], float(wait))
+if line and not ready:
+    sys.stderr.write(message + "\\n")
+    sys.stderr.flush()
+    os.kill(pid, signal.SIGKILL)
+"""
 
 
 def strategy(cfg) -> Distribution:

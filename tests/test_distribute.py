@@ -291,3 +291,20 @@ def test_two_workers_kill_resume_export(synth, tmp_path):
     exp = _cli(["export", run, "--int8", "--num-calibration", "20"], timeout=900)
     assert exp.returncode == 0, exp.stderr[-3000:]
     assert list(run.rglob("*int8*.tflite"))
+
+
+def test_lone_worker_gives_up_in_one_line(synth, tmp_path):
+    """A worker whose peers never start ends after EDGETL_WORKER_TIMEOUT with one line."""
+    run = tmp_path / "run"
+    conf = json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]},
+                       "task": {"type": "worker", "index": 0}})
+    t0 = time.time()
+    proc = subprocess.run([EDGETL, "train", "--data", str(synth), "--out", str(run), *TINY,
+                           "--distribute", "multi-worker"], capture_output=True, text=True,
+                          timeout=400, env=_env(TF_CONFIG=conf, EDGETL_WORKER_TIMEOUT=15))
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0 and lines == [
+        "error: multi-worker: worker:0 could not join the cluster within 15 s; start every "
+        "worker listed in TF_CONFIG (or raise EDGETL_WORKER_TIMEOUT)"], proc.stderr[-2000:]
+    assert time.time() - t0 < 400
+    assert not run.exists() or not any(run.iterdir())
