@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from edgetl.config import IOType, Pooling, QatRanges, QatScope, Quantization, Strategy
+from edgetl.config import Distribute, IOType, Pooling, QatRanges, QatScope, Quantization, Strategy
 from edgetl.errors import EdgetlError
 
 def _parse_error_line(e, args: list) -> str:
@@ -160,6 +161,9 @@ def train(
     resume: bool = typer.Option(False, help="Continue the run in --out."),
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
     quiet: bool = typer.Option(False, help="No progress output."),
+    distribute: Distribute = typer.Option(Distribute.auto, help="tf.distribute strategy: auto "
+                                          "(mirrored on >1 GPU), none, mirrored, multi-worker "
+                                          "(TF_CONFIG); --batch-size is the global batch."),
 ) -> None:
     """Fine-tune a backbone on a folder of labelled images (optionally with QAT)."""
     from edgetl.config import TrainConfig
@@ -183,6 +187,7 @@ def train(
         batch_size=batch_size, head=head, pooling=pooling, dropout=dropout, qat=qat,
         qat_scope=qat_scope, qat_ranges=qat_ranges, augment=augment, class_weights=class_weights, strict=strict,
         seed=seed, resume=resume, overwrite=overwrite, quiet=quiet)
+    cfg = replace(cfg, distribute=distribute)
     from edgetl.train import train as run_train
 
     result = _guard(run_train, cfg, given)

@@ -75,6 +75,13 @@ class QatScope(str, Enum):
     trained = "trained"  # annotate only the layers that train; the rest is calibrated at export
 
 
+class Distribute(str, Enum):
+    auto = "auto"  # mirrored when more than one GPU is visible, otherwise none
+    none = "none"
+    mirrored = "mirrored"  # one machine, all visible GPUs (or EDGETL_CPU_REPLICAS CPU devices)
+    multi_worker = "multi-worker"  # MultiWorkerMirroredStrategy from TF_CONFIG
+
+
 class QatRanges(str, Enum):
     data = "data"  # set from a calibration pass over training images; frozen layers' stay fixed
     data_adapt = "data-adapt"  # set from data, then every range follows tfmot's moving average
@@ -133,6 +140,8 @@ class TrainConfig:
         resume: continue the run in ``out`` from its last completed epoch.
         overwrite: replace an existing run directory.
         quiet: no progress output.
+        distribute: tf.distribute strategy (auto, none, mirrored, multi-worker); batch_size is
+            the global batch, split across replicas; learning rates are not scaled.
     """
 
     data: str
@@ -167,6 +176,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     quiet: bool = False
+    distribute: Distribute = Distribute.auto
 
     def check(self) -> None:
         """Refuses contradictory, impossible or non-finite settings before anything is read or
@@ -228,7 +238,7 @@ class TrainConfig:
         known = {f for f in cls.__dataclass_fields__}
         d = {k: v for k, v in d.items() if k in known}
         for k, enum in (("strategy", Strategy), ("pooling", Pooling), ("qat_scope", QatScope),
-                        ("qat_ranges", QatRanges)):
+                        ("qat_ranges", QatRanges), ("distribute", Distribute)):
             if k in d:
                 try:
                     d[k] = enum(d[k])

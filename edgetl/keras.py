@@ -52,7 +52,9 @@ with _quiet_stderr():
     import tensorflow as tf  # noqa: E402
     import tf_keras as keras  # noqa: E402
     import tensorflow_model_optimization as tfmot  # noqa: E402
+    from edgetl import distribute as _distribute  # noqa: E402
 
+    _distribute.at_startup(tf)  # CPU devices and a multi-worker strategy precede the first op
     tf.constant(0.0) + 0.0  # device discovery happens on first use; keep it inside the silence
 
 tf.get_logger().setLevel("ERROR")

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgetl import backbones
+from edgetl import backbones, distribute
 from edgetl.config import Pooling, QatRanges, QatScope, Strategy, TrainConfig
 from edgetl.data import (class_weights, list_hash, make_dataset, scan_folder, stratified_split)
 from edgetl.errors import EdgetlError
@@ -889,6 +889,8 @@ def train(cfg: TrainConfig, given=None) -> TrainResult:
         KeyboardInterrupt: SIGINT or SIGTERM.
     """
     cfg.check()
+    if not distribute.prepare(cfg):  # a non-chief worker writes only a private temporary copy
+        return distribute.as_worker(cfg, lambda private: train(private, given))
     if cfg.base_model is None and not cfg.resume:
         backbones.get_backbone(cfg.backbone)  # unknown names fail before any data is read
     if not cfg.resume:
@@ -937,6 +939,16 @@ def _train(cfg: TrainConfig, run: Path, state: dict | None) -> TrainResult:
     names, train_items, val_items, skipped, pixels = _datasets(cfg, size)
     from edgetl.keras import keras, tf, versions  # after the data checks, for the same reason
 
+    dist = distribute.strategy(cfg)
+    with dist.scope(), dist.errors():  # model, QAT wrappers, optimizer: distributed variables
+        return _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_items,
+                             skipped, pixels)
+
+
+def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_items, skipped,
+                  pixels) -> TrainResult:
+    from edgetl.keras import keras, tf, versions
+
     log = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     if skipped:  # said even with --quiet: data left out is not progress; split.json lists all
         first = "; ".join(f"'{p}': {why}" for p, why in skipped[:3])
@@ -964,6 +976,7 @@ def _train(cfg: TrainConfig, run: Path, state: dict | None) -> TrainResult:
             "counts": {"train": len(train_items), "val": len(val_items),
                        "skipped": len(skipped)},
             "versions": versions(),
+            "distribute": dist.describe(),
         }
         _atomic_write(run / "config.json", json.dumps(config, indent=2))
         _atomic_write(run / "labels.txt", "\n".join(names) + "\n")
@@ -986,6 +999,8 @@ def _train(cfg: TrainConfig, run: Path, state: dict | None) -> TrainResult:
     val_ds = make_dataset(val_items, (size, size), prep, cfg.batch_size, False, False, cfg.seed,
                           pixels=pixels)
     del pixels  # the datasets hold their own copies
+    eval_ds = val_ds  # the final evaluation sees every image
+    train_ds, val_ds = dist.shard(train_ds), dist.shard(val_ds)
     weights = class_weights(train_items, len(names)) if cfg.class_weights == "auto" else None
 
     plan = phases(cfg)
@@ -1030,7 +1045,8 @@ def _train(cfg: TrainConfig, run: Path, state: dict | None) -> TrainResult:
             callback = _EpochEnd.make(run, pi, phase, current, optimizer, cfg.quiet,
                                       global_epoch)
             current.fit(train_ds, validation_data=val_ds, epochs=phase.epochs,
-                        initial_epoch=initial, class_weight=weights, callbacks=[callback],
+                        initial_epoch=initial, class_weight=weights,
+                        callbacks=dist.callbacks(current) + [callback],
                         # A progress bar with ETA on a terminal; in logs, one line per epoch from the callback.
                     verbose=1 if (sys.stderr.isatty() and not cfg.quiet) else 0)
         global_epoch += phase.epochs
@@ -1038,7 +1054,7 @@ def _train(cfg: TrainConfig, run: Path, state: dict | None) -> TrainResult:
             qat_to_float(current, float_model)
 
     final = qat_model if qat_model is not None else float_model
-    metrics = evaluate_keras(final, val_ds, names)
+    metrics = evaluate_keras(final, eval_ds, names)
     metrics["model"] = "qat" if qat_model is not None else "float"
     _save_model(float_model, run / "model.keras")
     if qat_model is not None:
