@@ -284,12 +284,26 @@ def normalize(x, prep: dict):
     return (x - mean) / std
 
 
+def augment_ops(augment) -> tuple[str, ...]:
+    """make_dataset's ``augment`` as transform names: True (all four, as before --augment
+    existed), False/None (none), a comma-separated string or a sequence of names."""
+    from edgetl.config import AUGMENTATIONS, parse_augment
+
+    if augment is True:
+        return AUGMENTATIONS
+    if not augment:
+        return ()
+    return parse_augment(augment if isinstance(augment, str) else ",".join(augment))
+
+
 def make_dataset(items, size: tuple[int, int], prep: dict, batch_size: int, training: bool,
-                 augment: bool, seed: int, cache: bool = True, pixels: dict | None = None):
+                 augment, seed: int, cache: bool = True, pixels: dict | None = None):
     """tf.data pipeline: parallel decode, cache of decoded pixels, augmentation, prefetch.
 
-    ``pixels`` (from scan_folder, path -> image at ``size``) replaces the decode when it holds
-    every item. Returns batches of (normalized float images, int labels).
+    ``augment`` picks the transforms (see augment_ops); for the same seed and the same choice
+    the batches are identical, and each transform draws the same numbers whichever others are
+    on. ``pixels`` (from scan_folder, path -> image at ``size``) replaces the decode when it
+    holds every item. Returns batches of (normalized float images, int labels).
     """
     from edgetl.keras import tf
     from edgetl.runner import load_image
@@ -321,7 +335,8 @@ def make_dataset(items, size: tuple[int, int], prep: dict, batch_size: int, trai
     if training:
         ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
-    if not (training and augment):
+    ops = augment_ops(augment) if training else ()
+    if not ops:
         ds = ds.map(lambda x, y: (normalize(tf.cast(x, tf.float32), prep), y),
                     num_parallel_calls=tf.data.AUTOTUNE)
         return ds.prefetch(tf.data.AUTOTUNE)
@@ -335,7 +350,12 @@ def make_dataset(items, size: tuple[int, int], prep: dict, batch_size: int, trai
         x, y = batch
         flip_seed, contrast_seed = tf.unstack(
             tf.random.experimental.stateless_split(pair, num=2))
-        x = contrast(flip_rotate_zoom(tf.cast(x, tf.float32), flip_seed), contrast_seed)
+        x = tf.cast(x, tf.float32)
+        if {"flip", "rotate", "zoom"} & set(ops):
+            x = flip_rotate_zoom(x, flip_seed, rotation=0.05 if "rotate" in ops else 0.0,
+                                 zoom=0.1 if "zoom" in ops else 0.0, flip="flip" in ops)
+        if "contrast" in ops:
+            x = contrast(x, contrast_seed)
         return normalize(x, prep), y
 
     ds = tf.data.Dataset.zip((ds, seeds)).map(augmented, num_parallel_calls=tf.data.AUTOTUNE)
@@ -353,9 +373,10 @@ def contrast(x, seed, factor: float = 0.1):
     return tf.clip_by_value((x - mean) * f + mean, 0.0, 255.0)
 
 
-def flip_rotate_zoom(x, seed, rotation: float = 0.05, zoom: float = 0.1):
+def flip_rotate_zoom(x, seed, rotation: float = 0.05, zoom: float = 0.1, flip: bool = True):
     """Random horizontal flip, rotation (+-rotation turns) and zoom (1 +- zoom) of a batch,
-    drawn statelessly from ``seed`` (a pair of integers).
+    drawn statelessly from ``seed`` (a pair of integers); rotation or zoom 0, or flip False,
+    leaves that transform out.
 
     The same distributions as Keras' RandomFlip, RandomRotation and RandomZoom in a row (same
     matrices, 'reflect' fill, bilinear), composed into one projective transform: one resampling
@@ -371,7 +392,8 @@ def flip_rotate_zoom(x, seed, rotation: float = 0.05, zoom: float = 0.1):
     h = tf.cast(shape[1], tf.float32) - 1.0
     w = tf.cast(shape[2], tf.float32) - 1.0
     s_flip, s_theta, s_zoom = tf.unstack(tf.random.experimental.stateless_split(seed, num=3))
-    flip = tf.cast(tf.random.stateless_uniform([n], seed=s_flip) < 0.5, tf.float32)
+    flip = tf.cast(tf.random.stateless_uniform([n], seed=s_flip) < (0.5 if flip else 0.0),
+                   tf.float32)
     theta = tf.random.stateless_uniform([n], seed=s_theta, minval=-rotation * 2 * math.pi,
                                         maxval=rotation * 2 * math.pi)
     z = 1.0 + tf.random.stateless_uniform([n], seed=s_zoom, minval=-zoom, maxval=zoom)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import shutil
 import sys
@@ -18,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgetl import backbones, distribute
-from edgetl.config import Pooling, QatRanges, QatScope, Strategy, TrainConfig
+from edgetl.config import (Monitor, Pooling, QatRanges, QatScope, Strategy,
+                           TrainConfig)
 from edgetl.data import (class_weights, list_hash, make_dataset, scan_folder, stratified_split)
 from edgetl.errors import EdgetlError
 
@@ -54,12 +56,16 @@ class TrainResult:
         val_accuracy: top-1 accuracy of the final model on the validation split.
         epochs_done: completed epochs over all phases.
         qat: whether the run has a QAT model.
+        best_epoch: the (1-based, over all phases) epoch whose weights the model holds.
+        warning: why the run stopped early and what to try, when it diverged.
     """
 
     run_dir: str
     val_accuracy: float
     epochs_done: int
     qat: bool
+    best_epoch: int | None = None
+    warning: str | None = None
 
 
 def phases(cfg: TrainConfig) -> list[Phase]:
@@ -223,7 +229,8 @@ def set_trainable(model, n_base: int, cfg: TrainConfig, unfreeze: bool) -> int:
                                   "the layer list with `edgetl backbones --layers`")
             start = names.index(cfg.unfreeze_from)
         else:
-            n = cfg.unfreeze if cfg.unfreeze is not None else max(1, (n_base - 1) // 5)
+            n = cfg.unfreeze if cfg.unfreeze is not None else (
+                n_base - 1 if cfg.from_scratch() else max(1, (n_base - 1) // 5))
             if n > n_base - 1:
                 raise EdgetlError(f"--unfreeze {n} is larger than the base model "
                                   f"({n_base - 1} layers)")
@@ -780,21 +787,152 @@ def check_out_dir(out: Path, flag: str) -> None:
                           f"or no permission); choose another {flag}")
 
 
+class TrainingDiverged(EdgetlError):
+    """Training diverged (non-finite loss, or collapsed to one class) before any usable epoch."""
+
+    exit_code = 1
+
+
+# A model that had learned (validation accuracy at least halfway from chance to perfect), then
+# predicts one class for all validation images for this many epochs in a row, has collapsed.
+# Before it has learned, one-class epochs are a normal start from scratch (BatchNorm statistics
+# settling), so they alone stop nothing.
+COLLAPSE_EPOCHS = 2
+# Cross-entropy on clipped probabilities stays below ~16; a loss this many times the chance
+# level ln(k) means the weights have blown up (finite, but as useless as NaN).
+EXPLODED = 100
+
+
+def epoch_score(row: dict, monitor: str) -> tuple | None:
+    """Sort key of an epoch (higher is better), or None when it cannot be the best.
+
+    val_accuracy ties (common on small validation sets) go to the lower val_loss. An epoch
+    whose predictions collapsed to one class ranks below every epoch that did not.
+    """
+    loss, acc = row.get("val_loss"), row.get("val_accuracy")
+    if loss is None or not math.isfinite(loss) or acc is None or not math.isfinite(acc):
+        return None
+    sound = not row.get("collapsed", False)
+    if monitor == "val_loss":
+        return (sound, -loss)
+    return (sound, acc, -loss)
+
+
+def divergence(row: dict, previous: list[dict], n_classes: int, learned: bool) -> str | None:
+    """Why training has diverged after this epoch, in words, or None.
+
+    ``row`` holds the epoch's logs (loss, val_loss, collapsed, ...); ``previous`` the rows of
+    the epochs before it in this process, oldest first; ``learned``: an earlier epoch predicted
+    more than one class.
+    """
+    chance = math.log(max(n_classes, 2))
+    for key in ("loss", "val_loss"):
+        value = row.get(key)
+        what = "training" if key == "loss" else "validation"
+        if value is not None and not math.isfinite(value):
+            return f"the {what} loss became {value}"
+        if value is not None and value > EXPLODED * chance:
+            return (f"the {what} loss exploded to {value:.4g} (chance level is ln {n_classes} "
+                    f"= {chance:.4f})")
+    if not (learned and row.get("collapsed")):
+        return None
+    recent = previous[len(previous) - (COLLAPSE_EPOCHS - 1):] if COLLAPSE_EPOCHS > 1 else []
+    if len(recent) < COLLAPSE_EPOCHS - 1 or not all(r.get("collapsed") for r in recent):
+        return None
+    return (f"the model collapsed: it predicts one class for every validation image "
+            f"({COLLAPSE_EPOCHS} epochs in a row, loss {row['loss']:.4g}; chance level ln "
+            f"{n_classes} = {chance:.4f})")
+
+
+def predicted_classes_metric(n_classes: int):
+    """A Keras metric: how many classes the model predicted at least once (0..n_classes)."""
+    from edgetl.keras import keras, tf
+
+    class PredictedClasses(keras.metrics.Metric):
+        def __init__(self, name="predicted_classes", **kwargs):
+            super().__init__(name=name, **kwargs)
+            self.counts = self.add_weight(name="counts", shape=(n_classes,),
+                                          initializer="zeros")
+
+        def update_state(self, y_true, y_pred, sample_weight=None):
+            pred = tf.argmax(y_pred, axis=-1, output_type=tf.int32)
+            self.counts.assign_add(tf.math.bincount(pred, minlength=n_classes,
+                                                    maxlength=n_classes, dtype=tf.float32))
+
+        def result(self):
+            return tf.reduce_sum(tf.cast(self.counts > 0, tf.float32))
+
+        def reset_state(self):
+            self.counts.assign(tf.zeros_like(self.counts))
+
+    return PredictedClasses()
+
+
 class _EpochEnd:
-    """Keras callback factory: checkpoint, history row and state after each finished epoch."""
+    """Keras callback factory: after each finished epoch, a checkpoint, a history row, the best
+    epoch so far and state.json; stops the phase on divergence or (with --patience) when the
+    best epoch is ``patience`` epochs old."""
 
     @staticmethod
     def make(run: Path, phase_index: int, phase: Phase, model, optimizer, quiet: bool,
-             first_global_epoch: int):
+             first_global_epoch: int, monitor: str = "val_accuracy",
+             patience: int | None = None, best: dict | None = None, n_classes: int = 2,
+             val_classes: int = 2, initial_epoch: int = 0):
         from edgetl.keras import keras, tf
 
         class Callback(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.best = best  # may come from an earlier phase (its weights start this one)
+                self.done = initial_epoch
+                self.rows: list[dict] = []
+                self.diverged: str | None = None
+                self.early_stopped = False
+
             def on_epoch_begin(self, epoch, logs=None):
                 self.t0 = time.time()
 
+            def on_train_batch_end(self, batch, logs=None):
+                # A non-finite loss poisons every weight: no use finishing the epoch.
+                loss = (logs or {}).get("loss")
+                if loss is not None and not (float(loss) <= EXPLODED * math.log(
+                        max(n_classes, 2))):  # NaN compares false
+                    self.model.stop_training = True
+
             def on_epoch_end(self, epoch, logs=None):
                 done = epoch + 1
+                row = {"epoch": first_global_epoch + done, "phase": phase.name,
+                       "phase_epoch": done, "seconds": round(time.time() - self.t0, 2)}
+                row.update({k: round(float(v), 6) for k, v in (logs or {}).items()})
+                row["collapsed"] = (val_classes > 1
+                                    and row.get("val_predicted_classes", 2) <= 1)
+                # "Learned": at least halfway from chance to perfect, so that a small validation
+                # set predicting two classes by luck does not count.
+                learned = bool(self.best and not self.best["collapsed"]
+                               and self.best["val_accuracy"] >= (1 + 1 / n_classes) / 2)
+                why = divergence(row, self.rows, n_classes, learned)
+                if why:
+                    self.diverged = f"{why} at epoch {row['epoch']} ({phase.name} " \
+                                    f"{done}/{phase.epochs})"
+                    self.model.stop_training = True
+                    return  # nothing of this epoch is kept
+                self.rows.append(row)
+                self.done = done
                 name = f"p{phase_index}-e{done:03d}"
+                score = epoch_score(row, monitor)
+                if score is not None and (self.best is None or self.best.get("score") is None
+                                          or score > tuple(self.best["score"])):
+                    self.best = {"epoch": row["epoch"], "phase": phase_index,
+                                 "phase_name": phase.name, "phase_epoch": done,
+                                 "checkpoint": name, "qat": phase.qat, "score": list(score),
+                                 **{k: row.get(k) for k in ("val_accuracy", "val_loss", "loss",
+                                                            "accuracy")},
+                                 "collapsed": row["collapsed"]}
+                since = done - (self.best["phase_epoch"] if self.best
+                                and self.best["phase"] == phase_index else 0)
+                if patience and since >= patience and done < phase.epochs:
+                    self.early_stopped = True
+                    self.model.stop_training = True
                 ckpt_root = run / "checkpoints"
                 ckpt_root.mkdir(exist_ok=True)
                 tmp = ckpt_root / f".tmp-{name}"
@@ -804,9 +942,6 @@ class _EpochEnd:
                 final = ckpt_root / name
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(tmp, final)
-                row = {"epoch": first_global_epoch + done, "phase": phase.name,
-                       "phase_epoch": done, "seconds": round(time.time() - self.t0, 2)}
-                row.update({k: round(float(v), 6) for k, v in (logs or {}).items()})
                 hist = run / "history.csv"
                 new = not hist.exists()
                 cols = ["epoch", "phase", "phase_epoch", "seconds", "loss", "accuracy",
@@ -816,21 +951,64 @@ class _EpochEnd:
                     if new:
                         w.writeheader()
                     w.writerow(row)
-                _atomic_write(run / "state.json", json.dumps(
-                    {"phase": phase_index, "epoch": done, "checkpoint": name}))
-                # Older checkpoints of this phase are superseded; keep the newest two.
+                state = {"phase": phase_index, "epoch": done, "checkpoint": name,
+                         "epochs_before": first_global_epoch, "best": self.best}
+                if self.early_stopped:
+                    state["ended"] = "early-stopped"
+                _atomic_write(run / "state.json", json.dumps(state))
+                # Older checkpoints of this phase are superseded; keep the newest two and the
+                # best one.
                 mine = sorted(p for p in ckpt_root.glob(f"p{phase_index}-e*") if p.is_dir())
+                keep = self.best["checkpoint"] if self.best else None
                 for old in mine[:-2]:
-                    shutil.rmtree(old, ignore_errors=True)
+                    if old.name != keep:
+                        shutil.rmtree(old, ignore_errors=True)
                 if not quiet:
-                    acc = row.get("val_accuracy", row.get("accuracy"))
-                    left = (phase.epochs - done) * row["seconds"]
-                    print(f"  {phase.name} epoch {done}/{phase.epochs} done in {row['seconds']} s"
-                          f"{'' if acc is None else f', val_accuracy {acc:.4f}'}"
-                          f"{f', phase ETA {left:.0f} s' if done < phase.epochs else ''}",
-                          file=sys.stderr, flush=True)
+                    parts = [f"  {phase.name} epoch {done}/{phase.epochs} done in "
+                             f"{row['seconds']} s"]
+                    for key in ("val_accuracy", "val_loss"):
+                        if row.get(key) is not None:
+                            parts.append(f"{key} {row[key]:.4f}")
+                    if self.best and self.best["checkpoint"] == name:
+                        parts[-1] += " (best so far)"
+                    if done < phase.epochs and not self.early_stopped:
+                        parts.append(f"phase ETA {(phase.epochs - done) * row['seconds']:.0f} s")
+                    if self.early_stopped:
+                        parts.append(f"no better epoch for {since}: stopping the phase early "
+                                     f"(--patience {patience})")
+                    print(", ".join(parts), file=sys.stderr, flush=True)
 
         return Callback()
+
+
+def restore_best(run: Path, model, optimizer, best: dict | None, phase_index: int) -> None:
+    """Loads the best epoch's weights into ``model`` at the end of phase ``phase_index``.
+
+    A best epoch of this phase comes from its checkpoint (written with this very model and
+    optimizer); one of an earlier phase from the weights that phase ended with
+    (``keep_phase_weights``): checkpoints do not load across phases, whose optimizers differ.
+    """
+    if not best:
+        return
+    from edgetl.keras import tf
+
+    if best["phase"] == phase_index:
+        ckpt = run / "checkpoints" / best["checkpoint"] / "ckpt"
+        tf.train.Checkpoint(model=model, optimizer=optimizer).read(str(ckpt)).expect_partial()
+    else:
+        model.load_weights(str(_phase_weights(run, best["phase"])))
+
+
+def _phase_weights(run: Path, phase_index: int) -> Path:
+    return run / "checkpoints" / f"phase{phase_index}-end.h5"
+
+
+def keep_phase_weights(run: Path, model, phase_index: int) -> None:
+    """Writes the weights a phase ended with (its best epoch's), for the phases after it."""
+    path = _phase_weights(run, phase_index)
+    tmp = path.with_name(f".tmp-{path.name}")
+    model.save_weights(str(tmp))
+    os.replace(tmp, path)
 
 
 def _prune_history(run: Path, keep_epochs: int) -> None:
@@ -891,6 +1069,9 @@ def train(cfg: TrainConfig, given=None) -> TrainResult:
     cfg.check()
     if not distribute.prepare(cfg):  # a non-chief worker writes only a private temporary copy
         return distribute.as_worker(cfg, lambda private: train(private, given))
+    notes: list[str] = []
+    if not cfg.resume:
+        cfg, notes = cfg.with_defaults()  # recorded in config.json as resolved
     if cfg.base_model is None and not cfg.resume:
         backbones.get_backbone(cfg.backbone)  # unknown names fail before any data is read
     if not cfg.resume:
@@ -903,7 +1084,7 @@ def train(cfg: TrainConfig, given=None) -> TrainResult:
     with _signals_raise(), _claim(out):
         try:
             run, cfg, state = _prepare_run_dir(cfg, out, given, done)
-            result = _train(cfg, run, state)
+            result = _train(cfg, run, state, notes)
         except BaseException as e:
             with _signals_deferred():
                 _undo(done)
@@ -933,7 +1114,26 @@ def _preflight(cfg: TrainConfig) -> None:
                           "(.h5), 'imagenet' or 'none'")
 
 
-def _train(cfg: TrainConfig, run: Path, state: dict | None) -> TrainResult:
+def _settings_line(cfg: TrainConfig) -> str:
+    """The choices that decide whether a run learns, for the run's first lines."""
+    strategy = Strategy(cfg.strategy)
+    layers = {Strategy.feature_extract: "head only",
+              Strategy.fine_tune: "every layer" if cfg.from_scratch() and not cfg.unfreeze
+              and not cfg.unfreeze_from else "top of the base",
+              Strategy.two_phase: "head, then top of the base"}[strategy]
+    lrs = (f"lr {cfg.lr:g}" if strategy == Strategy.feature_extract else
+           f"lr {cfg.fine_tune_lr:g}" if strategy == Strategy.fine_tune else
+           f"lr {cfg.lr:g} then {cfg.fine_tune_lr:g}")
+    aug = cfg.augmentations if cfg.augment and cfg.augmentations is not None else (
+        "flip,rotate,zoom,contrast" if cfg.augment else "none")
+    stop = (f", early stop after {cfg.patience} epochs without a better one" if cfg.patience
+            else "")
+    return (f"settings: {'from scratch' if cfg.from_scratch() else 'pretrained'} weights, "
+            f"strategy {strategy.value} ({layers}), {lrs}, augment {aug}, best epoch by "
+            f"{Monitor(cfg.monitor).value}{stop}")
+
+
+def _train(cfg: TrainConfig, run: Path, state: dict | None, notes=()) -> TrainResult:
     spec = None if cfg.base_model else backbones.get_backbone(cfg.backbone)
     size = resolve_size(cfg, spec)
     names, train_items, val_items, skipped, pixels = _datasets(cfg, size)
@@ -942,14 +1142,17 @@ def _train(cfg: TrainConfig, run: Path, state: dict | None) -> TrainResult:
     dist = distribute.strategy(cfg)
     with dist.scope(), dist.errors():  # model, QAT wrappers, optimizer: distributed variables
         return _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_items,
-                             skipped, pixels)
+                             skipped, pixels, notes)
 
 
 def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_items, skipped,
-                  pixels) -> TrainResult:
+                  pixels, notes) -> TrainResult:
     from edgetl.keras import keras, tf, versions
 
     log = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    log(_settings_line(cfg))
+    for note in notes:
+        log(note)
     if skipped:  # said even with --quiet: data left out is not progress; split.json lists all
         first = "; ".join(f"'{p}': {why}" for p, why in skipped[:3])
         print(f"note: left out {len(skipped)} file(s) (all listed in {run / 'split.json'}): "
@@ -994,7 +1197,9 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
         _atomic_write(run / "split.json", json.dumps(
             {"train": train_items, "val": val_items, "skipped": skipped}, indent=1))
 
-    train_ds = make_dataset(train_items, (size, size), prep, cfg.batch_size, True, cfg.augment,
+    # A run recorded before --augment existed (no augmentations field) used all four.
+    augment = cfg.augment and (cfg.augmentations if cfg.augmentations is not None else True)
+    train_ds = make_dataset(train_items, (size, size), prep, cfg.batch_size, True, augment,
                             cfg.seed, pixels=pixels)
     val_ds = make_dataset(val_items, (size, size), prep, cfg.batch_size, False, False, cfg.seed,
                           pixels=pixels)
@@ -1008,11 +1213,18 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
     if cfg.resume and state is None:
         _prune_history(run, 0)  # killed after the first history row, before its state.json
     float_model, qat_model = model, None
-    global_epoch = 0
+    global_epoch, last_done, last_pi = 0, 0, 0
+    best = state.get("best") if state else None
+    stopped = None  # why the run ended before its last epoch (divergence), if it did
+    val_classes = len({label for _, label in val_items})
     for pi, phase in enumerate(plan):
         if pi < done_phase:  # the newest checkpoint (a later phase) holds the whole model
-            global_epoch += phase.epochs
             continue
+        if pi > done_phase >= 0 and state.get("complete"):
+            break  # a finished run (it may have stopped before its last phase)
+        last_pi = pi
+        if pi == done_phase:
+            global_epoch = state.get("epochs_before", sum(p.epochs for p in plan[:pi]))
         set_trainable(float_model, n_base, cfg, phase.unfreeze)
         current = float_model
         if phase.qat:
@@ -1022,9 +1234,11 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
                 # What the user would otherwise have shipped: export judges QAT against it.
                 _save_model(float_model, run / FLOAT_BEFORE_QAT)
                 init_ranges(current, cfg, train_items, size, prep, log)
+            if best is not None and best["phase"] != pi:
+                best = None  # fake-quantized scores do not compare with float ones
         optimizer = keras.optimizers.Adam(phase.lr)
         current.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
-                        metrics=["accuracy"])
+                        metrics=["accuracy", predicted_classes_metric(len(names))])
         initial = 0
         if pi == done_phase:
             ckpt = run / "checkpoints" / state["checkpoint"] / "ckpt"
@@ -1033,40 +1247,85 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
             initial = done_epoch
             _prune_history(run, global_epoch + done_epoch)
             log(f"resuming {phase.name} after epoch {done_epoch}/{phase.epochs}")
-            if done_epoch >= phase.epochs:
-                global_epoch += phase.epochs
+            if done_epoch >= phase.epochs or state.get("ended") or state.get("complete"):
+                restore_best(run, current, optimizer, best, pi)
+                if pi < len(plan) - 1:
+                    keep_phase_weights(run, float_model, pi)
+                global_epoch += done_epoch
+                last_done = done_epoch
                 if phase.qat:
                     qat_to_float(current, float_model)
                 continue
         with frozen_stay_frozen(current), _ranges_during_fit(current, phase, cfg):
             log(f"phase {pi + 1}/{len(plan)}: {phase.name}, {phase.epochs} epoch(s), "
-                f"lr {phase.lr}{', QAT' if phase.qat else ''}; trainable weights: "
+                f"lr {phase.lr:g}{', QAT' if phase.qat else ''}; trainable weights: "
                 f"{sum(int(tf.size(w)) for w in current.trainable_weights):,}")
             callback = _EpochEnd.make(run, pi, phase, current, optimizer, cfg.quiet,
-                                      global_epoch)
+                                      global_epoch, Monitor(cfg.monitor).value, cfg.patience,
+                                      best, len(names), val_classes, initial)
             current.fit(train_ds, validation_data=val_ds, epochs=phase.epochs,
                         initial_epoch=initial, class_weight=weights,
                         callbacks=dist.callbacks(current) + [callback],
                         # A progress bar with ETA on a terminal; in logs, one line per epoch from the callback.
                     verbose=1 if (sys.stderr.isatty() and not cfg.quiet) else 0)
-        global_epoch += phase.epochs
+        best = callback.best
+        restore_best(run, current, optimizer, best, pi)
+        if pi < len(plan) - 1 and not phase.qat:
+            keep_phase_weights(run, float_model, pi)
+        global_epoch += callback.done
+        last_done = callback.done
         if phase.qat:
             qat_to_float(current, float_model)
+        if callback.diverged:
+            stopped = callback.diverged
+            break
 
+    pi, phase = last_pi, plan[last_pi]  # the phase the run ended in
+    if stopped and (best is None or best.get("collapsed")):
+        hint = f"this phase's was {phase.lr:.3g}; try {phase.lr / 10:.3g}"
+        raise TrainingDiverged(
+            f"training diverged: {stopped}, and no earlier epoch is usable, so no model was "
+            f"saved. Lower the learning rate ({hint}: --lr / --fine-tune-lr)"
+            f"{' or train without --qat' if phase.qat else ''}, then train again")
     final = qat_model if qat_model is not None else float_model
+    for m in {id(float_model): float_model, id(final): final}.values():
+        # The collapse metric is training-time only: saved models carry plain Keras metrics.
+        if getattr(m, "optimizer", None) is not None:  # a QAT run never compiles its float model
+            m.compile(optimizer=m.optimizer, loss="sparse_categorical_crossentropy",
+                      metrics=["accuracy"])
     metrics = evaluate_keras(final, eval_ds, names)
     metrics["model"] = "qat" if qat_model is not None else "float"
+    warning = None
+    if best:
+        metrics["best_epoch"] = {k: v for k, v in best.items() if k != "score"}
+        metrics["monitor"] = Monitor(cfg.monitor).value
+    if stopped:
+        warning = (f"training diverged: {stopped}; stopped there and kept the best epoch "
+                   f"{best['epoch']} (val_accuracy {best['val_accuracy']:.4f}). Next time lower "
+                   f"the learning rate (this phase's was {phase.lr:.3g}; --lr / --fine-tune-lr)"
+                   f"{' or train without --qat' if phase.qat else ''}")
+        metrics["stopped"] = {"reason": stopped, "warning": warning}
+    elif best and best.get("collapsed"):
+        warning = (f"the model has not learned: its best epoch ({best['epoch']}) predicts one "
+                   "class for every validation image; train longer (--epochs) or change the "
+                   "learning rate (--lr / --fine-tune-lr)")
     _save_model(float_model, run / "model.keras")
     if qat_model is not None:
         _save_model(qat_model, run / "qat.h5")
     _atomic_write(run / "metrics.json", json.dumps(metrics, indent=2))
-    _atomic_write(run / "state.json", json.dumps({"phase": len(plan) - 1,
-                                                  "epoch": plan[-1].epochs,
+    _atomic_write(run / "state.json", json.dumps({"phase": pi,
+                                                  "epoch": last_done,
                                                   "checkpoint": (json.loads(
                                                       (run / "state.json").read_text()) or {}
-                                                  ).get("checkpoint"), "complete": True}))
+                                                  ).get("checkpoint"), "complete": True,
+                                                  "best": best}))
+    if best:
+        log(f"best epoch {best['epoch']} ({best['phase_name']} {best['phase_epoch']}): "
+            f"val_accuracy {best['val_accuracy']:.4f}, val_loss {best['val_loss']:.4f}; the "
+            f"saved model is that epoch's")
     log(f"val accuracy {metrics['accuracy']:.4f} ({metrics['model']} model); run: {run}")
-    return TrainResult(str(run), metrics["accuracy"], global_epoch, qat_model is not None)
+    return TrainResult(str(run), metrics["accuracy"], global_epoch, qat_model is not None,
+                       best["epoch"] if best else None, warning)
 
 
 def _read_split(run: Path, n_classes: int) -> tuple[list, list]:

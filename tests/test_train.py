@@ -110,7 +110,7 @@ def pretrained_base(synth, tmp_path_factory) -> Path:
 def test_feature_extract_trains_only_the_head_and_writes_a_complete_run(synth, tmp_path):
     from edgetl.data import list_hash, scan_folder
 
-    cfg = tiny_config(synth, tmp_path / "run", epochs=1, seed=3)
+    cfg = tiny_config(synth, tmp_path / "run", strategy="feature-extract", epochs=1, seed=3)
     result = _train(cfg)
     run = Path(result.run_dir)
     initial, n_base = _initial(cfg)
@@ -247,7 +247,7 @@ def test_two_phase_runs_head_then_fine_tune(synth, tmp_path):
 
 def test_resume_after_a_kill_before_the_first_state_json_repeats_no_history_row(synth, tmp_path):
     """Killed between epoch 1's history row and its state.json: the epoch reruns, once."""
-    cfg = tiny_config(synth, tmp_path / "run", epochs=1)
+    cfg = tiny_config(synth, tmp_path / "run", strategy="feature-extract", epochs=1)
     run = Path(_train(cfg).run_dir)
     for name in ("state.json", "model.keras", "metrics.json"):
         (run / name).unlink()
