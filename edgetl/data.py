@@ -284,27 +284,49 @@ def normalize(x, prep: dict):
     return (x - mean) / std
 
 
+def to_grey(pixels: np.ndarray) -> np.ndarray:
+    """RGB uint8 pixels (..., 3) -> greyscale (..., 1), with Pillow's convert("L") weights
+    (ITU-R 601-2 luma, in its integer arithmetic): a grey image stored as RGB comes back exactly."""
+    x = np.asarray(pixels, np.uint32)
+    luma = (x[..., 0] * 19595 + x[..., 1] * 38470 + x[..., 2] * 7471 + 0x8000) >> 16
+    return luma.astype(np.uint8)[..., None]
+
+
+def load_pixels(path, size: tuple[int, int], channels: int = 3) -> np.ndarray:
+    """One image as uint8 pixels (height, width, channels): the runner's decode and resize,
+    then greyscale for 1-channel models (grey images stay as they are, colour ones converted).
+
+    Raises:
+        RunnerError: unreadable or not an image.
+    """
+    from edgetl.runner import load_image
+
+    img = load_image(path, size)
+    return to_grey(img) if channels == 1 else img
+
+
 def make_dataset(items, size: tuple[int, int], prep: dict, batch_size: int, training: bool,
-                 augment: bool, seed: int, cache: bool = True, pixels: dict | None = None):
+                 augment: bool, seed: int, cache: bool = True, pixels: dict | None = None,
+                 channels: int = 3):
     """tf.data pipeline: parallel decode, cache of decoded pixels, augmentation, prefetch.
 
-    ``pixels`` (from scan_folder, path -> image at ``size``) replaces the decode when it holds
-    every item. Returns batches of (normalized float images, int labels).
+    ``size`` is (height, width); ``channels`` 1 makes greyscale images (see load_pixels).
+    ``pixels`` (from scan_folder, path -> RGB image at ``size``) replaces the decode when it
+    holds every item. Returns batches of (normalized float images, int labels).
     """
     from edgetl.keras import tf
-    from edgetl.runner import load_image
 
     h, w = size
     paths = [p for p, _ in items]
     labels = np.array([label for _, label in items], np.int32)
 
     def decode(chunk):
-        return np.stack([load_image(p.decode() if isinstance(p, bytes) else str(p), (h, w))
-                         for p in chunk])
+        return np.stack([load_pixels(p.decode() if isinstance(p, bytes) else str(p), (h, w),
+                                     channels) for p in chunk])
 
     def load(chunk, label):
         img = tf.numpy_function(decode, [chunk], tf.uint8, stateful=False)
-        img.set_shape((None, h, w, 3))
+        img.set_shape((None, h, w, channels))
         return img, label
 
     # Decoding runs in Python (the runner's load_image, for identical pixels), so it is done
@@ -312,7 +334,9 @@ def make_dataset(items, size: tuple[int, int], prep: dict, batch_size: int, trai
     # than in Pillow (benchmarks/run.py, section 6). Per-image and per-stage maps are likewise
     # folded into one map per batch.
     if pixels is not None and all(p in pixels and pixels[p].shape == (h, w, 3) for p in paths):
-        ds = tf.data.Dataset.from_tensor_slices((np.stack([pixels[p] for p in paths]), labels))
+        kept = np.stack([pixels[p] for p in paths])
+        ds = tf.data.Dataset.from_tensor_slices((to_grey(kept) if channels == 1 else kept,
+                                                 labels))
     else:
         ds = tf.data.Dataset.from_tensor_slices((paths, labels)).batch(DECODE_CHUNK)
         ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
