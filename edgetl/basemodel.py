@@ -59,6 +59,23 @@ _SPATIAL_1X1_HEAD = {"Conv2D", "Dropout", "SpatialDropout2D", "Activation", "ReL
 _GLOBAL_POOLS = {"GlobalAveragePooling2D", "GlobalMaxPooling2D", "GlobalAvgPool2D",
                  "GlobalMaxPool2D"}
 _RENAMED_ACTIVATIONS = {"silu": "swish"}
+
+
+def _k3_activation(name: str):
+    """Keras 3 activations that Keras 2 lacks or defines differently (Keras 2's hard_sigmoid
+    is 0.2x + 0.5), as TF ops on a tf_keras tensor; None for the others."""
+    from edgetl.keras import tf
+
+    def hard_sigmoid(x):
+        return tf.nn.relu6(x + 3.0) * (1.0 / 6.0)
+
+    return {
+        "hard_sigmoid": hard_sigmoid,
+        "hard_silu": lambda x: x * hard_sigmoid(x),
+        "hard_swish": lambda x: x * hard_sigmoid(x),
+        "relu6": tf.nn.relu6,
+        "leaky_relu": lambda x: tf.nn.leaky_relu(x, alpha=0.2),  # Keras 3's default slope
+    }.get(name)
 # Layers that typically form a classification head (for naming layers near the cut point).
 _HEAD_CLASSES = {"Dense", "Softmax", "Activation", "Dropout", "Flatten", "Reshape",
                  "GlobalAveragePooling2D", "GlobalMaxPooling2D", "GlobalAvgPool2D",
@@ -434,7 +451,11 @@ def _convert_layer(layer, unsafe: bool):
     config = _k2_config(layer.get_config())
     for key in [k for k in config if k.endswith("_initializer")]:
         config.pop(key)  # the weights are copied over: initializers do not matter
+    post = None
     if isinstance(config.get("activation"), str):
+        post = _k3_activation(config["activation"])
+        if post is not None:  # the layer stays linear; the activation follows as TF ops
+            config["activation"] = "linear"
         config["activation"] = _RENAMED_ACTIVATIONS.get(config["activation"],
                                                         config["activation"])
     accepted = _accepted_kwargs(k2cls)
@@ -450,7 +471,9 @@ def _convert_layer(layer, unsafe: bool):
                                      "which changes its behaviour and Keras 2 does not have; "
                                      "save the model without it")
     try:
-        return k2cls.from_config(config)
+        new = k2cls.from_config(config)
+        new._edgetl_activation = post
+        return new
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise _Unconvertible(f"layer '{layer.name}' ({cls_name}) cannot be rebuilt in Keras 2: "
@@ -687,6 +710,9 @@ class _Flattener:
                    for t in outputs]
         else:
             out = tf.nest.flatten(new(*args, **kwargs))
+            post = getattr(new, "_edgetl_activation", None)
+            if post is not None:
+                out = [post(t) for t in out]
         self._record(getattr(new, "name", layer.name) if reason is None else layer.name,
                      type(layer).__name__, out, flat_in)
         return out

@@ -100,7 +100,8 @@ def _layer_kind(layer) -> tuple[str, str]:
         fn = str(getattr(layer, "symbol", "") or layer.get_config().get("function", ""))
         fn = fn.removeprefix("tf.")
         if fn in _NORMALISING_OPS:
-            return "normalise", f"tf.{fn} '{layer.name}'"
+            named = "" if layer.name.startswith(f"tf.{fn}") else f" '{layer.name}'"
+            return "normalise", f"tf.{fn}{named}"
         if fn in _PASS_THROUGH_OPS:
             return "pass", f"tf.{fn}"
         return "other", f"tf.{fn}"
