@@ -442,6 +442,10 @@ def _convert_layer(layer, unsafe: bool):
     if cls_name == "Lambda" and unsafe:
         return keras.layers.Lambda(layer.function, arguments=dict(layer.arguments or {}),
                                    name=layer.name)
+    if cls_name == "RandomCrop":
+        raise _Unconvertible(f"layer '{layer.name}' (RandomCrop) passes images through "
+                             "unchanged at inference in Keras 3 but crops/resizes them in Keras "
+                             "2; remove it from the model before saving")
     k2cls = getattr(keras.layers, cls_name, None)
     if not (isinstance(k2cls, type) and issubclass(k2cls, keras.layers.Layer)):
         extra = (": it only acts in training; remove it from the model before saving (edgetl "

@@ -282,3 +282,192 @@ def test_keras3_preprocessing_is_rebuilt_and_detected(k3_preprocess, name, expec
     found = [f.split(" ")[0] for f in normalising_layers(base)]
     assert found == expected
     assert choose(base_model=str(k3_preprocess / f"{name}.keras"), model=base)["name"] == "raw"
+
+
+# Every Keras 3 preprocessing / augmentation layer that can be built on an image, saved inside
+# a small model the way a Keras 3 user saves one.
+KERAS3_LAYERS = textwrap.dedent("""
+    import json
+    import sys
+    import keras
+
+    out = sys.argv[1]
+    L = keras.layers
+    layers = {
+        # with a Keras 2 counterpart, Keras 3-only keys at their Keras 2 behaviour
+        "RandomFlip": lambda: L.RandomFlip(data_format="channels_last"),
+        "RandomRotation": lambda: L.RandomRotation(0.1),
+        "RandomZoom": lambda: L.RandomZoom(0.1),
+        "RandomTranslation": lambda: L.RandomTranslation(0.1, 0.1),
+        "RandomContrast": lambda: L.RandomContrast(0.1),
+        "RandomBrightness": lambda: L.RandomBrightness(0.1),
+        "Resizing": lambda: L.Resizing(28, 28),
+        "CenterCrop": lambda: L.CenterCrop(28, 28),
+        "Rescaling": lambda: L.Rescaling(1 / 255.0),
+        "Normalization": lambda: L.Normalization(mean=[120.0] * 3, variance=[3600.0] * 3),
+        # Keras 3-only values that change behaviour; a layer that behaves differently
+        "RandomCrop": lambda: L.RandomCrop(28, 28),
+        "RandomContrast value_range": lambda: L.RandomContrast(0.1, value_range=(0, 1)),
+        "Resizing pad_to_aspect_ratio": lambda: L.Resizing(28, 28, pad_to_aspect_ratio=True),
+        # Keras 3-only layers
+        "AutoContrast": lambda: L.AutoContrast(),
+        "Equalization": lambda: L.Equalization(),
+        "RandomGrayscale": lambda: L.RandomGrayscale(),
+        "RandomInvert": lambda: L.RandomInvert(),
+        "RandomErasing": lambda: L.RandomErasing(),
+        "RandomGaussianBlur": lambda: L.RandomGaussianBlur(),
+        "RandomColorJitter": lambda: L.RandomColorJitter(brightness_factor=0.1),
+        "RandomColorDegeneration": lambda: L.RandomColorDegeneration(0.2),
+        "RandomHue": lambda: L.RandomHue(0.2),
+        "RandomSaturation": lambda: L.RandomSaturation(0.2),
+        "RandomSharpness": lambda: L.RandomSharpness(0.2),
+        "RandomPosterization": lambda: L.RandomPosterization(4),
+        "RandomPerspective": lambda: L.RandomPerspective(),
+        "RandomShear": lambda: L.RandomShear(0.1),
+        "RandomElasticTransform": lambda: L.RandomElasticTransform(),
+        "Solarization": lambda: L.Solarization(),
+        "RandAugment": lambda: L.RandAugment(),
+        "Pipeline": lambda: L.Pipeline([L.RandomFlip()]),
+    }
+    built = []
+    for name, make in layers.items():
+        try:
+            inp = keras.Input((32, 32, 3))
+            x = keras.layers.Conv2D(4, 3, name="conv")(make()(inp))
+            y = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(x))
+            path = f"{out}/{name.replace(' ', '_')}.keras"
+            keras.Model(inp, y).save(path)
+            loaded = keras.saving.load_model(path)
+            # some layers return their input at inference and leave no node in the graph
+            kept = len(loaded.layers) == 5
+            built.append([name, kept])
+        except Exception as e:  # this Keras 3 lacks it, or cannot save or load it back
+            print(name, e, file=sys.stderr)
+    json.dump(dict(built), open(f"{out}/built.json", "w"))
+    keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), weights=None, include_top=False,
+                                        include_preprocessing=True).save(f"{out}/v3.keras")
+""")
+
+K2_COUNTERPART = ["RandomFlip", "RandomRotation", "RandomZoom", "RandomTranslation",
+                  "RandomContrast", "RandomBrightness", "Resizing", "CenterCrop", "Rescaling",
+                  "Normalization"]
+CHANGES_BEHAVIOUR = {"RandomContrast value_range": "value_range=[0, 1]",
+                     "Resizing pad_to_aspect_ratio": "pad_to_aspect_ratio=True"}
+K3_ONLY = ["AutoContrast", "Equalization", "RandomGrayscale", "RandomInvert", "RandomErasing",
+           "RandomGaussianBlur", "RandomColorJitter", "RandomColorDegeneration", "RandomHue",
+           "RandomSaturation", "RandomSharpness", "RandomPosterization", "RandomPerspective",
+           "RandomShear", "RandomElasticTransform", "Solarization", "RandAugment", "Pipeline"]
+
+
+@pytest.fixture(scope="module")
+def k3_layers(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("k3layers")
+    run_keras3(KERAS3_LAYERS, out)
+    built = json.loads((out / "built.json").read_text())
+    # the layers with a Keras 2 counterpart exist in every Keras 3
+    assert set(K2_COUNTERPART) | set(CHANGES_BEHAVIOUR) <= set(built)
+    return out
+
+
+def _k3_layer_file(k3_layers: Path, name: str) -> tuple[Path, bool]:
+    """The saved model holding layer ``name``, and whether its graph kept the layer."""
+    built = json.loads((k3_layers / "built.json").read_text())
+    if name not in built:
+        pytest.skip(f"this Keras 3 cannot build, save or load back {name}")
+    return k3_layers / f"{name.replace(' ', '_')}.keras", built[name]
+
+
+@pytest.mark.parametrize("name", K2_COUNTERPART)
+def test_keras3_layer_with_keras2_behaviour_converts(k3_layers, name):
+    from edgetl.basemodel import load_base_model
+
+    path, kept = _k3_layer_file(k3_layers, name)
+    base = load_base_model(str(path), None, False, 32)
+    assert kept and name in [type(layer).__name__ for layer in base.layers]
+    assert base.layers[-1].name == "conv"
+
+
+@pytest.mark.parametrize("name", sorted(CHANGES_BEHAVIOUR))
+def test_keras3_only_value_that_changes_behaviour_is_named(k3_layers, name):
+    from edgetl.basemodel import load_base_model
+
+    with pytest.raises(EdgetlError) as err:
+        load_base_model(str(_k3_layer_file(k3_layers, name)[0]), None, False, 32)
+    text = str(err.value)
+    layer = name.split()[0]
+    assert f"({layer}) uses {CHANGES_BEHAVIOUR[name]}, which changes its behaviour" in text
+    assert "\n" not in text
+
+
+@pytest.mark.parametrize("name", K3_ONLY)
+def test_keras3_only_layer_is_refused_by_name(k3_layers, name):
+    from edgetl.basemodel import load_base_model
+
+    path, kept = _k3_layer_file(k3_layers, name)
+    if not kept:  # identity at inference: Keras 3 saved a graph without it, which converts
+        assert type(load_base_model(str(path), None, False, 32).layers[-1]).__name__ == "Conv2D"
+        return
+    with pytest.raises(EdgetlError, match=rf"\({name}\) has no Keras 2 equivalent: it only "
+                                          r"acts in training; remove it"):
+        load_base_model(str(path), None, False, 32)
+
+
+def test_keras3_random_crop_differs_and_is_refused(k3_layers):
+    from edgetl.basemodel import load_base_model
+
+    with pytest.raises(EdgetlError, match=r"\(RandomCrop\) passes images through unchanged at "
+                                          r"inference in Keras 3 but crops/resizes them in "
+                                          r"Keras 2"):
+        load_base_model(str(_k3_layer_file(k3_layers, "RandomCrop")[0]), None, False, 32)
+
+
+def test_keras3_mobilenetv3_with_hard_silu_and_rescaling_converts(k3_layers):
+    from edgetl.basemodel import load_base_model
+
+    base = load_base_model(str(k3_layers / "v3.keras"), None, False, 32)
+    assert tuple(base.output.shape) == (None, 1, 1, 576)
+    assert normalising_layers(base)[0].startswith("Rescaling")
+
+
+KERAS3_APPS = textwrap.dedent("""
+    import sys
+    import keras
+
+    out = sys.argv[1]
+    for name, size in (("EfficientNetB0", 32), ("EfficientNetV2B0", 32), ("ResNet50", 32),
+                       ("ResNet50V2", 32), ("DenseNet121", 32), ("NASNetMobile", 32),
+                       ("Xception", 71), ("InceptionV3", 75), ("VGG16", 32),
+                       ("ConvNeXtTiny", 32)):
+        getattr(keras.applications, name)(input_shape=(size, size, 3), weights=None,
+                                          include_top=False).save(f"{out}/{name}.keras")
+""")
+
+
+@pytest.fixture(scope="module")
+def k3_apps(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("k3apps")
+    run_keras3(KERAS3_APPS, out)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, size, normalises", [
+    ("EfficientNetB0", 32, True), ("EfficientNetV2B0", 32, True), ("ResNet50", 32, False),
+    ("ResNet50V2", 32, False), ("DenseNet121", 32, False), ("NASNetMobile", 32, False),
+    ("Xception", 71, False), ("InceptionV3", 75, False), ("VGG16", 32, False),
+])
+def test_keras3_applications_convert(k3_apps, name, size, normalises):
+    from edgetl.basemodel import load_base_model
+
+    base = load_base_model(str(k3_apps / f"{name}.keras"), None, False, size)
+    assert len(base.output.shape) == 4
+    assert bool(normalising_layers(base)) == normalises
+
+
+@pytest.mark.slow
+def test_keras3_convnext_layer_scale_is_refused_by_name(k3_apps):
+    from edgetl.basemodel import load_base_model
+
+    with pytest.raises(EdgetlError, match=r"\(LayerScale\) has no Keras 2 equivalent; pass "
+                                          r"--cut-layer"):
+        load_base_model(str(k3_apps / "ConvNeXtTiny.keras"), None, False, 32)
