@@ -284,25 +284,17 @@ def normalize(x, prep: dict):
     return (x - mean) / std
 
 
-def to_grey(pixels: np.ndarray) -> np.ndarray:
-    """RGB uint8 pixels (..., 3) -> greyscale (..., 1), with Pillow's convert("L") weights
-    (ITU-R 601-2 luma, in its integer arithmetic): a grey image stored as RGB comes back exactly."""
-    x = np.asarray(pixels, np.uint32)
-    luma = (x[..., 0] * 19595 + x[..., 1] * 38470 + x[..., 2] * 7471 + 0x8000) >> 16
-    return luma.astype(np.uint8)[..., None]
-
-
 def load_pixels(path, size: tuple[int, int], channels: int = 3) -> np.ndarray:
-    """One image as uint8 pixels (height, width, channels): the runner's decode and resize,
-    then greyscale for 1-channel models (grey images stay as they are, colour ones converted).
+    """One image as uint8 pixels (height, width, channels), decoded by the device runner's
+    ``load_image``: for 1-channel models grey images stay as they are and colour ones are
+    converted (Pillow's convert("L")), exactly as on the device.
 
     Raises:
         RunnerError: unreadable or not an image.
     """
     from edgetl.runner import load_image
 
-    img = load_image(path, size)
-    return to_grey(img) if channels == 1 else img
+    return load_image(path, size, channels=channels)
 
 
 def make_dataset(items, size: tuple[int, int], prep: dict, batch_size: int, training: bool,
@@ -312,7 +304,8 @@ def make_dataset(items, size: tuple[int, int], prep: dict, batch_size: int, trai
 
     ``size`` is (height, width); ``channels`` 1 makes greyscale images (see load_pixels).
     ``pixels`` (from scan_folder, path -> RGB image at ``size``) replaces the decode when it
-    holds every item. Returns batches of (normalized float images, int labels).
+    holds every item (RGB models only: the runner converts to grey before resizing).
+    Returns batches of (normalized float images, int labels).
     """
     from edgetl.keras import tf
 
@@ -333,10 +326,9 @@ def make_dataset(items, size: tuple[int, int], prep: dict, batch_size: int, trai
     # DECODE_CHUNK images per call: one call per image spent more time in tf.data and the GIL
     # than in Pillow (benchmarks/run.py, section 6). Per-image and per-stage maps are likewise
     # folded into one map per batch.
-    if pixels is not None and all(p in pixels and pixels[p].shape == (h, w, 3) for p in paths):
-        kept = np.stack([pixels[p] for p in paths])
-        ds = tf.data.Dataset.from_tensor_slices((to_grey(kept) if channels == 1 else kept,
-                                                 labels))
+    if channels == 3 and pixels is not None and all(
+            p in pixels and pixels[p].shape == (h, w, 3) for p in paths):
+        ds = tf.data.Dataset.from_tensor_slices((np.stack([pixels[p] for p in paths]), labels))
     else:
         ds = tf.data.Dataset.from_tensor_slices((paths, labels)).batch(DECODE_CHUNK)
         ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
