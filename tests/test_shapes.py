@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgetl.config import TrainConfig, parse_input_size
+from edgetl.config import TrainConfig, input_hw, parse_input_size
 from edgetl.errors import EdgetlError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,12 +24,16 @@ ROOT = Path(__file__).resolve().parents[1]
     (" 48 x 32 ", (48, 32)), ([48, 32], (48, 32)), (None, None),
 ])
 def test_parse_input_size_is_height_by_width(value, expected):
-    assert parse_input_size(value) == expected
+    assert input_hw(value) == expected
+    if value is not None:  # one parser: N stays an int, HxW becomes (h, w)
+        assert parse_input_size(value) == (expected[0] if expected[0] == expected[1]
+                                           else expected)
 
 
 @pytest.mark.parametrize("value, message", [
-    ("abc", r"--input-size 'abc': give N \(square\) or HxW, height x width"),
-    ("160x", r"--input-size '160x': give N"), ("1x2x3", r"give N"), ("-5", r"give N"),
+    ("abc", r"--input-size 'abc' is not a size: give N \(square\) or HxW, height x width"),
+    ("160x", r"--input-size '160x' is not a size"), ("1x2x3", r"give N"), ("-5", r"give N"),
+    ("2000x100", r"--input-size 2000x100 is too large \(maximum 1024"),
     (8, r"--input-size 8 is too small \(minimum 16\)"),
     ("200x10", r"--input-size 200x10 is too small \(minimum 16\)"),
 ])
@@ -45,7 +49,7 @@ def _cli(*args, timeout=600):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--input-size", "160x"], "error: --input-size '160x': give N (square) or HxW"),
+    (["--input-size", "160x"], "error: --input-size '160x' is not a size: give N (square) or HxW"),
     (["--channels", "2"], "error: --channels 2: use 1 (greyscale) or 3 (colour)"),
     (["--mean", "1,2"], "error: --mean 1.0 2.0: give 1 or 3 finite numbers"),
     (["--mean", "a,b"], "error: --mean 'a,b' is not a number list"),
