@@ -1190,9 +1190,15 @@ def load_run(run: str | os.PathLike) -> dict:
                           "with `edgetl train --out RUN --resume`")
     shape, outputs = _model_io(run / "model.keras")
     size = config["input_size"]
-    if shape is not None and any(d is not None and d != size for d in shape[1:3]):
+    hw = input_hw(size)
+    if shape is not None and any(d is not None and d != want for d, want in zip(shape[1:3], hw)):
         raise _damaged(cfg_file, "input_size", f"is {size}, but model.keras takes "
                        f"{shape[1]}x{shape[2]} px", todo)
+    from edgetl.preprocessing import input_shape
+
+    if shape is not None and len(shape) == 4 and shape[3] not in (None, input_shape(config)[2]):
+        raise _damaged(cfg_file, "input_shape", f"is {config.get('input_shape')}, but "
+                       f"model.keras takes {shape[3]}-channel images", todo)
     if outputs is not None and outputs != len(config["class_names"]):
         raise _damaged(cfg_file, "class_names", f"has {len(config['class_names'])} names, but "
                        f"model.keras has {outputs} outputs (one name per output)", todo)
