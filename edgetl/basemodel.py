@@ -24,9 +24,11 @@ How it works:
   Dense, Dropout, Flatten, global pooling; a 1x1 classifier conv after a global pooling with
   ``keepdims`` is skipped too).
 
-Preprocessing of a base model is the "tf" convention (``x / 127.5 - 1``, RGB) unless a sidecar
-file ``<model path>.preprocessing.json`` says otherwise, e.g. ``{"preset": "torch"}`` or
-``{"mean": [123.7, 116.3, 103.5], "std": [58.4, 57.1, 57.4], "channel_order": "RGB"}``.
+* **Input**: 1 (greyscale) or 3 (RGB) channels, any height x width; a size the model fixes must
+  match ``--input-size``.
+
+The preprocessing a base model gets is chosen by ``edgetl.preprocessing.choose`` (its first
+layers, ``--preprocessing``, or a sidecar file ``<model path>.preprocessing.json``).
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgetl.errors import EdgetlError
+from edgetl.preprocessing import SIDECAR_SUFFIX, read_sidecar, sidecar_path
 
-SIDECAR_SUFFIX = ".preprocessing.json"
 H5_SUFFIXES = (".h5", ".hdf5")
 
 # Layers whose classes do not live in ``keras.layers`` but are built into Keras 2.
@@ -57,6 +59,23 @@ _SPATIAL_1X1_HEAD = {"Conv2D", "Dropout", "SpatialDropout2D", "Activation", "ReL
 _GLOBAL_POOLS = {"GlobalAveragePooling2D", "GlobalMaxPooling2D", "GlobalAvgPool2D",
                  "GlobalMaxPool2D"}
 _RENAMED_ACTIVATIONS = {"silu": "swish"}
+
+
+def _k3_activation(name: str):
+    """Keras 3 activations that Keras 2 lacks or defines differently (Keras 2's hard_sigmoid
+    is 0.2x + 0.5), as TF ops on a tf_keras tensor; None for the others."""
+    from edgetl.keras import tf
+
+    def hard_sigmoid(x):
+        return tf.nn.relu6(x + 3.0) * (1.0 / 6.0)
+
+    return {
+        "hard_sigmoid": hard_sigmoid,
+        "hard_silu": lambda x: x * hard_sigmoid(x),
+        "hard_swish": lambda x: x * hard_sigmoid(x),
+        "relu6": tf.nn.relu6,
+        "leaky_relu": lambda x: tf.nn.leaky_relu(x, alpha=0.2),  # Keras 3's default slope
+    }.get(name)
 # Layers that typically form a classification head (for naming layers near the cut point).
 _HEAD_CLASSES = {"Dense", "Softmax", "Activation", "Dropout", "Flatten", "Reshape",
                  "GlobalAveragePooling2D", "GlobalMaxPooling2D", "GlobalAvgPool2D",
@@ -396,6 +415,25 @@ def _accepted_kwargs(cls) -> set[str] | None:
     return names
 
 
+# Keras 3-only config keys (absent from the tf_keras layer) and whether a value means what
+# Keras 2 does without the key; any other value changes behaviour and is refused.
+_KERAS2_BEHAVIOUR = {
+    "data_format": lambda v, cfg: v in (None, "channels_last"),
+    # Keras 2's RandomContrast clips to 0..255
+    "value_range": lambda v, cfg: isinstance(v, (list, tuple)) and list(v) == [0, 255],
+    # Resizing: the fill only applies with pad_to_aspect_ratio
+    "fill_mode": lambda v, cfg: not cfg.get("pad_to_aspect_ratio"),
+    "fill_value": lambda v, cfg: not cfg.get("pad_to_aspect_ratio") or not v,
+}
+# Keras 3 image augmentation layers without a Keras 2 counterpart (inactive at inference).
+_K3_ONLY_AUGMENTATION = {"AutoContrast", "AugMix", "CutMix", "Equalization", "MixUp",
+                         "Pipeline", "RandAugment", "RandomColorDegeneration",
+                         "RandomColorJitter", "RandomElasticTransform", "RandomErasing",
+                         "RandomGaussianBlur", "RandomGrayscale", "RandomHue", "RandomInvert",
+                         "RandomPerspective", "RandomPosterization", "RandomSaturation",
+                         "RandomSharpness", "RandomShear", "Solarization"}
+
+
 def _convert_layer(layer, unsafe: bool):
     """A new tf_keras layer with the config of a Keras 3 layer (weights are copied later)."""
     from edgetl.keras import keras
@@ -404,28 +442,82 @@ def _convert_layer(layer, unsafe: bool):
     if cls_name == "Lambda" and unsafe:
         return keras.layers.Lambda(layer.function, arguments=dict(layer.arguments or {}),
                                    name=layer.name)
+    if cls_name == "RandomCrop":
+        raise _Unconvertible(f"layer '{layer.name}' (RandomCrop) passes images through "
+                             "unchanged at inference in Keras 3 but crops/resizes them in Keras "
+                             "2; remove it from the model before saving")
     k2cls = getattr(keras.layers, cls_name, None)
     if not (isinstance(k2cls, type) and issubclass(k2cls, keras.layers.Layer)):
-        raise _Unconvertible(f"layer '{layer.name}' ({cls_name}) has no Keras 2 equivalent")
+        extra = (": it only acts in training; remove it from the model before saving (edgetl "
+                 "augments with --augment)") if cls_name in _K3_ONLY_AUGMENTATION else ""
+        raise _Unconvertible(f"layer '{layer.name}' ({cls_name}) has no Keras 2 equivalent"
+                             f"{extra}")
     config = _k2_config(layer.get_config())
     for key in [k for k in config if k.endswith("_initializer")]:
         config.pop(key)  # the weights are copied over: initializers do not matter
+    post = None
     if isinstance(config.get("activation"), str):
+        post = _k3_activation(config["activation"])
+        if post is not None:  # the layer stays linear; the activation follows as TF ops
+            config["activation"] = "linear"
         config["activation"] = _RENAMED_ACTIVATIONS.get(config["activation"],
                                                         config["activation"])
     accepted = _accepted_kwargs(k2cls)
     if accepted is not None:
+        full = dict(config)
         for key in [k for k in config if k not in accepted]:
             value = config.pop(key)
+            same = _KERAS2_BEHAVIOUR.get(key)
+            if same is not None and same(value, full):
+                continue
             if value not in (None, False, 0, "", [], {}):
                 raise _Unconvertible(f"layer '{layer.name}' ({cls_name}) uses {key}={value!r}, "
-                                     "which Keras 2 does not have")
+                                     "which changes its behaviour and Keras 2 does not have; "
+                                     "save the model without it")
     try:
-        return k2cls.from_config(config)
+        new = k2cls.from_config(config)
+        new._edgetl_activation = post
+        return new
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise _Unconvertible(f"layer '{layer.name}' ({cls_name}) cannot be rebuilt in Keras 2: "
                              f"{first}") from None
+
+
+_K3_BINARY_OPS = {"Add": "add", "Subtract": "subtract", "Multiply": "multiply",
+                  "TrueDivide": "truediv", "Divide": "truediv"}
+
+
+def _apply_k3_op(op, args, kwargs):
+    """A Keras 3 operation node (``x / 127.5``, ``preprocess_input``'s arithmetic) applied to
+    tf_keras tensors: tf_keras records it as a TF-op layer. Plain math and indexing only."""
+    import numpy as np
+
+    from edgetl.keras import tf
+
+    name = type(op).__name__
+
+    def plain(v):  # Keras 3 constants (tf tensors) as numpy: tf_keras can serialise those
+        return np.asarray(v) if tf.is_tensor(v) and not hasattr(v, "_keras_history") else v
+
+    args = [tf.nest.map_structure(plain, a) for a in args]
+    if kwargs:
+        raise _Unconvertible(f"operation '{op.name}' ({name}) with arguments "
+                             f"{sorted(kwargs)} has no Keras 2 equivalent")
+    if name in _K3_BINARY_OPS and len(args) == 2:
+        return getattr(tf.math, _K3_BINARY_OPS[name])(args[0], args[1])
+    if name == "Negative" and len(args) == 1:
+        return tf.math.negative(args[0])
+    if name == "Cast" and len(args) == 1:
+        return tf.cast(args[0], str(getattr(op, "dtype", "float32")))
+    if name == "GetItem" and len(args) == 2:
+        key = args[1]
+        return args[0][tuple(key) if isinstance(key, list) else key]
+    if name == "Stack" and len(args) == 1:
+        return tf.stack(list(args[0]), axis=int(getattr(op, "axis", 0)))
+    if name == "Flip" and len(args) == 1 and isinstance(getattr(op, "axis", None), int):
+        return tf.reverse(args[0], axis=[op.axis])
+    raise _Unconvertible(f"operation '{op.name}' ({name}) has no Keras 2 equivalent")
 
 
 def _copy_weights(src, dst, path: str) -> None:
@@ -605,6 +697,13 @@ class _Flattener:
             return out
         missing = next((t for t in flat_in if isinstance(t, _Missing)), None)
         reason = missing.reason if missing else None
+        if reason is None and self.k3 is not None and not isinstance(layer, self.k3.layers.Layer):
+            try:  # a Keras 3 operation (arithmetic on tensors), not a layer
+                out = tf.nest.flatten(_apply_k3_op(layer, args, kwargs))
+                self._record(layer.name, type(layer).__name__, out, flat_in)
+                return out
+            except _Unconvertible as e:
+                reason = str(e)
         if reason is None:
             try:
                 new = self._layer_for(layer, parent)
@@ -615,6 +714,9 @@ class _Flattener:
                    for t in outputs]
         else:
             out = tf.nest.flatten(new(*args, **kwargs))
+            post = getattr(new, "_edgetl_activation", None)
+            if post is not None:
+                out = [post(t) for t in out]
         self._record(getattr(new, "name", layer.name) if reason is None else layer.name,
                      type(layer).__name__, out, flat_in)
         return out
@@ -697,7 +799,22 @@ def _cut_tensor(flat: _Flattener, outputs: list, cut_layer: str | None, path: st
     return t
 
 
-def _input_shape(model, path: str, size: int) -> tuple:
+def _size_hint(h, w, size: tuple) -> str:
+    """The --input-size value that fits a model fixing height h and/or width w."""
+    want = (h or size[0], w or size[1])
+    return str(want[0]) if want[0] == want[1] else f"{want[0]}x{want[1]}"
+
+
+def _size_problem(path: str, h, w, size: tuple) -> str | None:
+    if (h is None or h == size[0]) and (w is None or w == size[1]):
+        return None
+    asked = str(size[0]) if size[0] == size[1] else f"{size[0]}x{size[1]} (height x width)"
+    return (f"--base-model '{path}' takes {h}x{w} images (height x width) but the input size is "
+            f"{asked}: pass --input-size {_size_hint(h, w, size)} (or save the model with a "
+            "flexible input, Input(shape=(None, None, channels)))")
+
+
+def _input_shape(model, path: str, size: tuple) -> tuple:
     inputs = getattr(model, "inputs", None)
     if not inputs:
         raise EdgetlError(f"--base-model '{path}' has no defined input (a model built without "
@@ -708,16 +825,16 @@ def _input_shape(model, path: str, size: int) -> tuple:
     shape = tuple(inputs[0].shape)
     if len(shape) != 4:
         raise EdgetlError(f"--base-model '{path}' takes inputs of shape {shape}, not images "
-                          "(batch, height, width, 3)")
+                          "(batch, height, width, channels)")
     _, h, w, c = shape
-    if c != 3:
-        raise EdgetlError(f"--base-model '{path}' takes {c}-channel images: edgetl feeds RGB "
-                          "(3 channels)")
-    if (h is not None and h != size) or (w is not None and w != size):
-        raise EdgetlError(f"--base-model '{path}' takes {h}x{w} images but the input size is "
-                          f"{size}: pass --input-size {h or w} (or save the model with a "
-                          "flexible input, Input(shape=(None, None, 3)))")
-    return (size, size, 3), getattr(inputs[0], "name", "input").split(":")[0]
+    if c not in (1, 3):
+        raise EdgetlError(f"--base-model '{path}' takes {c}-channel images: edgetl feeds "
+                          "greyscale (1 channel) or RGB (3 channels) images; save the model with "
+                          "Input(shape=(height, width, 1 or 3))")
+    problem = _size_problem(path, h, w, size)
+    if problem:
+        raise EdgetlError(problem)
+    return (size[0], size[1], c), getattr(inputs[0], "name", "input").split(":")[0]
 
 
 def _config_layers(config) -> list[tuple[str, str]]:
@@ -756,17 +873,16 @@ def _config_input_shape(config):
     return build if isinstance(build, list) else None
 
 
-def _precheck(info: _File, cut_layer: str | None, size: int) -> None:
+def _precheck(info: _File, cut_layer: str | None, size: tuple) -> None:
     """Input size and cut layer checked on the raw config (the load re-checks both)."""
     if info.config is None:
         return
     shape = _config_input_shape(info.config)
     if isinstance(shape, list) and len(shape) == 4:
         _, h, w, _c = shape
-        if (h is not None and h != size) or (w is not None and w != size):
-            raise EdgetlError(f"--base-model '{info.path}' takes {h}x{w} images but the input "
-                              f"size is {size}: pass --input-size {h or w} (or save the model "
-                              "with a flexible input, Input(shape=(None, None, 3)))")
+        problem = _size_problem(info.path, h, w, size)
+        if problem:
+            raise EdgetlError(problem)
     layers = _config_layers(info.config)
     names = [n for n, _ in layers]
     if cut_layer is not None and names and cut_layer not in names:
@@ -780,11 +896,12 @@ def _precheck(info: _File, cut_layer: str | None, size: int) -> None:
                           f"{len(names)} layers in all)")
 
 
-def _check_rebuilt(original, rebuilt, path: str, size: int) -> None:
+def _check_rebuilt(original, rebuilt, path: str) -> None:
     """The rebuilt Keras 2 graph computes what the Keras 3 model computes (random batch)."""
     import numpy as np
 
-    x = np.random.default_rng(0).uniform(-1, 1, (2, size, size, 3)).astype("float32")
+    shape = (2,) + tuple(rebuilt.input_shape[1:])
+    x = np.random.default_rng(0).uniform(-1, 1, shape).astype("float32")
     want = original(x, training=False)
     got = rebuilt(x, training=False)
     want = [np.asarray(w) for w in (want if isinstance(want, (list, tuple)) else [want])]
@@ -800,7 +917,7 @@ def _check_rebuilt(original, rebuilt, path: str, size: int) -> None:
 # --- public API ----------------------------------------------------------------------------------
 
 def load_base_model(path: str, cut_layer: str | None = None, unsafe: bool = False,
-                    size: int = 224):
+                    size: int | tuple = 224):
     """The user's saved model as a flat tf_keras backbone that ends at its features.
 
     Args:
@@ -808,17 +925,19 @@ def load_base_model(path: str, cut_layer: str | None = None, unsafe: bool = Fals
         cut_layer: layer whose output becomes the backbone output; None cuts below the
             classification head (the last 4D tensor before Dense/Flatten/pooling...).
         unsafe: allow Lambda layers and non-Keras classes (they run code from the file).
-        size: input size (pixels); must equal a fixed input size of the model.
+        size: input size in pixels, N or (height, width); must equal the model's fixed size.
 
     Returns:
-        A tf_keras functional model with one (size, size, 3) input, no nested models, whose
-        output is a feature map (N, H, W, C) or a feature vector (N, C).
+        A tf_keras functional model with one (height, width, channels) input (channels: the
+        model's own, 1 or 3), no nested models, whose output is a feature map (N, H, W, C) or
+        a feature vector (N, C).
 
     Raises:
         EdgetlError: for a missing or unreadable file, an unsafe model without ``unsafe``, an
             input size that does not fit, a missing ``cut_layer`` or no 4D layer to cut at.
     """
     path = str(path)
+    size = (size, size) if isinstance(size, int) else tuple(size)
     info = _read_file(path)  # fails fast, before TensorFlow is imported
     from edgetl.keras import keras
 
@@ -839,12 +958,13 @@ def load_base_model(path: str, cut_layer: str | None = None, unsafe: bool = Fals
         for src, dst in flat.pairs:
             _copy_weights(src, dst, path)
         if not any(isinstance(o, _Missing) for o in outputs):
-            _check_rebuilt(model, keras.Model(inp, outputs), path, size)
+            _check_rebuilt(model, keras.Model(inp, outputs), path)
     return keras.Model(inp, cut, name=f"{model.name}_base")
 
 
-def base_model_input_size(path: str) -> int | None:
-    """The square input size a saved model fixes, read from its config (None: flexible/unknown).
+def base_model_input_shape(path: str) -> tuple | None:
+    """(height, width, channels) a saved model's input fixes, read from its config; each is
+    None where the model leaves it open. None for an unreadable file or a SavedModel.
 
     Reads the config only (no deserialisation), so it is safe on any file.
     """
@@ -879,72 +999,34 @@ def base_model_input_size(path: str) -> int | None:
 
     visit(config)
     shape = shapes[0] if shapes else None
-    if isinstance(shape, list) and len(shape) == 4 and shape[1] and shape[1] == shape[2]:
-        return int(shape[1])
+    if isinstance(shape, list) and len(shape) == 4:
+        return tuple(int(v) if isinstance(v, int) else None for v in shape[1:])
     return None
 
 
-def sidecar_path(path: str) -> Path:
-    """Where the preprocessing of a base model is described: ``<path>.preprocessing.json``."""
-    return Path(str(path).rstrip("/\\") + SIDECAR_SUFFIX)
+def base_model_input_size(path: str) -> int | None:
+    """The square input size a saved model fixes, read from its config (None: flexible,
+    non-square or unknown; see base_model_input_shape)."""
+    shape = base_model_input_shape(path)
+    if shape and shape[0] and shape[0] == shape[1]:
+        return int(shape[0])
+    return None
 
 
 def base_model_preprocessing(path: str) -> dict:
-    """The preprocessing the user's model expects.
+    """The preprocessing a sidecar file ``<path>.preprocessing.json`` names, else "tf".
 
-    Default: the "tf" convention (mean 127.5, std 127.5, RGB: ``x / 127.5 - 1``). A sidecar file
-    ``<path>.preprocessing.json`` overrides it with ``{"preset": "tf"|"caffe"|"torch"|"raw"}``
-    or explicit ``{"mean": [r, g, b], "std": [r, g, b], "channel_order": "RGB"|"BGR"}`` (on
-    pixels 0..255; a single number is used for all three channels).
+    ``train`` chooses with ``edgetl.preprocessing.choose``, which also looks at the model's
+    first layers; this is the file-only part of that choice.
 
     Returns:
         {"mean": [3 floats], "std": [3 floats], "channel_order": "RGB"|"BGR", "name": str}.
     """
     from edgetl.backbones import PREPROCESSING
 
-    side = sidecar_path(path)
-    if not side.is_file():
-        return dict(PREPROCESSING["tf"], name="tf")
-
-    def bad(why: str):
-        return EdgetlError(f"preprocessing file '{side}' {why}: write "
-                           '{"preset": "tf"} (or caffe, torch, raw) or {"mean": [r, g, b], '
-                           '"std": [r, g, b], "channel_order": "RGB"}')
-
-    try:
-        spec = json.loads(side.read_text())
-    except (ValueError, OSError) as e:
-        raise bad(f"is not valid JSON ({e})") from None
-    if not isinstance(spec, dict):
-        raise bad("is not a JSON object")
-    preset = spec.get("preset")
-    if preset is not None:
-        if preset not in PREPROCESSING:
-            raise bad(f"names an unknown preset '{preset}' (valid: "
-                      f"{', '.join(sorted(PREPROCESSING))})")
-        base = dict(PREPROCESSING[preset], name=preset)
-    else:
-        base = dict(PREPROCESSING["tf"], name="custom")
-    out = dict(base)
-    for key in ("mean", "std"):
-        if key in spec:
-            value = spec[key]
-            value = [value] * 3 if isinstance(value, (int, float)) else value
-            if (not isinstance(value, list) or len(value) != 3
-                    or not all(isinstance(v, (int, float)) for v in value)):
-                raise bad(f"has '{key}' {spec[key]!r}, not 3 numbers")
-            out[key] = [float(v) for v in value]
-            out["name"] = "custom" if preset is None else f"{preset}+custom"
-    if any(s == 0 for s in out["std"]):
-        raise bad("has a std of 0")
-    order = spec.get("channel_order", out["channel_order"])
-    if str(order).upper() not in ("RGB", "BGR"):
-        raise bad(f"has channel_order '{order}' (use RGB or BGR)")
-    if str(order).upper() != base["channel_order"]:
-        out["name"] = "custom" if preset is None else f"{preset}+custom"
-    out["channel_order"] = str(order).upper()
-    return out
+    return read_sidecar(path) or dict(PREPROCESSING["tf"], name="tf")
 
 
 __all__ = ["load_base_model", "base_model_preprocessing", "base_model_input_size",
+           "base_model_input_shape",
            "sidecar_path", "SIDECAR_SUFFIX"]

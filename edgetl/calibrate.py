@@ -26,12 +26,14 @@ def sample(items, count: int, seed: int) -> list:
     return balanced_sample(list(items), min(count, len(items)), seed)
 
 
-def load_images(paths, size: int, prep: dict) -> np.ndarray:
-    """Images -> preprocessed float32 batch (N, size, size, 3), with the runner's decode and
-    normalisation (what the device does). Raises RunnerError for an unreadable image."""
+def load_images(paths, size, prep: dict) -> np.ndarray:
+    """Images -> preprocessed float32 batch (N, height, width, channels), with the runner's
+    decode and normalisation (what the device does). ``size`` is (height, width, channels) or
+    a square N (RGB). Raises RunnerError for an unreadable image."""
     from edgetl.runner import load_image, preprocess
 
-    pixels = np.stack([load_image(p, (size, size)) for p in paths])
+    h, w, c = (size, size, 3) if isinstance(size, int) else tuple(size)
+    pixels = np.stack([load_image(p, (h, w), channels=c) for p in paths])
     return preprocess(pixels, prep).astype(np.float32)
 
 

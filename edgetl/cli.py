@@ -14,8 +14,8 @@ from typing import List, Optional
 
 import typer
 
-from edgetl.config import (Distribute, IOType, Monitor, Pooling, QatRanges, QatScope, Quantization,
-                           Strategy)
+from edgetl.config import (Distribute, IOType, Monitor, Pooling, Preset, QatRanges, QatScope,
+                           Quantization, Strategy)
 from edgetl.errors import EdgetlError
 
 def _parse_error_line(e, args: list) -> str:
@@ -113,6 +113,18 @@ def _guard(fn, *args, **kwargs):
         _fail("interrupted", 130)
 
 
+def _numbers(flag: str, text: Optional[str]) -> Optional[tuple]:
+    """'123.7,116.3,103.5' (or spaces) -> floats; one line and exit 2 for anything else."""
+    if text is None:
+        return None
+    parts = text.replace(",", " ").split()
+    try:
+        return tuple(float(p) for p in parts) or _fail(f"{flag} is empty: give 1 or 3 numbers")
+    except ValueError:
+        _fail(f"{flag} '{text}' is not a number list: give 1 or 3 numbers, e.g. "
+              f"{flag} 127.5 or {flag} 123.7,116.3,103.5")
+
+
 def _reraise(e: Exception):
     raise e
 
@@ -129,7 +141,22 @@ def train(
     unsafe: bool = typer.Option(False, help="Allow Lambda layers / custom code in --base-model."),
     weights: str = typer.Option("imagenet", help="imagenet, none, or a weights file."),
     alpha: Optional[float] = typer.Option(None, help="MobileNet width multiplier."),
-    input_size: Optional[int] = typer.Option(None, help="Input size in px [backbone default]."),
+    input_size: Optional[str] = typer.Option(None, help="Input size in px: N or HxW (height x "
+                                                        "width, e.g. 160x120); default: the base "
+                                                        "model's fixed size, else the "
+                                                        "backbone's."),
+    channels: Optional[int] = typer.Option(None, help="1 (greyscale) or 3; default: the base "
+                                                      "model's, else 3."),
+    preprocessing: Preset = typer.Option(Preset.auto, help="How pixels become model input: "
+                                                           "auto = detected from the base "
+                                                           "model's first layers (Rescaling, "
+                                                           "Normalization, preprocess_input) or "
+                                                           "the backbone's preset; tf = x/127.5-1,"
+                                                           " torch = ImageNet mean/std, caffe = "
+                                                           "BGR minus mean, raw = 0..255."),
+    mean: Optional[str] = typer.Option(None, help="Mean on 0..255 pixels: one number or R,G,B "
+                                                  "(model input = (x - mean) / std)."),
+    std: Optional[str] = typer.Option(None, help="Std on 0..255 pixels: one number or R,G,B."),
     val_data: Optional[Path] = typer.Option(None, help="Separate validation folder."),
     val_split: Optional[float] = typer.Option(None, help="Held-out fraction per class [0.2]."),
     strategy: Optional[Strategy] = typer.Option(
@@ -193,7 +220,10 @@ def train(
     cfg = TrainConfig(
         data=str(data) if data is not None else "", out=str(out) if out else None, backbone=backbone,
         base_model=str(base_model) if base_model else None, cut_layer=cut_layer, unsafe=unsafe,
-        weights=weights, alpha=alpha, input_size=input_size,
+        weights=weights, alpha=alpha,
+        input_size=int(input_size) if input_size and input_size.strip().isdigit() else input_size,
+        channels=channels, preprocessing=preprocessing,
+        mean=_numbers("--mean", mean), std=_numbers("--std", std),
         val_data=str(val_data) if val_data else None, val_split=val_split, strategy=strategy,
         unfreeze=unfreeze, unfreeze_from=unfreeze_from, epochs=epochs,
         fine_tune_epochs=fine_tune_epochs, lr=lr, fine_tune_lr=fine_tune_lr,

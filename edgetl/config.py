@@ -16,22 +16,45 @@ MAX_INPUT_SIZE = 1024
 MAX_SEED = 2**32 - 1  # numpy's and TensorFlow's seed range
 
 
-def parse_input_size(value, flag: str = "--input-size") -> int:
-    """The one parser of an input size: a whole number of pixels in [16, 1024] (square).
+def parse_input_size(value, flag: str = "--input-size"):
+    """The one parser of an input size: N (square, returned as an int) or "HxW" / [h, w]
+    (height x width, the Keras and TFLite order; returned as a (h, w) tuple); every side in
+    [MIN_INPUT_SIZE, MAX_INPUT_SIZE].
 
     Raises:
-        EdgetlError: not a whole number, or out of bounds; the message names ``flag``.
+        EdgetlError: not a size, or a side out of bounds; the message names ``flag``.
     """
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise EdgetlError(f"{flag} {value!r} is not a whole number of pixels (e.g. 224)")
-    if value < MIN_INPUT_SIZE:
-        raise EdgetlError(f"{flag} {value} is too small (minimum {MIN_INPUT_SIZE})")
-    if value > MAX_INPUT_SIZE:
-        raise EdgetlError(f"{flag} {value} is too large (maximum {MAX_INPUT_SIZE} px: every image "
-                          "is decoded at this size)")
-    return value
+    pair = None
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        pair = (int(value[0]), int(value[1]))
+    elif isinstance(value, str):
+        parts = value.strip().lower().replace("\u00d7", "x").split("x")
+        if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
+            pair = (int(parts[0]), int(parts[1]))
+    if pair is None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise EdgetlError(f"{flag} {value!r} is not a size: give N (square) or HxW, height x "
+                          "width, e.g. 96 or 160x120")
+    sides = pair or (value,)
+    shown = value if pair is None else f"{pair[0]}x{pair[1]}"
+    if min(sides) < MIN_INPUT_SIZE:
+        raise EdgetlError(f"{flag} {shown} is too small (minimum {MIN_INPUT_SIZE})")
+    if max(sides) > MAX_INPUT_SIZE:
+        raise EdgetlError(f"{flag} {shown} is too large (maximum {MAX_INPUT_SIZE} px: every "
+                          "image is decoded at this size)")
+    if pair is None:
+        return value
+    return pair if pair[0] != pair[1] else pair[0]
+
+
+def input_hw(value) -> tuple[int, int] | None:
+    """``--input-size`` (None, N, "HxW" or [h, w]) as (height, width), or None when not set."""
+    if value is None or value == "":
+        return None
+    size = parse_input_size(value)
+    return (size, size) if isinstance(size, int) else size
 
 
 def check_number(flag: str, value, *, integer: bool = False, low=None, high=None,
@@ -125,6 +148,16 @@ class QatRanges(str, Enum):
     tfmot = "tfmot"  # tfmot's own start ([-6, 6]) and moving average
 
 
+class Preset(str, Enum):
+    """How pixels 0..255 become model input (``--preprocessing``); see edgetl/preprocessing.py."""
+
+    auto = "auto"  # detected from the model's first layers, else the backbone's preset
+    tf = "tf"
+    torch = "torch"
+    caffe = "caffe"
+    raw = "raw"
+
+
 class Quantization(str, Enum):
     int8 = "int8"
     float32 = "float32"
@@ -152,7 +185,12 @@ class TrainConfig:
         unsafe: allow Lambda layers / custom code in base_model.
         weights: 'imagenet', 'none' or a weights file path.
         alpha: MobileNet width multiplier.
-        input_size: square input size in pixels (None: the backbone's default).
+        input_size: input size in pixels: N (square) or "HxW" (height x width, the Keras and
+            TFLite order); None: the base model's fixed size, else the backbone's default.
+        channels: image channels, 1 (greyscale) or 3 (None: the base model's, else 3).
+        preprocessing: auto, tf, torch, caffe or raw (see edgetl/preprocessing.py).
+        mean: per-channel mean on 0..255 pixels (1 or 3 numbers; overrides the preset's).
+        std: per-channel std on 0..255 pixels (1 or 3 numbers; overrides the preset's).
         val_data: separate validation folder.
         val_split: fraction of each class held out for validation (when no val_data).
         strategy: feature-extract, fine-tune or two-phase (None: by situation, see
@@ -197,7 +235,11 @@ class TrainConfig:
     unsafe: bool = False
     weights: str = "imagenet"
     alpha: float | None = None
-    input_size: int | None = None
+    input_size: int | str | None = None
+    channels: int | None = None
+    preprocessing: Preset = Preset.auto
+    mean: tuple | None = None
+    std: tuple | None = None
     val_data: str | None = None
     val_split: float | None = None
     strategy: Strategy | None = None
@@ -288,6 +330,18 @@ class TrainConfig:
         except ValueError:
             raise EdgetlError(f"--monitor '{self.monitor}': use val_accuracy or val_loss") from None
 
+        if self.channels not in (None, 1, 3):
+            raise EdgetlError(f"--channels {self.channels}: use 1 (greyscale) or 3 (colour)")
+        for flag, values in (("--mean", self.mean), ("--std", self.std)):
+            if values is None:
+                continue
+            if len(values) not in (1, 3) or not all(v == v and abs(v) != float("inf")
+                                                    for v in values):
+                raise EdgetlError(f"--{flag.lstrip('-')} {' '.join(map(str, values))}: give 1 "
+                                  "or 3 finite numbers (on pixels 0..255)")
+        if self.std is not None and any(v <= 0 for v in self.std):
+            raise EdgetlError(f"--std {' '.join(map(str, self.std))}: every std must be > 0")
+
     def from_scratch(self) -> bool:
         """Random initial weights: nothing pretrained to protect or to freeze."""
         return self.weights == "none" and not self.base_model
@@ -337,7 +391,8 @@ class TrainConfig:
         d = {k: v for k, v in d.items() if k in known}
         for k, enum in (("strategy", Strategy), ("pooling", Pooling), ("qat_scope", QatScope),
                         ("qat_ranges", QatRanges), ("monitor", Monitor),
-                        ("distribute", Distribute)):
+                        ("distribute", Distribute),
+                        ("preprocessing", Preset)):
             if d.get(k) is not None:
                 try:
                     d[k] = enum(d[k])

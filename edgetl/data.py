@@ -296,36 +296,52 @@ def augment_ops(augment) -> tuple[str, ...]:
     return parse_augment(augment if isinstance(augment, str) else ",".join(augment))
 
 
+def load_pixels(path, size: tuple[int, int], channels: int = 3) -> np.ndarray:
+    """One image as uint8 pixels (height, width, channels), decoded by the device runner's
+    ``load_image``: for 1-channel models grey images stay as they are and colour ones are
+    converted (Pillow's convert("L")), exactly as on the device.
+
+    Raises:
+        RunnerError: unreadable or not an image.
+    """
+    from edgetl.runner import load_image
+
+    return load_image(path, size, channels=channels)
+
+
 def make_dataset(items, size: tuple[int, int], prep: dict, batch_size: int, training: bool,
-                 augment, seed: int, cache: bool = True, pixels: dict | None = None):
+                 augment, seed: int, cache: bool = True, pixels: dict | None = None,
+                 channels: int = 3):
     """tf.data pipeline: parallel decode, cache of decoded pixels, augmentation, prefetch.
 
+    ``size`` is (height, width); ``channels`` 1 makes greyscale images (see load_pixels).
     ``augment`` picks the transforms (see augment_ops); for the same seed and the same choice
     the batches are identical, and each transform draws the same numbers whichever others are
-    on. ``pixels`` (from scan_folder, path -> image at ``size``) replaces the decode when it
-    holds every item. Returns batches of (normalized float images, int labels).
+    on. ``pixels`` (from scan_folder, path -> RGB image at ``size``) replaces the decode when it
+    holds every item (RGB models only: the runner converts to grey before resizing).
+    Returns batches of (normalized float images, int labels).
     """
     from edgetl.keras import tf
-    from edgetl.runner import load_image
 
     h, w = size
     paths = [p for p, _ in items]
     labels = np.array([label for _, label in items], np.int32)
 
     def decode(chunk):
-        return np.stack([load_image(p.decode() if isinstance(p, bytes) else str(p), (h, w))
-                         for p in chunk])
+        return np.stack([load_pixels(p.decode() if isinstance(p, bytes) else str(p), (h, w),
+                                     channels) for p in chunk])
 
     def load(chunk, label):
         img = tf.numpy_function(decode, [chunk], tf.uint8, stateful=False)
-        img.set_shape((None, h, w, 3))
+        img.set_shape((None, h, w, channels))
         return img, label
 
     # Decoding runs in Python (the runner's load_image, for identical pixels), so it is done
     # DECODE_CHUNK images per call: one call per image spent more time in tf.data and the GIL
     # than in Pillow (benchmarks/run.py, section 6). Per-image and per-stage maps are likewise
     # folded into one map per batch.
-    if pixels is not None and all(p in pixels and pixels[p].shape == (h, w, 3) for p in paths):
+    if channels == 3 and pixels is not None and all(
+            p in pixels and pixels[p].shape == (h, w, 3) for p in paths):
         ds = tf.data.Dataset.from_tensor_slices((np.stack([pixels[p] for p in paths]), labels))
     else:
         ds = tf.data.Dataset.from_tensor_slices((paths, labels)).batch(DECODE_CHUNK)

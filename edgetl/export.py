@@ -61,8 +61,9 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 def calibration_items(cfg: ExportConfig, run_cfg: dict, split: dict) -> tuple[list[str], str]:
     """The calibration image paths and where they came from (train split, folder or manifest)."""
     from edgetl.data import balanced_sample, scan_folder
+    from edgetl.preprocessing import input_shape
 
-    size = run_cfg["input_size"]
+    size = input_shape(run_cfg)[:2]
     if cfg.calibration_manifest:
         return _replay_manifest(cfg.calibration_manifest, run_cfg), "manifest"
     if cfg.calibration:
@@ -70,7 +71,7 @@ def calibration_items(cfg: ExportConfig, run_cfg: dict, split: dict) -> tuple[li
         if not root.is_dir():
             raise EdgetlError(f"--calibration '{root}' is not a folder of images")
         if any(p.is_dir() for p in root.iterdir()):
-            folder = scan_folder(root, (size, size), class_names=run_cfg["class_names"])
+            folder = scan_folder(root, size, class_names=run_cfg["class_names"])
             items = list(folder.items)
         else:  # a flat folder of images
             from edgetl.runner import RunnerError, load_image
@@ -79,7 +80,7 @@ def calibration_items(cfg: ExportConfig, run_cfg: dict, split: dict) -> tuple[li
             for p in sorted(root.iterdir()):
                 if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".gif"):
                     try:
-                        load_image(str(p), (size, size))
+                        load_image(str(p), size)
                         items.append((str(p), 0))
                     except RunnerError:
                         pass
@@ -122,19 +123,23 @@ def _replay_manifest(path: str, run_cfg: dict) -> list[str]:
     return paths
 
 
-def load_batch(paths, size: int, prep: dict) -> np.ndarray:
+def load_batch(paths, shape, prep: dict) -> np.ndarray:
     """Images -> preprocessed float32 batch, with the runner's own decode and normalisation
-    (the calibration pass QAT range initialisation uses too)."""
+    (the calibration pass QAT range initialisation uses too).
+
+    ``shape`` is (height, width, channels) or a square size N (RGB).
+    """
     from edgetl.calibrate import load_images
 
-    return load_images(paths, size, prep)
+    return load_images(paths, shape, prep)
 
 
 def write_manifest(path: Path, paths, run_cfg: dict, source: str, seed: int) -> dict:
     manifest = {
         "format": "edgetl-calibration", "format_version": MANIFEST_FORMAT,
         "source": source, "seed": seed, "count": len(paths),
-        "input_size": run_cfg["input_size"], "preprocessing": run_cfg["preprocessing"],
+        "input_size": run_cfg["input_size"], "input_shape": run_cfg.get("input_shape"),
+        "preprocessing": run_cfg["preprocessing"],
         "images": [{"path": str(p), "sha256": _sha256(p)} for p in paths],
     }
     _atomic_write_bytes(path, json.dumps(manifest, indent=1).encode())
@@ -278,7 +283,7 @@ def wilson_low(correct: int, n: int, z: float = 1.96) -> float:
     return (centre - margin) / (1 + z * z / n)
 
 
-def verify_accuracy(keras_model, tflite_path: Path, items, size: int, prep: dict,
+def verify_accuracy(keras_model, tflite_path: Path, items, size, prep: dict,
                     names: list[str], batch: int = 32) -> dict:
     """Top-1 of the Keras model and of the .tflite (through the device runner) on the same
     inputs: absolute accuracy, recall per class, the drop with its paired 95 % interval, and
@@ -424,6 +429,7 @@ def export(cfg: ExportConfig) -> ExportResult:
         VerificationError: a file was written but failed its checks (exit 1); it is kept and
             marked as failed in its metadata.
     """
+    from edgetl.preprocessing import input_shape
     from edgetl.train import check_out_dir, load_model, load_run
 
     modes = _check_config(cfg)
@@ -441,7 +447,7 @@ def export(cfg: ExportConfig) -> ExportResult:
                           "whole run directory again")
     try:
         split = json.loads((run / "split.json").read_text())
-        size, prep, names = (run_cfg["input_size"], run_cfg["preprocessing"],
+        size, prep, names = (input_shape(run_cfg), run_cfg["preprocessing"],
                              run_cfg["class_names"])
         split["train"], split["val"]
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -555,7 +561,10 @@ def _export_one(cfg, mode, model, float_model, qat, calib, run, run_cfg, name, t
     from edgetl.metadata import mediapipe_note, write as write_metadata
     from edgetl.runner import read_model
 
-    size, prep, names = run_cfg["input_size"], run_cfg["preprocessing"], run_cfg["class_names"]
+    from edgetl.preprocessing import input_shape
+
+    size, prep, names = input_shape(run_cfg), run_cfg["preprocessing"], run_cfg["class_names"]
+    height, width, channels = size
     io = IOType(cfg.io) if mode in (Quantization.int8, Quantization.int16x8) else IOType.float32
     if mode == Quantization.int8 and cfg.keep_float:
         io = IOType.float32  # selective quantization keeps float I/O
@@ -584,9 +593,11 @@ def _export_one(cfg, mode, model, float_model, qat, calib, run, run_cfg, name, t
     meta = {
         "format": "edgetl", "format_version": 1, "name": name, "mode": mode.value,
         "labels": names,
-        "input": {"height": size, "width": size, "channels": 3, "color": "RGB",
+        "input": {"height": height, "width": width, "channels": channels,
+                  "color": "RGB" if channels == 3 else "GRAYSCALE",
                   "resize": "bilinear", "mean": prep["mean"], "std": prep["std"],
-                  "channel_order": prep["channel_order"], "preprocessing": prep.get("name")},
+                  "channel_order": prep["channel_order"], "preprocessing": prep.get("name"),
+                  "preprocessing_reason": prep.get("reason")},
         "io": {"input": [_tensor_meta(t) for t in inputs],
                "output": [_tensor_meta(t) for t in outputs]},
         "settings": {"io": io.value, "qat": qat, "num_calibration": len(calib)

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgetl import backbones, distribute
-from edgetl.config import (Monitor, Pooling, QatRanges, QatScope, Strategy,
-                           TrainConfig)
+from edgetl.config import (Monitor, Pooling, QatRanges, QatScope, Strategy, TrainConfig,
+                           input_hw)
 from edgetl.data import (class_weights, list_hash, make_dataset, scan_folder, stratified_split)
 from edgetl.errors import EdgetlError
+from edgetl.preprocessing import describe
 
 RUN_FORMAT = 1
 HEAD_PREFIX = "head_"
@@ -104,14 +105,39 @@ def parse_head(spec: str) -> list[tuple[str, float]]:
     return items
 
 
-def resolve_size(cfg: TrainConfig, spec: backbones.BackboneSpec | None) -> int:
-    if cfg.input_size:
-        return cfg.input_size
+def resolve_size(cfg: TrainConfig, spec: backbones.BackboneSpec | None) -> tuple[int, int]:
+    """(height, width) of the model input: --input-size, else the base model's fixed size
+    (a side it leaves open takes the other side, or 224), else the backbone's default."""
+    size = input_hw(cfg.input_size)
+    if size:
+        return size
     if spec:
-        return spec.default_size
-    from edgetl.basemodel import base_model_input_size
+        return spec.default_size, spec.default_size
+    from edgetl.basemodel import base_model_input_shape
 
-    return base_model_input_size(cfg.base_model) or 224
+    h, w, _ = base_model_input_shape(cfg.base_model) or (None, None, None)
+    return (h or w or 224), (w or h or 224)
+
+
+def resolve_channels(cfg: TrainConfig) -> int:
+    """Image channels of a registry backbone: --channels, else 3 (base models bring their own)."""
+    return cfg.channels or 3
+
+
+def _check_channels(cfg: TrainConfig, spec: backbones.BackboneSpec) -> None:
+    if resolve_channels(cfg) != 3 and cfg.weights != "none":
+        raise EdgetlError(f"--channels {cfg.channels}: {spec.name} with --weights {cfg.weights} "
+                          "takes 3-channel images; drop --channels (greyscale images are "
+                          "converted to RGB and train well), or pass --weights none to train a "
+                          f"{cfg.channels}-channel {spec.name} from scratch")
+
+
+def _check_sides(spec: backbones.BackboneSpec, size: tuple, cfg: TrainConfig) -> None:
+    """The registry's size/weights/alpha/QAT checks, for each side of a non-square input."""
+    for side in dict.fromkeys(size):
+        backbones.check_combination(spec, side,
+                                    "imagenet" if cfg.weights == "imagenet" else "none",
+                                    cfg.alpha, _qat_wraps_everything(cfg))
 
 
 def _qat_wraps_everything(cfg: TrainConfig) -> bool:
@@ -120,19 +146,29 @@ def _qat_wraps_everything(cfg: TrainConfig) -> bool:
     return cfg.qat and QatScope(cfg.qat_scope) == QatScope.all
 
 
-def build_base(cfg: TrainConfig, size: int):
-    """The backbone without its top, as a flat functional model, plus its registry entry."""
+def build_base(cfg: TrainConfig, size):
+    """The backbone without its top, as a flat functional model, plus its registry entry.
+
+    ``size`` is N or (height, width).
+    """
     from edgetl.keras import keras
 
+    size = (size, size) if isinstance(size, int) else tuple(size)
     if cfg.base_model:
         from edgetl.basemodel import load_base_model
 
-        return load_base_model(cfg.base_model, cfg.cut_layer, cfg.unsafe, size), None
+        base = load_base_model(cfg.base_model, cfg.cut_layer, cfg.unsafe, size)
+        channels = int(base.input_shape[-1])
+        if cfg.channels and cfg.channels != channels:
+            raise EdgetlError(f"--channels {cfg.channels}: --base-model '{cfg.base_model}' takes "
+                              f"{channels}-channel images; drop --channels (images are "
+                              f"converted to {'greyscale' if channels == 1 else 'RGB'})")
+        return base, None
     spec = backbones.get_backbone(cfg.backbone)
     weights = cfg.weights
     is_file = weights not in ("imagenet", "none")
-    backbones.check_combination(spec, size, "imagenet" if weights == "imagenet" else "none",
-                                cfg.alpha, _qat_wraps_everything(cfg))
+    _check_sides(spec, size, cfg)
+    _check_channels(cfg, spec)
     if is_file and not Path(weights).is_file():
         raise EdgetlError(f"--weights '{weights}' is not a file: pass a weights file "
                           "(.h5), 'imagenet' or 'none'")
@@ -141,7 +177,7 @@ def build_base(cfg: TrainConfig, size: int):
         kwargs["alpha"] = cfg.alpha if cfg.alpha is not None else 1.0
     builder = backbones.constructor(spec)
     try:
-        base = builder(input_shape=(size, size, 3), include_top=False,
+        base = builder(input_shape=(*size, resolve_channels(cfg)), include_top=False,
                        weights=None if weights == "none" else weights, **kwargs)
     except Exception as e:  # Keras reports a failed download as a plain Exception
         text = str(e)
@@ -156,14 +192,15 @@ def build_base(cfg: TrainConfig, size: int):
                 f"on a machine with internet and put it in ~/.keras/models/{name}, or pass "
                 "--weights PATH (or --weights none to train from scratch)") from None
         if is_file:
-            raise EdgetlError(f"--weights '{weights}' does not fit {spec.name} at {size} px"
+            raise EdgetlError(f"--weights '{weights}' does not fit {spec.name} at "
+                              f"{'x'.join(map(str, dict.fromkeys(size)))} px"
                               f"{' alpha ' + str(kwargs.get('alpha')) if spec.alphas else ''}: "
                               f"{text.splitlines()[0][:200]}") from None
         raise
     return base, spec
 
 
-def build_model(cfg: TrainConfig, n_classes: int, size: int):
+def build_model(cfg: TrainConfig, n_classes: int, size):
     """Backbone + head built on base.output (tfmot refuses nested models).
 
     Returns (model, number of base layers, spec or None). Head layers are named 'head_*'.
@@ -303,9 +340,10 @@ FLOAT_BEFORE_QAT = "float_before_qat.keras"
 QAT_CALIBRATION_IMAGES = 200  # export's default --num-calibration: the same images with seed 0
 
 
-def init_ranges(qat_model, cfg: TrainConfig, train_items, size: int, prep: dict, log) -> None:
+def init_ranges(qat_model, cfg: TrainConfig, train_items, size, prep: dict, log) -> None:
     """Sets the QAT model's activation ranges from a calibration pass over training images
-    (unless --qat-ranges tfmot): the sample export calibrates with by default."""
+    (unless --qat-ranges tfmot): the sample export calibrates with by default. ``size`` is
+    (height, width, channels)."""
     if QatRanges(cfg.qat_ranges) == QatRanges.tfmot:
         log("QAT ranges start at tfmot's [-6, 6] (--qat-ranges tfmot)")
         return
@@ -657,10 +695,10 @@ def validate_run_config(config, file: Path, todo: str) -> dict:
                            "and channel_order", todo)
         for key in ("mean", "std"):
             v = prep.get(key)
-            if not (isinstance(v, list) and len(v) == 3 and all(
+            if not (isinstance(v, list) and len(v) in (1, 3) and all(
                     isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
                     for x in v)):
-                raise _damaged(file, f"preprocessing.{key}", f"is {v!r}, not 3 finite numbers",
+                raise _damaged(file, f"preprocessing.{key}", f"is {v!r}, not 1 or 3 finite numbers",
                                todo)
         if any(x == 0 for x in prep["std"]):
             raise _damaged(file, "preprocessing.std", "has a zero", todo)
@@ -1029,13 +1067,13 @@ def _prune_history(run: Path, keep_epochs: int) -> None:
 
 # --- training ------------------------------------------------------------------------------------
 
-def _datasets(cfg: TrainConfig, size: int):
-    train_folder = scan_folder(cfg.data, (size, size), strict=cfg.strict, keep_pixels=True)
+def _datasets(cfg: TrainConfig, size: tuple):
+    train_folder = scan_folder(cfg.data, size, strict=cfg.strict, keep_pixels=True)
     names = list(train_folder.class_names)
     skipped = list(train_folder.skipped)
     pixels = train_folder.pixels
     if cfg.val_data:
-        val_folder = scan_folder(cfg.val_data, (size, size), class_names=names, strict=cfg.strict,
+        val_folder = scan_folder(cfg.val_data, size, class_names=names, strict=cfg.strict,
                                  keep_pixels=pixels is not None)
         train_items, val_items = list(train_folder.items), list(val_folder.items)
         skipped += list(val_folder.skipped)
@@ -1106,9 +1144,8 @@ def _preflight(cfg: TrainConfig) -> None:
     if cfg.base_model is not None:
         return
     spec = backbones.get_backbone(cfg.backbone)
-    backbones.check_combination(spec, resolve_size(cfg, spec),
-                                "imagenet" if cfg.weights == "imagenet" else "none", cfg.alpha,
-                                _qat_wraps_everything(cfg))
+    _check_sides(spec, resolve_size(cfg, spec), cfg)
+    _check_channels(cfg, spec)
     if cfg.weights not in ("imagenet", "none") and not Path(cfg.weights).is_file():
         raise EdgetlError(f"--weights '{cfg.weights}' is not a file: pass a weights file "
                           "(.h5), 'imagenet' or 'none'")
@@ -1165,13 +1202,16 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
                               "data folder, or start a new run (--overwrite)")
 
     model, n_base, spec = build_model(cfg, len(names), size)
-    prep = backbones.preprocessing(spec) if spec else _base_model_prep(cfg)
+    channels = int(model.input_shape[-1])
+    prep = _choose_preprocessing(cfg, spec, model, channels, run)
+    log(f"preprocessing: {describe(prep)}: {prep['reason']}")
     if not cfg.resume:
         config = {
             "run_format": RUN_FORMAT,
             "train": cfg.to_dict(),
             "backbone": spec.name if spec else "custom",
-            "input_size": size,
+            "input_size": size[0] if size[0] == size[1] else list(size),
+            "input_shape": [size[0], size[1], channels],
             "preprocessing": prep,
             "class_names": names,
             "n_base_layers": n_base,
@@ -1199,10 +1239,10 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
 
     # A run recorded before --augment existed (no augmentations field) used all four.
     augment = cfg.augment and (cfg.augmentations if cfg.augmentations is not None else True)
-    train_ds = make_dataset(train_items, (size, size), prep, cfg.batch_size, True, augment,
-                            cfg.seed, pixels=pixels)
-    val_ds = make_dataset(val_items, (size, size), prep, cfg.batch_size, False, False, cfg.seed,
-                          pixels=pixels)
+    train_ds = make_dataset(train_items, size, prep, cfg.batch_size, True, augment,
+                            cfg.seed, pixels=pixels, channels=channels)
+    val_ds = make_dataset(val_items, size, prep, cfg.batch_size, False, False, cfg.seed,
+                          pixels=pixels, channels=channels)
     del pixels  # the datasets hold their own copies
     eval_ds = val_ds  # the final evaluation sees every image
     train_ds, val_ds = dist.shard(train_ds), dist.shard(val_ds)
@@ -1233,7 +1273,7 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
             if pi != done_phase:  # a resumed phase gets its ranges from the checkpoint
                 # What the user would otherwise have shipped: export judges QAT against it.
                 _save_model(float_model, run / FLOAT_BEFORE_QAT)
-                init_ranges(current, cfg, train_items, size, prep, log)
+                init_ranges(current, cfg, train_items, (*size, channels), prep, log)
             if best is not None and best["phase"] != pi:
                 best = None  # fake-quantized scores do not compare with float ones
         optimizer = keras.optimizers.Adam(phase.lr)
@@ -1354,10 +1394,18 @@ def _read_split(run: Path, n_classes: int) -> tuple[list, list]:
     return lists[0], lists[1]
 
 
-def _base_model_prep(cfg: TrainConfig) -> dict:
-    from edgetl.basemodel import base_model_preprocessing
+def _choose_preprocessing(cfg: TrainConfig, spec, model, channels: int, run: Path) -> dict:
+    """The run's one preprocessing: chosen at its start, read back from config.json on resume."""
+    from edgetl.preprocessing import choose
 
-    return base_model_preprocessing(cfg.base_model)
+    if cfg.resume and (run / "config.json").is_file():
+        saved = json.loads((run / "config.json").read_text()).get("preprocessing")
+        if isinstance(saved, dict) and "mean" in saved:
+            return dict(saved, reason=saved.get("reason") or "recorded when the run started")
+    return choose(cfg.preprocessing, cfg.mean, cfg.std,
+                  backbone=spec.name if spec else None,
+                  backbone_preset=spec.preprocessing if spec else None,
+                  base_model=cfg.base_model, model=model, channels=channels)
 
 
 def _save_model(model, path: Path) -> None:
@@ -1417,9 +1465,15 @@ def load_run(run: str | os.PathLike) -> dict:
                           "with `edgetl train --out RUN --resume`")
     shape, outputs = _model_io(run / "model.keras")
     size = config["input_size"]
-    if shape is not None and any(d is not None and d != size for d in shape[1:3]):
+    hw = input_hw(size)
+    if shape is not None and any(d is not None and d != want for d, want in zip(shape[1:3], hw)):
         raise _damaged(cfg_file, "input_size", f"is {size}, but model.keras takes "
                        f"{shape[1]}x{shape[2]} px", todo)
+    from edgetl.preprocessing import input_shape
+
+    if shape is not None and len(shape) == 4 and shape[3] not in (None, input_shape(config)[2]):
+        raise _damaged(cfg_file, "input_shape", f"is {config.get('input_shape')}, but "
+                       f"model.keras takes {shape[3]}-channel images", todo)
     if outputs is not None and outputs != len(config["class_names"]):
         raise _damaged(cfg_file, "class_names", f"has {len(config['class_names'])} names, but "
                        f"model.keras has {outputs} outputs (one name per output)", todo)
