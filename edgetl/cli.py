@@ -7,6 +7,7 @@ the commands so that ``edgetl --help`` loads no TensorFlow.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -125,8 +126,12 @@ def _numbers(flag: str, text: Optional[str]) -> Optional[tuple]:
               f"{flag} 127.5 or {flag} 123.7,116.3,103.5")
 
 
-def _reraise(e: Exception):
+def _reraise(e: BaseException):
     raise e
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 @app.command()
@@ -269,7 +274,11 @@ def export(
     calibration: Optional[Path] = typer.Option(None, help="Your own calibration folder."),
     calibration_manifest: Optional[Path] = typer.Option(None, help="Replay a calibration."),
     max_drop: float = typer.Option(2.0, help="Largest accepted top-1 drop, in points."),
-    edgetpu: bool = typer.Option(False, help="Enforce and report Edge TPU compatibility."),
+    edgetpu: bool = typer.Option(False, help="Report Edge TPU compatibility op by op; fail "
+                                             "unless every op maps to the Edge TPU."),
+    edgetpu_allow_cpu: bool = typer.Option(False, "--edgetpu-allow-cpu",
+                                           help="With --edgetpu: accept ops that fall back to "
+                                                "the CPU (a warning names them)."),
     debug: bool = typer.Option(False, help="Report the layers with the worst quantization "
                                            "error."),
     keep_float: Optional[List[str]] = typer.Option(None, help="Leave in float: a tensor name "
@@ -298,9 +307,15 @@ def export(
                        if calibration_manifest else None,
                        max_drop=max_drop, edgetpu=edgetpu, debug=debug,
                        keep_float=tuple(keep_float or ()), name=name, seed=seed,
-                       overwrite=overwrite, verify=not no_verify, unsafe=unsafe)
+                       overwrite=overwrite, verify=not no_verify, unsafe=unsafe,
+                       edgetpu_allow_cpu=edgetpu_allow_cpu)
     from edgetl.export import export as run_export, format_reports
 
+    # SIGTERM ends an export like Ctrl-C: its clean-up runs and nothing is left half-written.
+    try:
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread (an embedding app): leave signals alone
+        previous = None
     try:
         result = run_export(cfg)
     except VerificationError as e:  # written but failed: show the figures, then the reason
@@ -309,8 +324,11 @@ def export(
             typer.echo(json.dumps(result.reports, indent=2) if as_json
                        else format_reports(result))
         _fail(str(e), e.exit_code)
-    except Exception as e:
+    except (Exception, KeyboardInterrupt) as e:
         _guard(_reraise, e)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if as_json:
         typer.echo(json.dumps(result.reports, indent=2))
     else:

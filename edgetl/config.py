@@ -418,7 +418,8 @@ class ExportConfig:
         calibration: the user's own calibration folder (class folders or flat images).
         calibration_manifest: replay the calibration of an earlier export.
         max_drop: largest accepted top-1 drop vs the Keras model, in percentage points.
-        edgetpu: enforce and report Edge TPU compatibility.
+        edgetpu: enforce and report Edge TPU compatibility: an export that does not fully map
+            to the Edge TPU fails verification.
         debug: run TensorFlow's quantization debugger and report the worst layers.
         keep_float: layers to leave in float (the model is then not integer-only).
         name: file stem of the exports (default: the run directory's name).
@@ -427,6 +428,7 @@ class ExportConfig:
         verify: evaluate on the validation set after converting.
         unsafe: allow the run's model files to run code when loaded (Lambda layers, custom
             objects); only for runs you trust.
+        edgetpu_allow_cpu: with edgetpu, accept ops that fall back to the CPU (a warning).
     """
 
     run: str
@@ -444,3 +446,4 @@ class ExportConfig:
     overwrite: bool = False
     verify: bool = True
     unsafe: bool = False
+    edgetpu_allow_cpu: bool = False

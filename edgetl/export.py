@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import secrets
+import signal
 import sys
+import tempfile
+import threading
 import time
-from dataclasses import dataclass, replace
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,13 +53,134 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _io_error(path, e: BaseException) -> EdgetlError:
+    """A fault of the machine (full disk, read-only target, vanished folder) as one line."""
+    text = getattr(e, "strerror", None) or str(e).strip()
+    reason = text.splitlines()[0][:300] if text else type(e).__name__
+    return EdgetlError(f"cannot read or write '{path}': {reason}")
+
+
+@contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM wait until the block ends: renames and clean-up are not cut in half."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class _Staging:
+    """The temporary files of one export, all in the export folder under unique hidden names.
+
+    Every file is written here first; ``commit`` renames them to their final names all together
+    (previous files set aside, and put back if any rename fails); ``discard`` removes what is
+    left. Names start with ``.<final name>.`` or ``.<stem>.partial<suffix>.`` so a later
+    successful export of the same name can sweep what a ``kill -9`` left.
+    """
+
+    def __init__(self, out_dir: Path):
+        self.dir = out_dir
+        self.temps: list[Path] = []
+
+    def write(self, final: Path, data: bytes) -> Path:
+        """Writes ``data`` (fsynced) to a new staged file for ``final``; returns its path.
+
+        Raises:
+            EdgetlError: the disk is full or the folder cannot be written (names ``final``).
+        """
+        try:
+            fd, name = tempfile.mkstemp(dir=self.dir, prefix=f".{final.name}.", suffix=".tmp")
+            tmp = Path(name)
+            self.temps.append(tmp)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            # .tmp may be half-written; a .partial file is complete (fsynced) but not yet checked
+            staged = final.with_name(f".{final.stem}.partial{final.suffix}.{tmp.name[-12:-4]}")
+            self.temps.append(staged)
+            os.replace(tmp, staged)
+        except OSError as e:
+            raise _io_error(final, e) from None
+        return staged
+
+    def drop(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+
+    def commit(self, pairs: list) -> None:
+        """Renames each (staged, final) pair in order: all of them, or none.
+
+        A final file that exists is set aside first and deleted only after every rename
+        succeeded; on any failure the new files are removed and the old ones put back.
+        """
+        moved = []  # (final, set-aside copy or None)
+        with _signals_held():
+            try:
+                for staged, final in pairs:
+                    backup = None
+                    if os.path.lexists(final):
+                        backup = final.with_name(f".{final.name}.{secrets.token_hex(4)}.old")
+                        os.replace(final, backup)
+                    moved.append((final, backup))
+                    os.replace(staged, final)
+            except BaseException as e:
+                for final, backup in reversed(moved):
+                    if backup is not None:
+                        os.replace(backup, final)
+                    else:
+                        final.unlink(missing_ok=True)
+                if isinstance(e, OSError):
+                    raise _io_error(e.filename or self.dir, e) from None
+                raise
+            for _, backup in moved:
+                if backup is not None:
+                    backup.unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        with _signals_held():
+            for t in self.temps:
+                try:
+                    t.unlink(missing_ok=True)
+                except OSError:
+                    pass
+
+    def sweep(self, finals) -> None:
+        """Removes hidden leftovers of earlier killed exports of these final files."""
+        prefixes = tuple(f".{f.name}." for f in finals) + tuple(
+            f".{f.stem}.partial{f.suffix}" for f in finals)
+        for p in self.dir.iterdir():
+            if p.name.startswith(prefixes) and p.is_file():
+                p.unlink(missing_ok=True)
+
+
+@contextmanager
+def _claim(run: Path):
+    """Holds an exclusive lock on the run directory (an ``flock`` of the folder itself, so no
+    lock file is created or left behind) while the block runs.
+
+    Raises:
+        EdgetlError: another export of this run is running (refused at once, not waited for).
+    """
+    import fcntl
+
+    try:
+        fd = os.open(run, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise _io_error(run, e) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise EdgetlError(f"another edgetl export of run '{run}' is running: wait for it to "
+                              "finish, then export again") from None
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
 
 
 # --- calibration ---------------------------------------------------------------------------------
@@ -134,7 +261,8 @@ def load_batch(paths, shape, prep: dict) -> np.ndarray:
     return load_images(paths, shape, prep)
 
 
-def write_manifest(path: Path, paths, run_cfg: dict, source: str, seed: int) -> dict:
+def manifest_bytes(paths, run_cfg: dict, source: str, seed: int) -> bytes:
+    """The calibration manifest (images with their SHA-256) as JSON bytes."""
     manifest = {
         "format": "edgetl-calibration", "format_version": MANIFEST_FORMAT,
         "source": source, "seed": seed, "count": len(paths),
@@ -142,8 +270,7 @@ def write_manifest(path: Path, paths, run_cfg: dict, source: str, seed: int) -> 
         "preprocessing": run_cfg["preprocessing"],
         "images": [{"path": str(p), "sha256": _sha256(p)} for p in paths],
     }
-    _atomic_write_bytes(path, json.dumps(manifest, indent=1).encode())
-    return manifest
+    return json.dumps(manifest, indent=1).encode()
 
 
 # --- conversion ----------------------------------------------------------------------------------
@@ -228,6 +355,10 @@ def convert(model, mode: Quantization, io: IOType, calibration: np.ndarray | Non
     except EdgetlError:
         raise
     except Exception as e:  # the converter reports user-caused failures as generic errors
+        io_errors = (OSError, tf.errors.ResourceExhaustedError, tf.errors.NotFoundError,
+                     tf.errors.PermissionDeniedError, tf.errors.DataLossError)
+        if isinstance(e, io_errors):  # its scratch SavedModel lives in the temporary folder
+            raise _io_error(tempfile.gettempdir(), e) from None
         raise EdgetlError(f"TFLite conversion ({mode.value}) failed: "
                           f"{str(e).strip().splitlines()[0][:300]}") from None
 
@@ -393,7 +524,12 @@ def drop_gate(acc: dict, max_drop: float) -> tuple[str, str | None]:
 
 # --- the stage -----------------------------------------------------------------------------------
 
+MAX_CALIBRATION = 10_000  # 10,000 images of 224 px are 6 GB of float32 in memory
+MAX_SEED = 2**32 - 1  # what numpy's RandomState (the calibration sample) accepts
+
+
 def _check_config(cfg: ExportConfig) -> tuple:
+    """Every flag checked before anything is read or written; returns the modes, deduplicated."""
     modes = tuple(dict.fromkeys(Quantization(m) for m in cfg.modes))
     if not modes:
         raise EdgetlError("no export mode: pass --int8 (and/or --float32, --float16, --dynamic, "
@@ -408,55 +544,125 @@ def _check_config(cfg: ExportConfig) -> tuple:
         if cfg.keep_float:
             raise EdgetlError("--edgetpu and --keep-float contradict each other: float layers "
                               "cannot run on the Edge TPU")
+    if cfg.edgetpu_allow_cpu and not cfg.edgetpu:
+        raise EdgetlError("--edgetpu-allow-cpu needs --edgetpu (it relaxes the Edge TPU check)")
     if cfg.keep_float and Quantization.int8 not in modes:
         raise EdgetlError("--keep-float applies to --int8 only")
     if cfg.calibration and cfg.calibration_manifest:
         raise EdgetlError("--calibration and --calibration-manifest contradict each other: "
                           "pick one")
-    if cfg.num_calibration < 1:
-        raise EdgetlError(f"--num-calibration {cfg.num_calibration} must be at least 1 "
-                          f"(the default is 200; at least {MIN_CALIBRATION} are needed)")
-    if cfg.max_drop < 0:
-        raise EdgetlError(f"--max-drop {cfg.max_drop} must be >= 0 (percentage points)")
+    if isinstance(cfg.num_calibration, bool) or not isinstance(cfg.num_calibration, int) or not (
+            1 <= cfg.num_calibration <= MAX_CALIBRATION):
+        raise EdgetlError(f"--num-calibration {cfg.num_calibration} must be at least 1 and at "
+                          f"most {MAX_CALIBRATION} (the default is 200; at least "
+                          f"{MIN_CALIBRATION} are needed)")
+    try:
+        max_drop = float(cfg.max_drop)
+    except (TypeError, ValueError):
+        max_drop = math.nan
+    if not (math.isfinite(max_drop) and 0 <= max_drop <= 100):
+        raise EdgetlError(f"--max-drop {cfg.max_drop} must be a finite number >= 0 and <= 100 "
+                          "(percentage points of top-1 accuracy)")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not (
+            0 <= cfg.seed <= MAX_SEED):
+        raise EdgetlError(f"--seed {cfg.seed} must be an integer from 0 to {MAX_SEED}")
+    if cfg.name is not None:
+        n = cfg.name
+        if (not n or n.startswith(".") or "/" in n or "\\" in n or len(n) > 200
+                or any(ord(ch) < 32 or ord(ch) == 127 for ch in n)):
+            raise EdgetlError(f"--name {n!r} must be a plain file name: not empty, no '/' or "
+                              "control characters, not starting with '.', at most 200 characters")
     return modes
 
 
 def export(cfg: ExportConfig) -> ExportResult:
     """Converts a run's model to each requested mode, verifies and describes each file.
 
+    Everything is written under hidden temporary names in RUN/export and renamed into place at
+    the end, all files together; on any failure (an exception of any kind, Ctrl-C) the temporary
+    files are removed and files replaced under ``overwrite`` are put back. The run is claimed
+    exclusively: a second export of the same run while one runs is refused.
+
     Raises:
-        EdgetlError: bad input (exit 2), before anything is written.
+        EdgetlError: bad input or a fault of the machine (exit 2); nothing is left behind.
         VerificationError: a file was written but failed its checks (exit 1); it is kept and
             marked as failed in its metadata.
     """
+    modes = _check_config(cfg)  # before TensorFlow loads: a bad flag costs no time
     from edgetl.preprocessing import input_shape
-    from edgetl.train import check_out_dir, load_model, load_run
+    from edgetl.train import check_out_dir, load_run
 
-    modes = _check_config(cfg)
     run = Path(cfg.run)
     run_cfg = load_run(run)
     name = cfg.name or run.resolve().name
     out_dir = run / "export"
     targets = {m: out_dir / f"{name}_{m.value}.tflite" for m in modes}
-    existing = [str(p) for p in targets.values() if p.exists()]
-    if existing and not cfg.overwrite:
-        raise EdgetlError(f"'{existing[0]}' already exists: pass --overwrite to replace it")
+    _refuse_existing(targets, cfg.overwrite)
     check_out_dir(out_dir, "export folder")
     if not (run / "split.json").is_file():
         raise EdgetlError(f"run '{run}' has no split.json (a run copied in part?): copy the "
                           "whole run directory again")
     try:
         split = json.loads((run / "split.json").read_text())
-        size, prep, names = (input_shape(run_cfg), run_cfg["preprocessing"],
-                             run_cfg["class_names"])
+        input_shape(run_cfg), run_cfg["preprocessing"], run_cfg["class_names"]
         split["train"], split["val"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         what = f"missing {e}" if isinstance(e, KeyError) else type(e).__name__
         raise EdgetlError(f"run '{run}' is damaged (config.json or split.json: {what}): copy "
                           "the whole run directory again, or re-train it") from None
+
+    with _claim(run):
+        _refuse_existing(targets, cfg.overwrite)  # again: another export may just have ended
+        created_dir = not out_dir.exists()
+        staging = _Staging(out_dir)
+        try:
+            return _export_claimed(cfg, modes, run, run_cfg, split, name, targets, staging)
+        except BaseException as e:
+            staging.discard()
+            if created_dir:
+                try:
+                    out_dir.rmdir()  # only when empty: a finished file of this export stays
+                except OSError:
+                    pass
+            translated = _translate(e, out_dir)
+            if translated is e:
+                raise
+            raise translated from None
+
+
+def _translate(e: BaseException, out_dir: Path) -> BaseException:
+    """A fault of the machine as edgetl's one line; anything else unchanged."""
+    if isinstance(e, EdgetlError) or not isinstance(e, Exception):
+        return e
+    if isinstance(e, OSError):
+        return _io_error(e.filename or out_dir, e)
+    if _is_tf_error(e):
+        return _io_error(out_dir, e)
+    return e
+
+
+def _is_tf_error(e: BaseException) -> bool:
+    tf = sys.modules.get("tensorflow")
+    errors = getattr(tf, "errors", None) if tf else None
+    return errors is not None and isinstance(e, errors.OpError)
+
+
+def _refuse_existing(targets: dict, overwrite: bool) -> None:
+    existing = [str(p) for p in targets.values() if os.path.lexists(p)]
+    if existing and not overwrite:
+        raise EdgetlError(f"'{existing[0]}' already exists: pass --overwrite to replace it")
+
+
+def _export_claimed(cfg, modes, run, run_cfg, split, name, targets, staging) -> ExportResult:
+    from edgetl.train import load_model
+
+    from edgetl.preprocessing import input_shape
+
+    size, prep = input_shape(run_cfg), run_cfg["preprocessing"]
     qat = (run / "qat.h5").exists()
     source_model = run / ("qat.h5" if qat else "model.keras")
     needs_calibration = any(m in (Quantization.int8, Quantization.int16x8) for m in modes)
+    out_dir = staging.dir
 
     timings = {}
     t0 = time.perf_counter()
@@ -469,34 +675,42 @@ def export(cfg: ExportConfig) -> ExportResult:
     timings["calibration_load_s"] = round(time.perf_counter() - t0, 3)
 
     t0 = time.perf_counter()
-    model = load_model(source_model, cfg.unsafe)
-    float_model = load_model(run / "model.keras", cfg.unsafe) if qat else model
+    try:
+        model = load_model(source_model, cfg.unsafe)
+        float_model = load_model(run / "model.keras", cfg.unsafe) if qat else model
+    except OSError as e:
+        raise _io_error(e.filename or source_model, e) from None
+    except Exception as e:
+        if _is_tf_error(e):
+            raise _io_error(source_model, e) from None
+        raise
     timings["load_model_s"] = round(time.perf_counter() - t0, 3)
 
-    created_dir = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path = None
+    try:  # created only now: an export refused while reading leaves the run as it was
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _io_error(out_dir, e) from None
+    pairs = []  # (staged, final), in the order they are renamed
+    manifest_path, manifest_sha = None, None
     if needs_calibration:
         manifest_path = out_dir / f"{name}_calibration.json"
-        manifest_existed = manifest_path.exists()
-        write_manifest(manifest_path, calib_paths, run_cfg, source, cfg.seed)
+        data = manifest_bytes(calib_paths, run_cfg, source, cfg.seed)
+        manifest_sha = hashlib.sha256(data).hexdigest()
+        pairs.append((staging.write(manifest_path, data), manifest_path))
 
     files, reports, failures = [], {}, []
-    try:
-        for mode in modes:
-            report, failed = _export_one(cfg, mode, model, float_model, qat, calib, run,
-                                         run_cfg, name, targets[mode], manifest_path, split,
-                                         timings)
-            files.append(str(targets[mode]))
-            reports[mode.value] = report
-            failures += failed
-    except EdgetlError:
-        if not files:  # refused before any file: leave the export folder as it was
-            if manifest_path is not None and not manifest_existed:
-                manifest_path.unlink(missing_ok=True)
-            if created_dir and not any(out_dir.iterdir()):
-                out_dir.rmdir()
-        raise
+    for mode in modes:
+        report, failed, staged = _export_one(cfg, mode, model, float_model, qat, calib, run,
+                                             run_cfg, name, targets[mode], manifest_sha, split,
+                                             timings, staging)
+        pairs += staged
+        files.append(str(targets[mode]))
+        reports[mode.value] = report
+        failures += failed
+    # The manifest and sidecars are renamed first and each model last, all with signals held:
+    # Ctrl-C cannot cut this short, and a failed rename puts every previous file back.
+    staging.commit(pairs)
+    staging.sweep([final for _, final in pairs])
     result = ExportResult(tuple(files), reports, str(manifest_path) if manifest_path else None)
     if failures:
         error = VerificationError("; ".join(failures))
@@ -544,7 +758,12 @@ def format_reports(result: ExportResult) -> str:
         tpu = r.get("edgetpu")
         if tpu:
             lines.append(f"  edge tpu: {tpu.get('verdict')} [{tpu.get('source')}]")
-        n_warn = len((a or {}).get("warnings", []))
+            problem = edgetpu_problem(tpu)
+            if problem and problem["cpu_ops"]:
+                lines.append("  edge tpu: on the CPU: " + ", ".join(problem["cpu_ops"][:20]))
+        for w in r.get("warnings", []):
+            lines.append(f"  warning: {w}")
+        n_warn = len((a or {}).get("warnings", [])) + len(r.get("warnings", []))
         status = "passed" if r["passed"] else "FAILED"
         if n_warn and r["passed"]:
             status += f" (the conversion), with {n_warn} warning(s) above"
@@ -555,7 +774,8 @@ def format_reports(result: ExportResult) -> str:
 
 
 def _export_one(cfg, mode, model, float_model, qat, calib, run, run_cfg, name, target,
-                manifest_path, split, timings) -> tuple[dict, list[str]]:
+                manifest_sha, split, timings, staging) -> tuple[dict, list[str], list]:
+    """Converts, stages and verifies one mode; returns its report, failures and staged files."""
     from edgetl.inspect import edgetpu_section, integer_only_report
     from edgetl.keras import versions
     from edgetl.metadata import mediapipe_note, write as write_metadata
@@ -603,50 +823,92 @@ def _export_one(cfg, mode, model, float_model, qat, calib, run, run_cfg, name, t
         "settings": {"io": io.value, "qat": qat, "num_calibration": len(calib)
                      if calib is not None else 0, "keep_float": list(cfg.keep_float),
                      "max_drop": cfg.max_drop, "seed": cfg.seed, "calibration_manifest_sha256":
-                     _sha256(str(manifest_path)) if manifest_path and calib is not None
-                     else None},
+                     manifest_sha if calib is not None else None, "edgetpu": cfg.edgetpu,
+                     "edgetpu_allow_cpu": cfg.edgetpu_allow_cpu},
         "source_run": {"backbone": run_cfg.get("backbone"), "data_hash": run_cfg.get("data_hash"),
                        "train": {k: run_cfg["train"].get(k) for k in
                                  ("strategy", "epochs", "qat", "alpha", "weights")}},
         "versions": versions(),
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
     # Verified under a hidden name; only a checked file (with its sidecar) gets the real name, so a
     # killed export never leaves a .tflite that looks finished.
-    staged = target.with_name(f".{target.stem}.partial.tflite")
-    try:
-        # Standard TFLite metadata (MediaPipe, LiteRT support library) + edgetl's appended zip.
-        _atomic_write_bytes(staged, write_metadata(raw, meta, names))
-        report["mediapipe"] = mediapipe_note(meta) or "ok"
-        if cfg.edgetpu:
-            report["edgetpu"] = edgetpu_section(info, str(staged))
-        if cfg.verify:
-            t0 = time.perf_counter()
-            val = [tuple(x) for x in split["val"]]
-            verification = verify_accuracy(src, staged, val, size, prep, names)
-            report["verify_s"] = round(time.perf_counter() - t0, 3)
-            report["accuracy"] = verification
-            if qat and mode == Quantization.int8:
-                _against_float_before_qat(run, verification, val, size, prep, cfg.unsafe)
-            gate, why = drop_gate(verification, cfg.max_drop)
-            report["drop_gate"] = gate
-            if gate == "failed":
-                failures.append(f"{target.name}: {why}")
-            elif why:
-                verification["warnings"].append(why)
-        report["passed"] = not failures
-        report["size_bytes"] = staged.stat().st_size
-        report["timings"] = dict(timings, convert_s=convert_s)
-        if failures:  # keep the file, marked as failed in its own metadata
-            meta["verification"] = {"passed": False, "failures": failures}
-            _atomic_write_bytes(staged, write_metadata(raw, meta, names))
-        sidecar = dict(meta, verification=report, file=target.name,
-                       created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        _atomic_write_bytes(target.with_suffix(".json"), json.dumps(sidecar, indent=2).encode())
-        os.replace(staged, target)
-    finally:
-        staged.unlink(missing_ok=True)
-    return report, failures
+    # Standard TFLite metadata (MediaPipe, LiteRT support library) + edgetl's appended zip.
+    staged = staging.write(target, write_metadata(raw, meta, names))
+    report["mediapipe"] = mediapipe_note(meta) or "ok"
+    if cfg.edgetpu:
+        tpu = edgetpu_section(info, str(staged))
+        report["edgetpu"] = tpu
+        problem = edgetpu_problem(tpu)
+        if problem and cfg.edgetpu_allow_cpu and not problem["hard"]:
+            report.setdefault("warnings", []).append(
+                f"{target.name}: {problem['text']} (accepted: --edgetpu-allow-cpu)")
+        elif problem:
+            failures.append(f"{target.name} {problem['text']}" + (
+                "" if problem["hard"] else "; pass --edgetpu-allow-cpu to accept CPU fallback"))
+    if cfg.verify:
+        t0 = time.perf_counter()
+        val = [tuple(x) for x in split["val"]]
+        verification = verify_accuracy(src, staged, val, size, prep, names)
+        report["verify_s"] = round(time.perf_counter() - t0, 3)
+        report["accuracy"] = verification
+        if qat and mode == Quantization.int8:
+            _against_float_before_qat(run, verification, val, size, prep, cfg.unsafe)
+        gate, why = drop_gate(verification, cfg.max_drop)
+        report["drop_gate"] = gate
+        if gate == "failed":
+            failures.append(f"{target.name}: {why}")
+        elif why:
+            verification["warnings"].append(why)
+    report["passed"] = not failures
+    report["size_bytes"] = staged.stat().st_size
+    report["timings"] = dict(timings, convert_s=convert_s)
+    if failures:  # keep the file, marked as failed in its own metadata
+        meta["verification"] = {"passed": False, "failures": failures}
+        staging.drop(staged)
+        staged = staging.write(target, write_metadata(raw, meta, names))
+    sidecar = dict(meta, verification=report, file=target.name,
+                   created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    sidecar_path = target.with_suffix(".json")
+    staged_sidecar = staging.write(sidecar_path, json.dumps(sidecar, indent=2).encode())
+    return report, failures, [(staged_sidecar, sidecar_path), (staged, target)]
+
+
+def edgetpu_problem(section: dict) -> dict | None:
+    """Why an Edge TPU section is not a full mapping (None: it fully maps).
+
+    Args:
+        section: ``inspect.edgetpu_section``'s dict.
+
+    Returns:
+        ``{"text": ..., "hard": bool, "cpu_ops": [...]}``: ``hard`` when the model cannot be
+        compiled at all (compiler error, a whole-model requirement unmet), else some ops fall
+        back to the CPU; ``cpu_ops`` names them (``#index OP`` or ``OP xcount``) in graph order.
+    """
+    compiler = section.get("compiler") or {}
+    if compiler.get("error"):
+        return {"text": f"does not compile for the Edge TPU: {compiler['error']}", "hard": True,
+                "cpu_ops": []}
+    unmet = [r for r in section.get("requirements", [])
+             if not r["ok"] and r["name"] != "only supported ops"]
+    if unmet:
+        return {"text": "cannot run on the Edge TPU: " + "; ".join(
+            f"{r['name']}: {r['detail']}" for r in unmet), "hard": True, "cpu_ops": []}
+    rows = compiler.get("rows") if compiler else None
+    if rows is None:
+        rows = section.get("ops", [])
+    cpu = [r for r in rows if not r["maps"]]
+    if not cpu:
+        return None
+    names = [f"#{r['index']} {r['op']}" if r.get("index") is not None
+             else f"{r['op']} x{r['count']}" for r in cpu]
+    count = sum(r.get("count", 1) for r in cpu)
+    total = sum(r.get("count", 1) for r in rows)
+    text = f"does not fully map to the Edge TPU: {count} of {total} ops would run on the CPU"
+    first = section.get("first_unsupported")
+    if first and not compiler:
+        text += f" (from {first}; every op after it runs on the CPU too)"
+    shown = ", ".join(names[:12]) + (f", ... (+{len(names) - 12} more)" if len(names) > 12 else "")
+    return {"text": f"{text}: {shown}", "hard": False, "cpu_ops": names}
 
 
 def _tensor_meta(t) -> dict:

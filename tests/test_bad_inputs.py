@@ -714,6 +714,26 @@ CASES = [
     Case("bench-folders-match-no-label",
          lambda e: ["edgetl", "bench", e.int8, "--data", _digit_folders(e), "--runs", "1"], 2,
          r"none of the sub-folders of .* \('0', '1'\) matches a label"),
+    # export: every numeric flag checked before work (issue 11), --edgetpu-allow-cpu alone
+    Case("export-max-drop-nan", lambda e: _export(e.run, "--max-drop", "nan", "--name", "x"), 2,
+         r"--max-drop nan must be a finite number >= 0"),
+    Case("export-max-drop-inf", lambda e: _export(e.run, "--max-drop", "inf", "--name", "x"), 2,
+         r"--max-drop inf must be a finite number >= 0"),
+    Case("export-max-drop-negative",
+         lambda e: _export(e.run, "--max-drop", "-1", "--name", "x"), 2,
+         r"--max-drop -1\.0 must be a finite number >= 0"),
+    Case("export-num-calibration-too-many",
+         lambda e: _export(e.run, "--num-calibration", "100000000", "--name", "x"), 2,
+         r"--num-calibration 100000000 must be at least 1 and at most 10000"),
+    Case("export-seed-negative", lambda e: _export(e.run, "--seed", "-1", "--name", "x"), 2,
+         r"--seed -1 must be an integer from 0 to 4294967295"),
+    Case("export-seed-too-large", lambda e: _export(e.run, "--seed", str(2**32), "--name", "x"),
+         2, r"--seed 4294967296 must be an integer from 0 to 4294967295"),
+    Case("export-name-with-slash", lambda e: _export(e.run, "--name", "../elsewhere"), 2,
+         r"--name '\.\./elsewhere' must be a plain file name"),
+    Case("export-edgetpu-allow-cpu-without-edgetpu",
+         lambda e: _export(e.run, "--edgetpu-allow-cpu", "--name", "x"), 2,
+         r"--edgetpu-allow-cpu needs --edgetpu"),
 ]
 
 
