@@ -186,6 +186,7 @@ def fake_run(run: Path, model, size: int, names: list, images: Path, n_cal: int,
              n_val: int) -> None:
     """A run directory for ``export`` around a model that was built, not trained."""
     from edgetl import backbones
+    from edgetl.config import Strategy, TrainConfig
     from edgetl.data import scan_folder, stratified_split
     from edgetl.keras import versions
 
@@ -195,8 +196,11 @@ def fake_run(run: Path, model, size: int, names: list, images: Path, n_cal: int,
     prep = backbones.preprocessing(backbones.get_backbone("mobilenetv2"))
     config = {"run_format": 1, "backbone": "mobilenetv2", "input_size": size,
               "preprocessing": prep, "class_names": names, "data_hash": "synthetic",
-              "train": {"strategy": "none (random weights)", "epochs": 0, "qat": False,
-                        "weights": "none"}, "versions": versions()}
+              # a valid training record (export validates it); the model was built, not trained
+              "train": TrainConfig(data=str(images), backbone="mobilenetv2", weights="none",
+                                   input_size=size, strategy=Strategy.fine_tune,
+                                   epochs=1).to_dict(),
+              "trained": False, "versions": versions()}
     (run / "config.json").write_text(json.dumps(config, indent=1))
     (run / "split.json").write_text(json.dumps({"train": train, "val": val}))
     (run / "labels.txt").write_text("\n".join(names) + "\n")

@@ -367,6 +367,6 @@ def format_report(report: dict, top: int = 20) -> str:
 
 def write_json(report: dict, path: str) -> None:
     """Writes the report (the same dict the text table shows) atomically."""
-    from edgetl.export import _atomic_write_bytes
+    from edgetl.bench import _atomic_write
 
-    _atomic_write_bytes(Path(path), json.dumps(report, indent=2).encode())
+    _atomic_write(Path(path), json.dumps(report, indent=2))

@@ -1272,6 +1272,12 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
             qat_model = current
             if pi != done_phase:  # a resumed phase gets its ranges from the checkpoint
                 # What the user would otherwise have shipped: export judges QAT against it.
+                if getattr(float_model, "optimizer", None) is not None:
+                    # Saved with plain Keras metrics: the collapse metric is ours, and a file
+                    # naming a class of edgetl's would need --unsafe to load.
+                    float_model.compile(optimizer=float_model.optimizer,
+                                        loss="sparse_categorical_crossentropy",
+                                        metrics=["accuracy"])
                 _save_model(float_model, run / FLOAT_BEFORE_QAT)
                 init_ranges(current, cfg, train_items, (*size, channels), prep, log)
             if best is not None and best["phase"] != pi:

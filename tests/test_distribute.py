@@ -176,7 +176,8 @@ def test_qat_one_vs_two_replicas_same_int8(learnable, tmp_path):
     """The same seeded QAT run on 1 and on 2 replicas (two CPU devices, same global batch of 16)
     gives the same fake-quant ranges and int8 outputs within the stated tolerances."""
     args = ["--data", learnable, *TINY, "--batch-size", "16", "--epochs", "2", "--qat",
-            "--strategy", "fine-tune", "--unfreeze", "20", "--fine-tune-lr", "1e-3"]
+            "--strategy", "fine-tune", "--unfreeze", "20", "--fine-tune-lr", "1e-3",
+            "--qat-scope", "all"]
     runs = {}
     for replicas in (1, 2):
         run = tmp_path / f"r{replicas}"

@@ -273,8 +273,12 @@ def test_fixed_non_square_size_mismatch_names_the_right_flag(k3_tall, synth, tmp
     proc = _cli("train", "--data", synth, "--base-model", k3_tall, "--input-size", "32",
                 "--out", tmp_path / "run")
     assert proc.returncode == 2
-    line = proc.stderr.strip()
-    assert line.startswith("error: --base-model") and "\n" not in line
+    # progress lines (the settings line) may come first; the error is one line, the last
+    lines = proc.stderr.strip().splitlines()
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    line = lines[-1]
+    assert errors == [line] and line.startswith("error: --base-model")
+    assert "Traceback" not in proc.stderr
     assert "takes 48x32 images (height x width) but the input size is 32: pass --input-size " \
            "48x32" in line
     assert not (tmp_path / "run").exists()
