@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgetl import backbones, distribute
@@ -1105,6 +1105,10 @@ def train(cfg: TrainConfig, given=None) -> TrainResult:
         KeyboardInterrupt: SIGINT or SIGTERM.
     """
     cfg.check()
+    # Absolute data paths in config.json and split.json: `edgetl export RUN` then works from any
+    # working directory, not only from the one the run was trained in.
+    cfg = replace(cfg, **{k: os.path.abspath(getattr(cfg, k)) for k in ("data", "val_data")
+                          if getattr(cfg, k)})
     if not distribute.prepare(cfg):  # a non-chief worker writes only a private temporary copy
         return distribute.as_worker(cfg, lambda private: train(private, given))
     notes: list[str] = []

@@ -292,3 +292,21 @@ def test_the_same_seed_trains_the_same_model_in_two_processes(synth, tmp_path):
     assert all((x == y).all() for x, y in zip(a, b))
     c = weights(tmp_path / "c", 6)
     assert any((x != y).any() for x, y in zip(a, c))
+
+
+def test_run_trained_with_relative_paths_exports_from_another_directory(synth, tmp_path):
+    """A run stores absolute data paths: `edgetl export RUN` works from any working directory."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _copy_classes(synth, work / "photos")
+    proc = subprocess.run([EDGETL, "train", "--data", "photos", "--out", "run", *TINY,
+                           "--epochs", "1"], cwd=work, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((work / "run" / "config.json").read_text())
+    split = json.loads((work / "run" / "split.json").read_text())
+    assert config["train"]["data"] == str(work / "photos")
+    assert all(os.path.isabs(p) for p, _ in split["train"] + split["val"])
+    proc = subprocess.run([EDGETL, "export", str(work / "run"), "--float32", "--max-drop", "100"],
+                          cwd=elsewhere, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert (work / "run" / "export" / "run_float32.tflite").is_file()
