@@ -57,6 +57,12 @@ def demo() -> None:
        "--alpha", 0.35, "--input-size", 64, "--weights", "none", "--strategy", "fine-tune",
        "--unfreeze-from", "Conv1", "--fine-tune-lr", "3e-3", "--epochs", 10, "--qat",
        "--out", run, "--overwrite")
+    import json
+
+    accuracy = json.loads((run / "metrics.json").read_text())["accuracy"]
+    if accuracy < 0.5:  # 4 classes: chance is 0.25; the demo's model reaches 0.9 and more
+        sys.exit(f"error: the demo's model did not learn (validation accuracy {accuracy:.2f}, "
+                 "chance 0.25): this is a bug in edgetl, please report it")
     sh(edgetl, "export", run, "--int8", "--float32", "--overwrite")
     exports = run / "export"
     sh(edgetl, "inspect", exports / "run_int8.tflite")

@@ -1205,6 +1205,8 @@ def load_image(
         raise RunnerError("%s is too large to decode in memory" % name) from None
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, ...
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, Image.UnidentifiedImageError):
+            reason = "not an image Pillow can decode"  # its text names a file object, not ours
         raise RunnerError("cannot read image %s: %s" % (name, reason)) from None
     if pixels.shape != (height, width, channels):
         raise RunnerError("cannot read image %s: decoded to shape %s" % (name, pixels.shape))

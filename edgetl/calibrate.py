@@ -151,14 +151,22 @@ def observe(qat_model, images: np.ndarray, batch_size: int = 32) -> list[RangeSt
     return stats
 
 
-def init_qat_ranges(qat_model, images: np.ndarray, batch_size: int = 32) -> int:
+def init_qat_ranges(qat_model, images: np.ndarray, batch_size: int = 32,
+                    frozen_only: bool = False) -> int:
     """Sets every fake-quant activation range of a QAT model to the min/max its input takes
     over the calibration images (widened to include 0, as tfmot's own ranges are).
+
+    ``frozen_only``: only the ranges of frozen layers (``frozen_layers``); the others keep
+    tfmot's initial [-6, 6]. For layers that train from random weights: their activations are
+    not meaningful yet (about 1e-6 deep in an untrained MobileNetV2), and a range fitted to them
+    clips every later activation to a constant, so training never leaves chance.
 
     Returns the number of ranges set. Weight ranges are left alone: tfmot recomputes them from
     the weights at every training step.
     """
     stats = observe(qat_model, images, batch_size)
+    if frozen_only:
+        stats = [s for s in stats if s.frozen]
     by_name = {w.name: w for layer in qat_model.layers for w in layer.weights}
     for s in stats:
         lo_var = by_name[s.variable]

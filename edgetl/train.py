@@ -355,10 +355,15 @@ def init_ranges(qat_model, cfg: TrainConfig, train_items, size, prep: dict, log)
         images = calibrate.load_images([p for p, _ in chosen], size, prep)
     except RunnerError as e:
         raise EdgetlError(f"QAT range calibration cannot read a training image: {e}") from None
-    n = calibrate.init_qat_ranges(qat_model, images, cfg.batch_size)
+    # From scratch, layers that train have random weights: ranges fitted to their activations
+    # would clip everything after them (see calibrate.init_qat_ranges), so only frozen layers'.
+    scratch = cfg.from_scratch()
+    n = calibrate.init_qat_ranges(qat_model, images, cfg.batch_size, frozen_only=scratch)
     fixed = QatRanges(cfg.qat_ranges) == QatRanges.data
+    rest = ("; layers that train from random weights start at tfmot's [-6, 6] "
+            "(--weights none)") if scratch else ""
     log(f"QAT ranges initialised from {len(images)} training images ({n} activation ranges, "
-        f"min/max; frozen layers' ranges {'fixed' if fixed else 'adapting'})")
+        f"min/max; frozen layers' ranges {'fixed' if fixed else 'adapting'}){rest}")
 
 
 def _ranges_during_fit(model, phase: Phase, cfg: TrainConfig):

@@ -246,3 +246,16 @@ def test_efficientnet_lite_weights_that_do_not_fit_are_refused(tmp_path):
         efficientnet_lite(variant, input_shape=(32, 32, 3)).save_weights(str(other))
         with pytest.raises(EdgetlError, match="does not fit efficientnet_lite0"):
             efficientnet_lite(0, input_shape=(32, 32, 3), weights=str(other))
+
+
+def test_qat_from_scratch_learns(learnable, tmp_path):
+    """From scratch (--weights none) every quantized layer trains from random weights: their
+    activations are tiny (about 1e-6 deep in the net), and ranges fitted to them clipped every
+    later activation to a constant, so the run stayed at chance (loss ln 4, the demo's case).
+    Only frozen layers' ranges come from data there; the run must learn."""
+    from conftest import tiny_config
+    from edgetl.train import train
+
+    result = train(tiny_config(learnable, tmp_path / "run", input_size=48, epochs=6,
+                               batch_size=16, qat=True, qat_scope="all", quiet=True))
+    assert result.val_accuracy >= 0.5, result.val_accuracy  # chance is 0.25
