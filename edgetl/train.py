@@ -1279,8 +1279,10 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
         if phase.qat:
             current = quantize(float_model, cfg.qat_scope)
             qat_model = current
-            if pi != done_phase:  # a resumed phase gets its ranges from the checkpoint
-                # What the user would otherwise have shipped: export judges QAT against it.
+            if pi != done_phase and pi > 0:
+                # What the user would otherwise have shipped (a float phase trained it): export
+                # judges QAT against it. QAT in the first phase has no such model: the float
+                # model before it is untrained.
                 if getattr(float_model, "optimizer", None) is not None:
                     # Saved with plain Keras metrics: the collapse metric is ours, and a file
                     # naming a class of edgetl's would need --unsafe to load.
@@ -1288,6 +1290,7 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
                                         loss="sparse_categorical_crossentropy",
                                         metrics=["accuracy"])
                 _save_model(float_model, run / FLOAT_BEFORE_QAT)
+            if pi != done_phase:  # a resumed phase gets its ranges from the checkpoint
                 init_ranges(current, cfg, train_items, (*size, channels), prep, log)
             if best is not None and best["phase"] != pi:
                 best = None  # fake-quantized scores do not compare with float ones
