@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import unicodedata
 import struct
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -169,6 +170,14 @@ def scan_folder(root: str | os.PathLike, size: tuple[int, int] | None = None,
     root = Path(root)
     dirs = _class_dirs(root)
     names = [d.name for d in dirs]
+    for n in names:
+        # A class name becomes a label: printed by every report and written into labels.txt.
+        # (Bidi overrides too: they reorder what a terminal shows; other format characters
+        # such as the zero-width non-joiner belong to ordinary Persian or Hindi words.)
+        if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") or "\u202a" <= c <= "\u202e"
+               or "\u2066" <= c <= "\u2069" for c in n):
+            raise EdgetlError(f"class folder {n!r} in '{root}' has control characters in its "
+                              "name (labels are printed and written one per line): rename it")
     if class_names is not None:
         unknown = [n for n in names if n not in class_names]
         if unknown:

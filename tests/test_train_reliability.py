@@ -536,3 +536,17 @@ def test_data_synth_numbers_are_checked(args, message, tmp_path):
     code, _, err = _invoke("data", "synth", tmp_path / "out", *args)
     assert code == 2 and re.search(message, _one_error_line(err)), err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", ["cat\nrm -rf", "dog\x1b[2J", "bird\u202e"])
+def test_class_folder_with_control_characters_is_refused(bad, tmp_path):
+    from edgetl.data import make_synth
+
+    data = tmp_path / "data"
+    make_synth(data, classes=2, per_class=3, size=32, seed=0)
+    first = sorted(data.iterdir())[0]
+    first.rename(data / bad)
+    code, _, err = _invoke("train", "--data", data, "--out", tmp_path / "run", *TINY)
+    line = _one_error_line(err)
+    assert code == 2 and "has control characters in its name" in line and "rename it" in line
+    assert not (tmp_path / "run").exists()
