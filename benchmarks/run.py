@@ -661,14 +661,9 @@ def paired(a: np.ndarray, b: np.ndarray, truth: np.ndarray) -> dict:
     Only the images where exactly one of the two is right count (McNemar): ``a_only`` and
     ``b_only``; the interval is the normal approximation of the paired difference.
     """
-    ra, rb = a == truth, b == truth
-    n = len(truth)
-    a_only, b_only = int((ra & ~rb).sum()), int((~ra & rb).sum())
-    diff = (a_only - b_only) / n
-    var = max(a_only + b_only - (a_only - b_only) ** 2 / n, 0.0) / n ** 2
-    half = 1.96 * var ** 0.5
-    return {"diff_points": diff * 100, "ci95_points": [(diff - half) * 100, (diff + half) * 100],
-            "a_only": a_only, "b_only": b_only, "images": n}
+    from edgetl.export import paired_difference  # the interval export's drop gate uses
+
+    return paired_difference(a, b, truth)
 
 
 def _ptq(run: Path, out: Path) -> str:

@@ -391,8 +391,8 @@ def paired_difference(a: np.ndarray, b: np.ndarray, truth: np.ndarray) -> dict:
     interval.
 
     Only the images where exactly one of the two is right count (McNemar): ``a_only`` and
-    ``b_only``; the interval is the normal approximation of the paired difference (the same
-    as benchmarks/run.py's ``paired``).
+    ``b_only``; the interval is the normal approximation of the paired difference
+    (benchmarks/run.py's ``paired`` calls this).
     """
     ra, rb = a == truth, b == truth
     n = len(truth)
