@@ -88,14 +88,25 @@ def _range_owners(qat_model) -> dict:
 
 
 @contextlib.contextmanager
+def _quantizers_wrapped(make):
+    """While active, every tfmot quantizer class's ``__call__`` is ``make(original)``."""
+    classes = _quantizer_classes()
+    saved = {cls: cls.__call__ for cls in classes}
+    for cls in classes:
+        cls.__call__ = make(saved[cls])
+    try:
+        yield
+    finally:
+        for cls, original in saved.items():
+            cls.__call__ = original
+
+
+@contextlib.contextmanager
 def _observing(record):
     """While active, every activation quantizer reports its input to ``record`` and passes it
     through unquantized: downstream layers see float activations, as in post-training
     calibration. Weight quantizers (their input is a variable) run as usual."""
     from edgetl.keras import tf
-
-    classes = _quantizer_classes()
-    saved = {cls: cls.__call__ for cls in classes}
 
     def make(original):
         def call(self, inputs, training, weights, **kwargs):
@@ -105,13 +116,8 @@ def _observing(record):
             return inputs
         return call
 
-    for cls in classes:
-        cls.__call__ = make(saved[cls])
-    try:
+    with _quantizers_wrapped(make):
         yield
-    finally:
-        for cls, original in saved.items():
-            cls.__call__ = original
 
 
 def _batches(images: np.ndarray, batch_size: int):
@@ -189,9 +195,6 @@ def frozen_ranges_fixed(qat_model):
     frozen = {id(w) for layer in qat_model.layers if layer.name in names for w in layer.weights}
     from edgetl.keras import tf
 
-    classes = _quantizer_classes()
-    saved = {cls: cls.__call__ for cls in classes}
-
     def make(original):
         # Weight ranges still follow the weights (they never change for a frozen layer).
         def call(self, inputs, training, weights, **kwargs):
@@ -200,10 +203,5 @@ def frozen_ranges_fixed(qat_model):
             return original(self, inputs, training, weights, **kwargs)
         return call
 
-    for cls in classes:
-        cls.__call__ = make(saved[cls])
-    try:
+    with _quantizers_wrapped(make):
         yield
-    finally:
-        for cls, original in saved.items():
-            cls.__call__ = original
