@@ -130,10 +130,6 @@ def _reraise(e: BaseException):
     raise e
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 @app.command()
 def train(
     ctx: typer.Context,
@@ -312,8 +308,11 @@ def export(
     from edgetl.export import export as run_export, format_reports
 
     # SIGTERM ends an export like Ctrl-C: its clean-up runs and nothing is left half-written.
+    from edgetl.export import interrupt_on_signal
+
     try:
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+        previous = {sig: signal.signal(sig, interrupt_on_signal)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread (an embedding app): leave signals alone
         previous = None
     try:
@@ -327,8 +326,8 @@ def export(
     except (Exception, KeyboardInterrupt) as e:
         _guard(_reraise, e)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in (previous or {}).items():
+            signal.signal(sig, handler)
     if as_json:
         typer.echo(json.dumps(result.reports, indent=2))
     else:

@@ -60,6 +60,24 @@ def _io_error(path, e: BaseException) -> EdgetlError:
     return EdgetlError(f"cannot read or write '{path}': {reason}")
 
 
+# A handler's KeyboardInterrupt can be lost (code that swallows it; CI saw a signalled export
+# end with exit 0 once in a few hundred runs), so the signal is also remembered, and checked
+# (with any still pending) after each mode and before anything is renamed into place.
+_signalled: list = []
+
+
+def interrupt_on_signal(signum, frame):
+    """SIGINT/SIGTERM handler for an export: remembers the signal, raises KeyboardInterrupt."""
+    _signalled.append(signum)
+    raise KeyboardInterrupt
+
+
+def _raise_if_signalled() -> None:
+    held = {signal.SIGINT, signal.SIGTERM}
+    if _signalled or held & signal.sigpending():  # pending: blocked by every thread
+        raise KeyboardInterrupt
+
+
 @contextmanager
 def _signals_held():
     """Ctrl-C and SIGTERM wait until the block ends: renames and clean-up are not cut in half."""
@@ -589,6 +607,7 @@ def export(cfg: ExportConfig) -> ExportResult:
             marked as failed in its metadata.
     """
     modes = _check_config(cfg)  # before TensorFlow loads: a bad flag costs no time
+    _signalled.clear()
     from edgetl.preprocessing import input_shape
     from edgetl.train import check_out_dir, load_run
 
@@ -704,11 +723,13 @@ def _export_claimed(cfg, modes, run, run_cfg, split, name, targets, staging) -> 
                                              run_cfg, name, targets[mode], manifest_sha, split,
                                              timings, staging)
         pairs += staged
+        _raise_if_signalled()
         files.append(str(targets[mode]))
         reports[mode.value] = report
         failures += failed
     # The manifest and sidecars are renamed first and each model last, all with signals held:
     # Ctrl-C cannot cut this short, and a failed rename puts every previous file back.
+    _raise_if_signalled()
     staging.commit(pairs)
     staging.sweep([final for _, final in pairs])
     result = ExportResult(tuple(files), reports, str(manifest_path) if manifest_path else None)
