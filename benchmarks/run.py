@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/run.py --quick    # a few-minute smoke run of every code path
 
 Writes ``benchmarks/results/<date>.json`` (every measurement, the machine, the versions, the
-command) and ``<date>.md`` (the table for the README; ``--update-readme`` puts it there).
+command) and ``<date>.md`` (the table for docs/performance.md; ``--update-readme`` puts it there).
 
 How the figures are made (DESIGN.md habit 11): the machine is shared and timings drift, so every
 figure is a ratio of two things measured in the same process, interleaved A B A B (the order
@@ -53,7 +53,7 @@ REALDATA = ROOT.parent / "shared" / "realdata"
 GOOGLE_V2 = REALDATA / "coral" / "tf2_mobilenet_v2_1.0_224_ptq.tflite"
 FASHION = REALDATA / "fashion-mnist"
 RUNNER = ROOT / "devices" / "edgetl_runner.py"
-README = ROOT / "README.md"
+README = ROOT / "docs" / "performance.md"  # its Performance section, between the markers
 MARK_BEGIN, MARK_END = "<!-- performance -->", "<!-- /performance -->"
 
 import numpy as np  # noqa: E402
@@ -1174,7 +1174,7 @@ def main(argv=None) -> int:
     ap.add_argument("--transfer-runs", nargs="+", help="section transfer: only these runs "
                     f"(of {', '.join(TRANSFER['runs'])})")
     ap.add_argument("--update-readme", action="store_true",
-                    help="put the Markdown into README.md's Performance section")
+                    help="put the Markdown into docs/performance.md's Performance section")
     args = ap.parse_args(argv)
     P = dict(QUICK if args.quick else FULL)
     # The transfer section (real pretrained base) is long: it runs when asked for by --only.

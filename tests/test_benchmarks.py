@@ -72,7 +72,7 @@ def test_runner_peak_rss_is_its_own_not_its_parents(tmp_path):
 def test_quick_run_writes_json_and_table(tmp_path):
     out, work = tmp_path / "results", tmp_path / "work"
     def performance_section():
-        text = (ROOT / "README.md").read_text()
+        text = (ROOT / "docs" / "performance.md").read_text()
         return text[text.find("<!-- performance -->"):text.find("<!-- /performance -->")]
 
     readme_before = performance_section()
