@@ -6,7 +6,7 @@
 #   bash setup.sh --max    # libedgetpu1-max: maximum clock (faster, the device runs hot)
 #
 # Then unplug and replug the accelerator (the package installs udev rules) and run
-#   ~/edgetl-venv/bin/python edgetl_runner.py MODEL_edgetpu.tflite --delegate edgetpu
+#   ~/edgetl-venv/bin/edgetl-runner MODEL_edgetpu.tflite --delegate edgetpu
 set -euo pipefail
 
 PKG="libedgetpu1-std"
@@ -50,8 +50,12 @@ if [ -n "${SUDO}" ] && ! id -nG "$USER" | grep -qw plugdev; then
   $SUDO usermod -aG plugdev "$USER"
 fi
 
-say "Python packages for the runner"
-bash "$HERE/../raspberry-pi/setup.sh"
+say "Python packages for the runner (the edgetl-runner package, devices/pyproject.toml)"
+if [ -f "$HERE/../raspberry-pi/setup.sh" ]; then
+  bash "$HERE/../raspberry-pi/setup.sh"
+else  # copied beside it as pi-setup.sh by `edgetl fleet setup`, which runs that one first
+  [ -f "$HERE/pi-setup.sh" ] || die "raspberry-pi/setup.sh not found next to this script"
+fi
 
 say "Edge TPU check"
 if command -v lsusb >/dev/null; then
@@ -66,4 +70,9 @@ ldconfig -p | grep -q libedgetpu.so.1 && echo "libedgetpu.so.1 is installed."
 
 echo
 echo "Unplug and replug the accelerator now (new udev rules), then:"
-echo "  ${EDGETL_VENV:-$HOME/edgetl-venv}/bin/python edgetl_runner.py MODEL_edgetpu.tflite --delegate edgetpu"
+VENV="${EDGETL_VENV:-$HOME/edgetl-venv}"
+if [ -x "$VENV/bin/edgetl-runner" ]; then
+  echo "  $VENV/bin/edgetl-runner MODEL_edgetpu.tflite --delegate edgetpu"
+else
+  echo "  $VENV/bin/python edgetl_runner.py MODEL_edgetpu.tflite --delegate edgetpu"
+fi

@@ -4,15 +4,20 @@
 #   bash setup.sh              # venv at ~/edgetl-venv
 #   EDGETL_VENV=/opt/edgetl bash setup.sh
 #
-# 64-bit OS (dpkg architecture arm64/amd64): apt's python3-numpy + python3-pil, and ai-edge-litert
-# from PyPI in a venv that sees the system packages (--system-site-packages).
+# 64-bit OS (dpkg architecture arm64/amd64): apt's python3-numpy + python3-pil, and the
+# edgetl-runner package (devices/pyproject.toml: the runner, the `edgetl-runner` command and
+# ai-edge-litert from PyPI) in a venv that sees the system packages (--system-site-packages).
 # 32-bit OS (armhf): ai-edge-litert has no 32-bit ARM wheels; tflite-runtime is installed instead
-# (the runner accepts it).
+# (the runner accepts it) and the package with --no-deps.
+# Without devices/pyproject.toml beside this script (e.g. copied alone by `edgetl fleet setup`)
+# only the interpreter is installed; run edgetl_runner.py with the venv's python.
 # Safe to run again: it only adds what is missing.
 set -euo pipefail
 
 VENV="${EDGETL_VENV:-$HOME/edgetl-venv}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
+PACKAGE="$(cd "$HERE/.." && pwd)"   # devices/: the edgetl-runner package
+[ -f "$PACKAGE/pyproject.toml" ] || PACKAGE=""
 
 say() { printf '\n== %s\n' "$*"; }
 die() { printf 'setup.sh: %s\n' "$*" >&2; exit 1; }
@@ -52,11 +57,21 @@ case "$ARCH" in
     ;;
 esac
 
-if "$VENV/bin/python" -c "import $MODULE" >/dev/null 2>&1; then
-  say "$INTERP already installed"
+if [ -n "$PACKAGE" ] && [ "$INTERP" = "ai-edge-litert" ]; then
+  # again on every run: picks up a newer runner; pip keeps what is already satisfied
+  say "pip install $PACKAGE (edgetl-runner and $INTERP, into $VENV)"
+  "$VENV/bin/python" -m pip install "$PACKAGE"
 else
-  say "pip install $INTERP (into $VENV)"
-  "$VENV/bin/python" -m pip install "$INTERP"
+  if "$VENV/bin/python" -c "import $MODULE" >/dev/null 2>&1; then
+    say "$INTERP already installed"
+  else
+    say "pip install $INTERP (into $VENV)"
+    "$VENV/bin/python" -m pip install "$INTERP"
+  fi
+  if [ -n "$PACKAGE" ]; then
+    say "pip install --no-deps $PACKAGE (edgetl-runner, into $VENV)"
+    "$VENV/bin/python" -m pip install --no-deps "$PACKAGE"
+  fi
 fi
 
 say "check"
@@ -83,5 +98,11 @@ done
 
 say "done"
 echo "Run a model with:"
+if [ -x "$VENV/bin/edgetl-runner" ]; then
+  echo "  $VENV/bin/edgetl-runner MODEL.tflite --threads $(nproc)"
+  echo "  $VENV/bin/edgetl-runner MODEL.tflite --data test_images/ --json report.json"
+  echo "(or: $VENV/bin/python ${RUNNER:-edgetl_runner.py} MODEL.tflite ...)"
+  exit 0
+fi
 echo "  $VENV/bin/python ${RUNNER:-edgetl_runner.py} MODEL.tflite --threads $(nproc)"
 echo "  $VENV/bin/python ${RUNNER:-edgetl_runner.py} MODEL.tflite --data test_images/ --json report.json"
