@@ -103,10 +103,11 @@ DELEGATES = ("xnnpack", "edgetpu", "none")
 INTERPRETERS = ("ai_edge_litert", "tflite_runtime", "tensorflow")
 CORAL_README = "devices/coral/README.md"
 
-_MAX_METADATA_MEMBER = 16 * 1024 * 1024
+MB = 1_000_000  # every size and memory figure: MB = 10^6 bytes
+_MAX_METADATA_MEMBER = 16 * MB
 # The whole archive: edgetl writes 2 small members, Google's models a few labels files; these caps
 # keep a hostile archive (many members just under the per-member cap) far below a Pi's memory.
-_MAX_METADATA_TOTAL = 32 * 1024 * 1024
+_MAX_METADATA_TOTAL = 32 * MB
 _MAX_METADATA_MEMBERS = 64
 _ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 
@@ -829,13 +830,13 @@ def _read_zip_members(path_or_bytes):
             if declared > _MAX_METADATA_TOTAL:
                 raise ValueError(
                     "its text members declare %d bytes, more than the %d MB cap"
-                    % (declared, _MAX_METADATA_TOTAL // (1024 * 1024))
+                    % (declared, _MAX_METADATA_TOTAL // MB)
                 )
             for info in wanted:
                 if info.file_size > _MAX_METADATA_MEMBER:
                     raise ValueError(
                         "%s is implausibly large (over the %d MB cap per member)"
-                        % (info.filename, _MAX_METADATA_MEMBER // (1024 * 1024))
+                        % (info.filename, _MAX_METADATA_MEMBER // MB)
                     )
                 limit = min(_MAX_METADATA_MEMBER, _MAX_METADATA_TOTAL - total)
                 with zf.open(info) as f:
@@ -843,8 +844,8 @@ def _read_zip_members(path_or_bytes):
                 if len(payload) > limit:  # the header lied about the size
                     raise ValueError(
                         "%s holds more than its header says (caps: %d MB per member, %d MB "
-                        "in all)" % (info.filename, _MAX_METADATA_MEMBER // (1024 * 1024),
-                                      _MAX_METADATA_TOTAL // (1024 * 1024))
+                        "in all)" % (info.filename, _MAX_METADATA_MEMBER // MB,
+                                      _MAX_METADATA_TOTAL // MB)
                     )
                 total += len(payload)
                 members[info.filename] = payload
@@ -2180,7 +2181,8 @@ def _read_text(path: str) -> str:
 
 
 def memory_info() -> dict:
-    """``peak_rss_mb`` and ``rss_mb`` of this process (/proc/self/status, else getrusage).
+    """``peak_rss_mb`` and ``rss_mb`` (MB = 10^6 bytes) of this process (/proc/self/status, else
+    getrusage).
 
     Linux keeps getrusage's ``ru_maxrss`` across fork and exec, so a runner started by a large
     process (a TensorFlow training script, pytest) would report its parent's peak; ``VmHWM`` is
@@ -2191,7 +2193,7 @@ def memory_info() -> dict:
         key = line.split(":", 1)[0]
         if key in ("VmHWM", "VmRSS"):
             try:
-                value = int(line.split()[1]) / 1024.0
+                value = int(line.split()[1]) * 1024 / MB  # /proc's kB are KiB
             except (IndexError, ValueError):
                 continue
             if key == "VmHWM":
@@ -2203,7 +2205,8 @@ def memory_info() -> dict:
             import resource
 
             maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            peak = maxrss / (1024.0 * 1024.0) if sys.platform == "darwin" else maxrss / 1024.0
+            # bytes on macOS, KiB on Linux
+            peak = maxrss / MB if sys.platform == "darwin" else maxrss * 1024 / MB
         except (ImportError, OSError, ValueError):
             pass
     return {"peak_rss_mb": peak, "rss_mb": current}

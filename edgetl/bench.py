@@ -31,7 +31,7 @@ COLUMNS = (
     ("size_x", "size x", "size ×", "{:.2f}x"),
     ("speed_x", "speed x", "speed ×", "{:.2f}x"),
 )
-MB = 1024 * 1024  # MiB, the unit of the runner's RSS figures
+MB = 1_000_000  # MB = 10^6 bytes, as the runner's RSS figures and every size edgetl prints
 
 
 def _runner():
@@ -303,7 +303,7 @@ def bench(
 
     Returns:
         One dict per model, in the given order: ``name`` (file name), ``path``, ``format``
-        (metadata mode, else inferred from tensors and ops), ``size_bytes``, ``size_mb`` (MiB),
+        (metadata mode, else inferred from tensors and ops), ``size_bytes``, ``size_mb`` (MB = 10^6 bytes),
         ``top1``/``top5`` (None without data), ``p50_ms``, ``p90_ms``, ``mean_ms``,
         ``throughput_ips``, ``peak_rss_mb`` (of that model's process), ``size_x`` (size / first
         model's size), ``speed_x`` (first model's p50 / this p50: 2.0 means twice as fast),

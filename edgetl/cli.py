@@ -83,11 +83,52 @@ class _Group(typer.core.TyperGroup):
             raise typer.Exit(2) from None
 
 
+# Help conventions (every command and option): -h and --help; plain text, wrapped to the
+# terminal (no rich boxes: they squeezed and hid text at 80 columns, and read "[...]" in help as
+# markup); every option that takes a value shows its default (an Option whose default is None
+# says what None means: show_default="the backbone's"); a fixed set of values is an Enum (typer
+# lists it) or, for a free string, a metavar "[a|b|c]"; each command ends with `_examples(...)`.
+# Sizes are MB = 10^6 bytes everywhere. tests/test_cli_help.py checks all of it.
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+def _examples(*lines: str) -> str:
+    """A command's epilog: one-line examples, kept as written (click's \b: no re-wrapping)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  cls=_Group,
-                  help="Transfer learning to verified int8 TFLite for Raspberry Pi and Coral.")
-data_app = typer.Typer(no_args_is_help=True, help="Built-in datasets: generated shapes, IDX.")
+                  cls=_Group, rich_markup_mode=None, context_settings=CONTEXT,
+                  help="Transfer learning to verified int8 TFLite for Raspberry Pi and Coral.",
+                  epilog=_examples("edgetl data synth shapes/", "edgetl train --data shapes/ "
+                                   "--weights none --out runs/shapes",
+                                   "edgetl export runs/shapes --int8",
+                                   "edgetl bench runs/shapes/export/*.tflite --data shapes/"))
+data_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, context_settings=CONTEXT,
+                       help="Built-in datasets: generated shapes, IDX.",
+                       epilog=_examples("edgetl data synth shapes/ --classes 4",
+                                        "edgetl data idx images.gz labels.gz fashion/"))
 app.add_typer(data_app, name="data")
+
+
+def _backbone_names() -> list:
+    from edgetl.backbones import REGISTRY  # data only: no TensorFlow
+
+    return list(REGISTRY)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from edgetl import __version__
+
+        typer.echo(f"edgetl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print edgetl's version and exit.")) -> None:
+    """Transfer learning to verified int8 TFLite for Raspberry Pi and Coral."""
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -130,24 +171,36 @@ def _reraise(e: BaseException):
     raise e
 
 
-@app.command()
+@app.command(short_help="Fine-tune a backbone on labelled image folders (optionally QAT).",
+             epilog=_examples(
+    "edgetl train --data photos/ --out runs/flowers",
+    "edgetl train --data photos/ --strategy two-phase --qat --out runs/flowers",
+    "edgetl train --data shapes/ --weights none --alpha 0.35 --input-size 64"))
 def train(
     ctx: typer.Context,
     data: Optional[Path] = typer.Option(None, help="Folder with one sub-folder of images per "
-                                                   "class (with --resume: the run's)."),
-    backbone: str = typer.Option("mobilenetv2", help="Registry name; see `edgetl backbones`."),
-    out: Optional[Path] = typer.Option(None, help="Run directory [runs/<backbone>-<time>]."),
-    base_model: Optional[Path] = typer.Option(None, help="Your own saved model as the backbone."),
-    cut_layer: Optional[str] = typer.Option(None, help="Layer of --base-model that feeds the head."),
+                                                   "class (with --resume: the run's).",
+                                        show_default="none: required unless --resume"),
+    backbone: str = typer.Option("mobilenetv2", metavar="NAME",
+                                 help=f"One of {', '.join(_backbone_names())} (`edgetl "
+                                      "backbones`: sizes, preprocessing, QAT)."),
+    out: Optional[Path] = typer.Option(None, help="Run directory.",
+                                       show_default="runs/<backbone>-<time>"),
+    base_model: Optional[Path] = typer.Option(None, help="Your own saved model as the backbone.",
+                                              show_default="none: --backbone"),
+    cut_layer: Optional[str] = typer.Option(None, help="Layer of --base-model that feeds the head.",
+                                            show_default="the last 4D tensor below its head"),
     unsafe: bool = typer.Option(False, help="Allow Lambda layers / custom code in --base-model."),
-    weights: str = typer.Option("imagenet", help="imagenet, none, or a weights file."),
-    alpha: Optional[float] = typer.Option(None, help="MobileNet width multiplier."),
+    weights: str = typer.Option("imagenet", metavar="<imagenet|none|PATH>",
+                                help="ImageNet, from scratch, or a weights file."),
+    alpha: Optional[float] = typer.Option(None, help="MobileNet width multiplier.",
+                                          show_default="1.0; MobileNets only"),
     input_size: Optional[str] = typer.Option(None, help="Input size in px: N or HxW (height x "
-                                                        "width, e.g. 160x120); default: the base "
-                                                        "model's fixed size, else the "
-                                                        "backbone's."),
-    channels: Optional[int] = typer.Option(None, help="1 (greyscale) or 3; default: the base "
-                                                      "model's, else 3."),
+                                                        "width, e.g. 160x120).",
+                                             show_default="the base model's fixed size, else "
+                                                          "the backbone's"),
+    channels: Optional[int] = typer.Option(None, help="1 (greyscale) or 3.",
+                                           show_default="the base model's, else 3"),
     preprocessing: Preset = typer.Option(Preset.auto, help="How pixels become model input: "
                                                            "auto = detected from the base "
                                                            "model's first layers (Rescaling, "
@@ -156,27 +209,39 @@ def train(
                                                            " torch = ImageNet mean/std, caffe = "
                                                            "BGR minus mean, raw = 0..255."),
     mean: Optional[str] = typer.Option(None, help="Mean on 0..255 pixels: one number or R,G,B "
-                                                  "(model input = (x - mean) / std)."),
-    std: Optional[str] = typer.Option(None, help="Std on 0..255 pixels: one number or R,G,B."),
-    val_data: Optional[Path] = typer.Option(None, help="Separate validation folder."),
-    val_split: Optional[float] = typer.Option(None, help="Held-out fraction per class [0.2]."),
+                                                  "(model input = (x - mean) / std).",
+                                       show_default="the preprocessing's"),
+    std: Optional[str] = typer.Option(None, help="Std on 0..255 pixels: one number or R,G,B.",
+                                      show_default="the preprocessing's"),
+    val_data: Optional[Path] = typer.Option(None, help="Separate validation folder.",
+                                            show_default="none: --val-split"),
+    val_split: Optional[float] = typer.Option(None, help="Held-out fraction per class.",
+                                              show_default="0.2"),
     strategy: Optional[Strategy] = typer.Option(
-        None, help="[feature-extract with pretrained weights; fine-tune of every layer with "
-                   "--weights none]"),
-    unfreeze: Optional[int] = typer.Option(None, help="Top base layers to train."),
-    unfreeze_from: Optional[str] = typer.Option(None, help="First base layer to train."),
+        None, help="feature-extract: frozen base; fine-tune: its top layers (--unfreeze); "
+                   "two-phase: the head first, then fine-tune.",
+        show_default="feature-extract with pretrained weights; fine-tune of every layer with "
+                     "--weights none"),
+    unfreeze: Optional[int] = typer.Option(None, help="Top base layers to train.",
+                                           show_default="a fifth of the base; all with "
+                                                        "--weights none"),
+    unfreeze_from: Optional[str] = typer.Option(None, help="First base layer to train.",
+                                                show_default="none: --unfreeze"),
     epochs: int = typer.Option(10, help="Epochs (first phase of two-phase)."),
     fine_tune_epochs: int = typer.Option(10, help="Epochs of the fine-tune phase (two-phase)."),
     lr: Optional[float] = typer.Option(
-        None, help="Learning rate (head training; from scratch, every phase) [pretrained 1e-3, "
-                   "from scratch 3e-3]."),
+        None, help="Learning rate (head training; from scratch, every phase).",
+        show_default="pretrained 1e-3, from scratch 3e-3"),
     fine_tune_lr: Optional[float] = typer.Option(
-        None, help="Learning rate when base layers train [pretrained 1e-4: on real ImageNet "
-        "weights (EfficientNet-Lite0, 100 images per class) 1.3 points more int8 top-1 than "
-        "1e-5; from scratch --lr]."),
-    batch_size: int = typer.Option(32),
-    head: str = typer.Option("", help="Extra head layers: 'conv:64,dense:128,dropout:0.2'."),
-    pooling: Pooling = typer.Option(Pooling.avg),
+        None, help="Learning rate when base layers train (1e-4: on real ImageNet weights, "
+        "EfficientNet-Lite0, 100 images per class, 1.3 points more int8 top-1 than 1e-5).",
+        show_default="pretrained 1e-4, from scratch --lr"),
+    batch_size: int = typer.Option(32, help="Images per step (the global batch over all "
+                                            "replicas)."),
+    head: str = typer.Option("", help="Extra head layers: 'conv:64,dense:128,dropout:0.2'.",
+                             show_default="none"),
+    pooling: Pooling = typer.Option(Pooling.avg, help="How the base's feature map becomes a "
+                                                      "vector."),
     dropout: float = typer.Option(0.2, help="Dropout before the classifier."),
     qat: bool = typer.Option(False, help="Quantization-aware training (tfmot)."),
     qat_scope: QatScope = typer.Option(
@@ -189,16 +254,18 @@ def train(
         "data-adapt = the same, all ranges then adapt; tfmot = tfmot's [-6, 6] (clips "
         "pretrained activations)."),
     augment: Optional[str] = typer.Option(
-        None, help="Augmentations: comma-separated flip,rotate,zoom,contrast, or none "
-                   "[rotate,zoom,contrast]."),
+        None, metavar="LIST", help="Augmentations: comma-separated flip,rotate,zoom,contrast, "
+                                   "or none.", show_default="rotate,zoom,contrast"),
     no_augment: bool = typer.Option(False, "--no-augment", help="Same as --augment none."),
     monitor: Monitor = typer.Option(Monitor.val_accuracy, help="What picks the best epoch, "
                                                                "whose weights are kept."),
     patience: Optional[int] = typer.Option(None, help="Stop a phase after N epochs without a "
-                                                      "better one [never]."),
-    class_weights: str = typer.Option("none", help="none or auto (inverse frequency)."),
+                                                      "better one.", show_default="never"),
+    class_weights: str = typer.Option("none", metavar="<none|auto>",
+                                      help="auto: weights inverse to class frequency."),
     strict: bool = typer.Option(False, help="Unreadable images are an error, not skipped."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of splits, shuffling, augmentation and initial "
+                                     "weights."),
     resume: bool = typer.Option(False, help="Continue the run in --out."),
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
     quiet: bool = typer.Option(False, help="No progress output."),
@@ -243,7 +310,8 @@ def train(
                f"{f'  best epoch: {result.best_epoch}' if result.best_epoch else ''}")
 
 
-@app.command()
+@app.command(short_help="List the backbones: input sizes, preprocessing, QAT support.",
+             epilog=_examples("edgetl backbones"))
 def backbones() -> None:
     """List the supported backbones: input size, ImageNet sizes, preprocessing, QAT."""
     from edgetl.backbones import table
@@ -256,9 +324,12 @@ def backbones() -> None:
         typer.echo("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
 
 
-@app.command()
+@app.command(short_help="Convert a run to TFLite and verify it (integer ops, accuracy).",
+             epilog=_examples("edgetl export runs/flowers --int8",
+                              "edgetl export runs/flowers --int8 --float32 --io int8",
+                              "edgetl export runs/flowers --int8 --edgetpu"))
 def export(
-    run: Path = typer.Argument(..., help="Training run directory."),
+    run: Path = typer.Argument(..., metavar="RUN", help="Training run directory."),
     int8: bool = typer.Option(False, "--int8", help="Full-integer int8 (calibrated)."),
     float32: bool = typer.Option(False, "--float32", help="Plain float32."),
     float16: bool = typer.Option(False, "--float16", help="float16 weights."),
@@ -267,8 +338,10 @@ def export(
     io: IOType = typer.Option(IOType.uint8, help="I/O type of integer models (uint8: "
                               "MediaPipe, Coral, LiteRT; int8: LiteRT only)."),
     num_calibration: int = typer.Option(200, help="Calibration images (class-balanced)."),
-    calibration: Optional[Path] = typer.Option(None, help="Your own calibration folder."),
-    calibration_manifest: Optional[Path] = typer.Option(None, help="Replay a calibration."),
+    calibration: Optional[Path] = typer.Option(None, help="Your own calibration folder.",
+                                               show_default="a sample of the training images"),
+    calibration_manifest: Optional[Path] = typer.Option(None, help="Replay a calibration.",
+                                                        show_default="none"),
     max_drop: float = typer.Option(2.0, help="Largest accepted top-1 drop, in points."),
     edgetpu: bool = typer.Option(False, help="Report Edge TPU compatibility op by op; fail "
                                              "unless every op maps to the Edge TPU."),
@@ -277,10 +350,11 @@ def export(
                                                 "the CPU (a warning names them)."),
     debug: bool = typer.Option(False, help="Report the layers with the worst quantization "
                                            "error."),
-    keep_float: Optional[List[str]] = typer.Option(None, help="Leave in float: a tensor name "
+    keep_float: Optional[List[str]] = typer.Option(None, metavar="NAME", help="Leave in float: a tensor name "
                                                               "from --debug, or an op type like "
-                                                              "MEAN (repeatable)."),
-    name: Optional[str] = typer.Option(None, help="File stem [the run's name]."),
+                                                              "MEAN (repeatable).",
+                                              show_default="none"),
+    name: Optional[str] = typer.Option(None, help="File stem.", show_default="the run's name"),
     seed: int = typer.Option(0, help="Seed of the calibration sample."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the accuracy check."),
     overwrite: bool = typer.Option(False, help="Replace existing exports."),
@@ -337,9 +411,11 @@ def export(
         typer.echo(IO_ADVICE)
 
 
-@app.command()
+@app.command(short_help="Ops, dtypes, quantization, size, metadata, Edge TPU check.",
+             epilog=_examples("edgetl inspect runs/flowers/export/flowers_int8.tflite",
+                              "edgetl inspect model.tflite --json --no-compiler"))
 def inspect(
-    model: Path = typer.Argument(..., help="A .tflite file (edgetl's or anyone's)."),
+    model: Path = typer.Argument(..., metavar="MODEL", help="A .tflite file (edgetl's or anyone's)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     no_compiler: bool = typer.Option(False, "--no-compiler",
                                      help="Do not run edgetpu_compiler even if installed."),
@@ -351,22 +427,36 @@ def inspect(
     typer.echo(json.dumps(report, indent=2) if as_json else format_inspect(report))
 
 
-@app.command()
+@app.command(short_help="Compare models through the device runner: size, accuracy, speed.",
+             epilog=_examples("edgetl bench runs/flowers/export/*.tflite --data val/",
+                              "edgetl bench model.tflite --threads 4 --json bench.json",
+                              "edgetl bench model_edgetpu.tflite --delegate edgetpu"))
 def bench(
-    models: List[Path] = typer.Argument(..., help="One or more .tflite files to compare."),
-    data: Optional[Path] = typer.Option(None, help="Labelled folder for accuracy."),
+    models: List[Path] = typer.Argument(..., metavar="MODEL",
+                                       help="One or more .tflite files to compare."),
+    data: Optional[Path] = typer.Option(None, help="Labelled folder for accuracy.",
+                                        show_default="none: latency only"),
     labels: Optional[Path] = typer.Option(None, help="Labels file for models without "
-                                                     "metadata."),
+                                                     "metadata.",
+                                          show_default="the model's metadata"),
     runs: int = typer.Option(200, help="Timed runs per model."),
     warmup: int = typer.Option(20, help="Untimed runs first."),
-    threads: Optional[int] = typer.Option(None, help="Interpreter threads."),
-    delegate: str = typer.Option("xnnpack", help="xnnpack, edgetpu or none."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
-    markdown: Optional[Path] = typer.Option(None, help="Write a Markdown table."),
-    plots: Optional[Path] = typer.Option(None, help="Write PNG plots here (matplotlib)."),
+    threads: Optional[int] = typer.Option(None, help="Interpreter threads.",
+                                          show_default="the interpreter's"),
+    delegate: str = typer.Option("xnnpack", metavar="<xnnpack|edgetpu|none>",
+                                 help="xnnpack: the CPU's fast path; edgetpu: Coral; none: "
+                                      "built-in kernels."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON.",
+                                            show_default="none"),
+    markdown: Optional[Path] = typer.Option(None, help="Write a Markdown table.",
+                                            show_default="none"),
+    plots: Optional[Path] = typer.Option(None, help="Write PNG plots here (matplotlib).",
+                                         show_default="none"),
     mean: Optional[str] = typer.Option(None, help="Per-channel mean for models without "
-                                                  "metadata: 127.5 or 123.7,116.3,103.5."),
-    std: Optional[str] = typer.Option(None, help="Per-channel std (1 or 3 values, as --mean)."),
+                                                  "metadata: 127.5 or 123.7,116.3,103.5.",
+                                       show_default="the model's metadata"),
+    std: Optional[str] = typer.Option(None, help="Per-channel std (1 or 3 values, as --mean).",
+                                      show_default="the model's metadata"),
     raw: bool = typer.Option(False, help="Feed pixels unchanged in the model's input dtype."),
     bgr: bool = typer.Option(False, help="The models want BGR channel order."),
 ) -> None:
@@ -396,15 +486,19 @@ def bench(
               1)
 
 
-@app.command()
+@app.command(short_help="Classify images through the device runner: top labels, scores.",
+             epilog=_examples("edgetl predict model.tflite rose.jpg tulip.jpg",
+                              "edgetl predict model.tflite photos/ --top 1 --json out.json"))
 def predict(
-    model: Path = typer.Argument(..., help="A .tflite classifier."),
-    images: List[Path] = typer.Argument(..., help="Image files, or folders of images (one "
+    model: Path = typer.Argument(..., metavar="MODEL", help="A .tflite classifier."),
+    images: List[Path] = typer.Argument(..., metavar="IMAGE", help="Image files, or folders of images (one "
                                                   "level deep), to classify."),
     top: int = typer.Option(5, help="Labels shown per image."),
     labels: Optional[Path] = typer.Option(None, help="Labels file for models without "
-                                                     "metadata."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the predictions as JSON."),
+                                                     "metadata.",
+                                          show_default="the model's metadata"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the predictions as JSON.",
+                                            show_default="none"),
 ) -> None:
     """Classify images through the device runner: the --top labels of each, with scores.
 
@@ -428,9 +522,11 @@ def predict(
         _guard(r.write_json, str(json_out), r.finite(report["predictions"]))
 
 
-@app.command()
+@app.command(short_help="Runner, model and run script, ready to copy to a device.",
+             epilog=_examples("edgetl bundle model.tflite --out flowers-pi.tar.gz",
+                              "edgetl bundle model.tflite --out pi/ --overwrite"))
 def bundle(
-    model: Path = typer.Argument(..., help="The .tflite to ship."),
+    model: Path = typer.Argument(..., metavar="MODEL", help="The .tflite to ship."),
     out: Path = typer.Option(..., help="Folder, or a .tar.gz, to create."),
     overwrite: bool = typer.Option(False, help="Replace an existing --out."),
 ) -> None:
@@ -441,12 +537,17 @@ def bundle(
     typer.echo(f"bundle: {path}  (on the device: ./run.sh [--data DIR])")
 
 
-@data_app.command("synth")
+@data_app.command("synth", epilog=_examples(
+    "edgetl data synth shapes/",
+    "edgetl data synth shapes/ --classes 6 --per-class 200 --size 96 --seed 1"))
 def data_synth(
-    out: Path = typer.Argument(..., help="Folder to create."),
-    classes: int = typer.Option(4), per_class: int = typer.Option(60),
-    size: int = typer.Option(64), seed: int = typer.Option(0),
-    overwrite: bool = typer.Option(False),
+    out: Path = typer.Argument(..., metavar="OUT", help="Folder to create."),
+    classes: int = typer.Option(4, help="Classes, 2..6: circle, cross, square, triangle, ring, "
+                                        "stripes (in this order)."),
+    per_class: int = typer.Option(60, help="Images per class."),
+    size: int = typer.Option(64, help="Image size in px (square)."),
+    seed: int = typer.Option(0, help="Same seed, same images."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty OUT."),
 ) -> None:
     """Write a deterministic generated shapes dataset (no download)."""
     from edgetl.data import make_synth
@@ -456,14 +557,19 @@ def data_synth(
                f"({', '.join(counts)})")
 
 
-@data_app.command("idx")
+@data_app.command("idx", epilog=_examples(
+    "edgetl data idx train-images.idx3.gz train-labels.idx1.gz fashion/",
+    "edgetl data idx images.gz labels.gz digits/ --names mnist --limit 500"))
 def data_idx(
-    images: Path = typer.Argument(..., help="IDX images file (.gz ok)."),
-    labels: Path = typer.Argument(..., help="IDX labels file (.gz ok)."),
-    out: Path = typer.Argument(..., help="Folder to create."),
-    names: str = typer.Option("fashion-mnist", help="fashion-mnist, mnist, or a names file."),
-    limit: Optional[int] = typer.Option(None, help="At most this many images per class."),
-    overwrite: bool = typer.Option(False),
+    images: Path = typer.Argument(..., metavar="IMAGES", help="IDX images file (.gz ok)."),
+    labels: Path = typer.Argument(..., metavar="LABELS", help="IDX labels file (.gz ok)."),
+    out: Path = typer.Argument(..., metavar="OUT", help="Folder to create."),
+    names: str = typer.Option("fashion-mnist", metavar="<fashion-mnist|mnist|FILE>",
+                              help="Class names: built-in, or a file with one name a line."),
+    limit: Optional[int] = typer.Option(None, help="At most this many images per class (the "
+                                                   "first in file order).",
+                                        show_default="every image"),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty OUT."),
 ) -> None:
     """Convert MNIST / Fashion-MNIST IDX files to class folders of PNGs."""
     from edgetl.data import idx_to_folders
@@ -474,11 +580,15 @@ def data_idx(
     typer.echo(f"{out}: {sum(counts.values())} images in {len(counts)} classes")
 
 
-fleet_app = typer.Typer(no_args_is_help=True, help="Benchmark on many devices over SSH "
-                                                  "(an inventory file of hosts).")
+fleet_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, context_settings=CONTEXT,
+                        help="Benchmark on many devices over SSH (an inventory file of hosts).",
+                        short_help="Benchmark on many devices over SSH.",
+                        epilog=_examples("edgetl fleet check --hosts fleet.toml",
+                                         "edgetl fleet bench model.tflite --hosts fleet.toml"))
 app.add_typer(fleet_app, name="fleet")
 _HOSTS = typer.Option(..., "--hosts", help="Inventory file (TOML): [defaults], [hosts.NAME].")
-_ONLY = typer.Option(None, "--only", help="Only hosts with this name or label (repeatable).")
+_ONLY = typer.Option(None, "--only", metavar="NAME", help="Only hosts with this name or label (repeatable).",
+                     show_default="every host")
 
 
 def _fleet_hosts(hosts: Path, only: Optional[List[str]]):
@@ -500,22 +610,31 @@ def _fleet_report(rows, columns, json_out, markdown, what: str) -> None:
         _fail(f"{len(bad)} of {len(rows)} {what} failed: {bad[0]['host']}: {bad[0]['error']}", 1)
 
 
-@fleet_app.command("bench")
+@fleet_app.command("bench", short_help="Run models on every host through the runner: one table.",
+                   epilog=_examples(
+    "edgetl fleet bench model.tflite --hosts fleet.toml --data photos/",
+    "edgetl fleet bench a.tflite b.tflite --hosts fleet.toml --only pi4"))
 def fleet_bench(
-    models: List[Path] = typer.Argument(..., help="One or more .tflite files."),
+    models: List[Path] = typer.Argument(..., metavar="MODEL",
+                                       help="One or more .tflite files."),
     hosts: Path = _HOSTS,
-    data: Optional[Path] = typer.Option(None, help="Labelled folder for accuracy (copied)."),
+    data: Optional[Path] = typer.Option(None, help="Labelled folder for accuracy (copied).",
+                                        show_default="none: latency only"),
     labels: Optional[Path] = typer.Option(None, help="Labels file for models without "
-                                                     "metadata."),
+                                                     "metadata.",
+                                          show_default="the model's metadata"),
     runs: int = typer.Option(200, help="Timed runs per model."),
     warmup: int = typer.Option(20, help="Untimed runs first."),
-    threads: Optional[int] = typer.Option(None, help="Interpreter threads."),
+    threads: Optional[int] = typer.Option(None, help="Interpreter threads.",
+                                          show_default="the interpreter's"),
     only: Optional[List[str]] = _ONLY,
     jobs: int = typer.Option(8, help="Hosts worked on at the same time."),
     timeout: float = typer.Option(900.0, help="Seconds per host, all models included."),
     keep: bool = typer.Option(False, help="Leave the remote run folders in place."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
-    markdown: Optional[Path] = typer.Option(None, help="Write a Markdown table."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON.",
+                                            show_default="none"),
+    markdown: Optional[Path] = typer.Option(None, help="Write a Markdown table.",
+                                            show_default="none"),
 ) -> None:
     """Run each model on every host through the device runner; one table. Exit 1 if any failed."""
     from edgetl import fleet as f
@@ -528,13 +647,16 @@ def fleet_bench(
     _fleet_report(rows, f.BENCH_COLUMNS, json_out, markdown, "rows")
 
 
-@fleet_app.command("check")
+@fleet_app.command("check", short_help="Reachability and environment of each host.",
+                   epilog=_examples("edgetl fleet check --hosts fleet.toml",
+                                             "edgetl fleet check --hosts fleet.toml --only pi5"))
 def fleet_check(
     hosts: Path = _HOSTS,
     only: Optional[List[str]] = _ONLY,
     jobs: int = typer.Option(8, help="Hosts checked at the same time."),
     timeout: float = typer.Option(60.0, help="Seconds per host."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON.",
+                                            show_default="none"),
 ) -> None:
     """Reachability and environment of each host (arch, OS, Python, interpreter, libedgetpu)."""
     from edgetl import fleet as f
@@ -543,7 +665,8 @@ def fleet_check(
     _fleet_report(rows, f.CHECK_COLUMNS, json_out, None, "hosts")
 
 
-@fleet_app.command("setup")
+@fleet_app.command("setup", short_help="Set up the hosts that are not ready (idempotent).",
+                   epilog=_examples("edgetl fleet setup --hosts fleet.toml"))
 def fleet_setup(
     hosts: Path = _HOSTS,
     only: Optional[List[str]] = _ONLY,
@@ -557,16 +680,18 @@ def fleet_setup(
     _fleet_report(rows, f.SETUP_COLUMNS, None, None, "hosts")
 
 
-@app.command()
+@app.command(short_help="Rank tensors by the error int8 quantization adds.",
+             epilog=_examples("edgetl sensitivity runs/flowers",
+                              "edgetl sensitivity runs/flowers --top 10 --json sens.json"))
 def sensitivity(
-    run: Path = typer.Argument(..., help="Training run directory."),
+    run: Path = typer.Argument(..., metavar="RUN", help="Training run directory."),
     num_images: int = typer.Option(50, help="Validation images to compare on (never the "
                                             "calibration images)."),
     num_calibration: int = typer.Option(200, help="Calibration images, as export --int8."),
     top: int = typer.Option(20, help="Rows of the text table (the JSON has all)."),
     seed: int = typer.Option(0, help="Seed of the calibration and validation samples."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the full report "
-                                                                "here."),
+                                                                "here.", show_default="none"),
     unsafe: bool = typer.Option(False, help="Allow Lambda layers / custom code in the run's "
                                             "model file (only for runs you trust)."),
 ) -> None:

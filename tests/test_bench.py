@@ -56,7 +56,7 @@ def test_rows_one_per_model_in_order(rows):
         assert r["error"] is None
         assert r["format"] == "uint8"  # no edgetl metadata: inferred from the tensors
         assert r["size_bytes"] == coral(r["name"]).stat().st_size
-        assert r["size_mb"] == pytest.approx(r["size_bytes"] / 2**20)
+        assert r["size_mb"] == pytest.approx(r["size_bytes"] / 1e6)  # MB = 10^6 bytes
         for key in ("p50_ms", "p90_ms", "throughput_ips", "peak_rss_mb"):
             assert r[key] > 0, key
         assert r["p90_ms"] >= r["p50_ms"]
@@ -119,7 +119,7 @@ def test_text_markdown_and_json_outputs(rows, tmp_path):
         "| peak RSS (MB) "
         "| size × | speed × |\n|---|---|---:|"
     )
-    assert f"| {V1} | uint8 | 0.50 | 66.67% |" in md
+    assert f"| {V1} | uint8 | 0.53 | 66.67% |" in md
     assert md.rstrip().splitlines()[-1].startswith("Measured on ")
     out = B.write_json(rows, tmp_path / "bench.json")
     data = json.loads(out.read_text())
