@@ -70,6 +70,9 @@ Files
       creates .venv on first use when python3 lacks the packages, then runs the runner
   requirements.txt
       numpy, pillow, ai-edge-litert (32-bit Raspberry Pi OS: tflite-runtime instead)
+  pyproject.toml
+      the edgetl-runner package: `pip install .` here installs the runner as the
+      `edgetl-runner` command, with the packages above
 
 Run
   ./run.sh                      latency, throughput and peak memory on this device
@@ -150,7 +153,8 @@ def bundle_files(model_path: str | os.PathLike) -> dict[str, bytes]:
 
     Returns:
         File name -> content: the runner, the model, its sidecar JSON if any, ``labels.txt``
-        (when the metadata has labels), ``requirements.txt``, ``run.sh`` and ``README.txt``.
+        (when the metadata has labels), ``requirements.txt``, ``pyproject.toml`` (the
+        edgetl-runner package), ``run.sh`` and ``README.txt``.
 
     Raises:
         EdgetlError: the model is missing, not a regular file or not a TFLite file, its name has
@@ -186,6 +190,9 @@ def bundle_files(model_path: str | os.PathLike) -> dict[str, bytes]:
         )
     model_q = shlex.quote(model.name)
     files["requirements.txt"] = REQUIREMENTS.encode()
+    # the edgetl-runner package (devices/pyproject.toml): `pip install .` in the bundle gives the
+    # `edgetl-runner` command
+    files["pyproject.toml"] = (Path(__file__).parent / "runner_pyproject.toml").read_bytes()
     files["run.sh"] = RUN_SH.format(model=model.name, model_q=model_q, runner=RUNNER_NAME).encode()
     files["README.txt"] = README.format(
         model=model.name,

@@ -76,7 +76,7 @@ def test_bundle_folder_has_everything_and_runs(tmp_path, edgetl_model, photos):
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(
         ["edgetl_runner.py", "mnv1.tflite", "mnv1.json", "labels.txt", "requirements.txt",
-         "run.sh", "README.txt"]
+         "pyproject.toml", "run.sh", "README.txt"]
     )
     assert (out / "edgetl_runner.py").read_bytes() == Path(runner.__file__).resolve().read_bytes()
     assert (out / "mnv1.tflite").read_bytes() == edgetl_model.read_bytes()
@@ -133,7 +133,7 @@ def test_bundle_tarball_is_reproducible_and_runs(tmp_path, edgetl_model):
         members = tar.getmembers()
         assert [m.name for m in members] == ["pi"] + sorted(
             f"pi/{n}" for n in ("edgetl_runner.py", "mnv1.tflite", "mnv1.json", "labels.txt",
-                                "requirements.txt", "run.sh", "README.txt")
+                                "requirements.txt", "pyproject.toml", "run.sh", "README.txt")
         )
         assert {m.mtime for m in members} == {0} and {m.uid for m in members} == {0}
         modes = {m.name: m.mode for m in members}

@@ -108,8 +108,23 @@ def test_package_metadata_matches_edgetl_and_the_bundle():
     # one list of what a device needs: edgetl's [device] extra and the bundle's requirements.txt
     assert _names(edgetl["optional-dependencies"]["device"]) == deps
     assert _names(REQUIREMENTS.splitlines()) == deps
-    # edgetl/runner.py is the packaged module itself
+    # edgetl/runner.py is the packaged module itself, and the bundle ships the package's file
     assert (ROOT / "edgetl" / "runner.py").resolve() == (DEVICES / "edgetl_runner.py").resolve()
+    assert (ROOT / "edgetl" / "runner_pyproject.toml").resolve() == \
+        (DEVICES / "pyproject.toml").resolve()
+
+
+def test_a_bundle_is_the_device_package(tmp_path):
+    """`pip install .` in a bundle installs edgetl-runner: its pyproject and runner are devices/'s."""
+    from edgetl.bundle import bundle
+
+    model = realdata("coral") / "mobilenet_v1_0.25_128_quant.tflite"
+    out = bundle(model, tmp_path / "pi")
+    assert (out / "pyproject.toml").read_bytes() == (DEVICES / "pyproject.toml").read_bytes()
+    modules = tomllib.loads((out / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert [f"{m}.py" for m in modules["py-modules"]] == ["edgetl_runner.py"]
+    assert (out / "edgetl_runner.py").read_bytes() == (DEVICES / "edgetl_runner.py").read_bytes()
+    assert "pip install ." in (out / "README.txt").read_text()
 
 
 def test_setup_scripts_install_the_package_and_parse():
