@@ -171,3 +171,30 @@ def test_help_and_version_in_a_real_terminal_width_load_no_tensorflow():
     assert printed[0].startswith("Usage: edgetl [OPTIONS] COMMAND")
     assert f"edgetl {edgetl.__version__}" in printed
     assert max(len(line) for line in printed) <= 80
+
+
+def test_readme_defaults_table_matches_the_cli():
+    """README's **Defaults** table states `--flag value` pairs: each must be the CLI's default."""
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("**Defaults**"):].split("\n\n")[1]
+    checked = 0
+    for row in table.splitlines()[2:]:
+        command = re.match(r"\| `([\w ]+)` \|", row)
+        if not command or command.group(1) == "runner":
+            continue
+        path = tuple(command.group(1).split())
+        cmd = dict(ALL)[path]
+        # "... with `--weights none`" names a condition, not a default
+        for flag, value in re.findall(r"(?<!with )`(--[\w-]+) ([^`\s]+)`", row):
+            param = next((p for p in cmd.params if flag in p.opts), None)
+            assert param is not None, (path, flag)
+            default = getattr(param.default, "value", param.default)
+            if isinstance(default, (int, float)) and not isinstance(default, bool):
+                assert float(value) == default, (path, flag, value, default)
+            elif default is None:  # what None means, in words: the README names the value
+                assert re.search(rf"(?<![\w.-]){re.escape(value)}(?![\w.-])",
+                                 str(param.show_default)), (path, flag, value, param.show_default)
+            else:
+                assert value == str(default), (path, flag, value, default)
+            checked += 1
+    assert checked >= 25
