@@ -350,10 +350,10 @@ def export(
                                                 "the CPU (a warning names them)."),
     debug: bool = typer.Option(False, help="Report the layers with the worst quantization "
                                            "error."),
-    keep_float: Optional[List[str]] = typer.Option(None, metavar="NAME", help="Leave in float: a tensor name "
-                                                              "from --debug, or an op type like "
-                                                              "MEAN (repeatable).",
-                                              show_default="none"),
+    keep_float: Optional[List[str]] = typer.Option(None, metavar="NAME",
+                                                   help="Leave in float: a tensor name from "
+                                                        "--debug, or an op type like MEAN "
+                                                        "(repeatable).", show_default="none"),
     name: Optional[str] = typer.Option(None, help="File stem.", show_default="the run's name"),
     seed: int = typer.Option(0, help="Seed of the calibration sample."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the accuracy check."),
@@ -415,7 +415,8 @@ def export(
              epilog=_examples("edgetl inspect runs/flowers/export/flowers_int8.tflite",
                               "edgetl inspect model.tflite --json --no-compiler"))
 def inspect(
-    model: Path = typer.Argument(..., metavar="MODEL", help="A .tflite file (edgetl's or anyone's)."),
+    model: Path = typer.Argument(..., metavar="MODEL",
+                                 help="A .tflite file (edgetl's or anyone's)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     no_compiler: bool = typer.Option(False, "--no-compiler",
                                      help="Do not run edgetpu_compiler even if installed."),
@@ -491,8 +492,9 @@ def bench(
                               "edgetl predict model.tflite photos/ --top 1 --json out.json"))
 def predict(
     model: Path = typer.Argument(..., metavar="MODEL", help="A .tflite classifier."),
-    images: List[Path] = typer.Argument(..., metavar="IMAGE", help="Image files, or folders of images (one "
-                                                  "level deep), to classify."),
+    images: List[Path] = typer.Argument(..., metavar="IMAGE",
+                                        help="Image files, or folders of images (one level "
+                                             "deep), to classify."),
     top: int = typer.Option(5, help="Labels shown per image."),
     labels: Optional[Path] = typer.Option(None, help="Labels file for models without "
                                                      "metadata.",
@@ -587,8 +589,8 @@ fleet_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, context_set
                                          "edgetl fleet bench model.tflite --hosts fleet.toml"))
 app.add_typer(fleet_app, name="fleet")
 _HOSTS = typer.Option(..., "--hosts", help="Inventory file (TOML): [defaults], [hosts.NAME].")
-_ONLY = typer.Option(None, "--only", metavar="NAME", help="Only hosts with this name or label (repeatable).",
-                     show_default="every host")
+_ONLY = typer.Option(None, "--only", metavar="NAME", show_default="every host",
+                     help="Only hosts with this name or label (repeatable).")
 
 
 def _fleet_hosts(hosts: Path, only: Optional[List[str]]):

@@ -1,5 +1,5 @@
-"""Every command's help follows the same habits: -h and --help, defaults and choices shown, examples,
-nothing cut off at 80 columns; `edgetl --version`. Walks ALL commands, so a new command or option
+"""Every command's help follows the same habits: -h and --help, defaults and choices shown,
+examples, nothing cut off at 80 columns; `edgetl --version`. Walks ALL commands, so a new command or option
 that breaks a habit fails here (the conventions are in edgetl/cli.py, above CONTEXT)."""
 
 from __future__ import annotations

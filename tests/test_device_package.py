@@ -115,7 +115,8 @@ def test_package_metadata_matches_edgetl_and_the_bundle():
 
 
 def test_a_bundle_is_the_device_package(tmp_path):
-    """`pip install .` in a bundle installs edgetl-runner: its pyproject and runner are devices/'s."""
+    """`pip install .` in a bundle installs edgetl-runner: its pyproject and runner are
+    devices/'s."""
     from edgetl.bundle import bundle
 
     model = realdata("coral") / "mobilenet_v1_0.25_128_quant.tflite"
