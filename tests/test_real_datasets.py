@@ -80,7 +80,9 @@ def test_mnist_5k_default_command_from_scratch_reaches_90_percent_int8_held_out(
     assert seen["held_out"] == 1000 and row["left_out"] == 0  # every held-out image counted
     assert row["format"] == "int8" and row["error"] is None
     assert row["top1"] >= 0.90, row
-    assert seen["config"]["epochs"] == 10  # the default, not tuned to the dataset
+    used = seen["config"]["train"]  # the defaults, not tuned to the dataset
+    assert (used["epochs"], used["strategy"], used["lr"]) == (10, "fine-tune", 0.003), used
+    assert used["augmentations"] == "rotate,zoom,contrast" and used["batch_size"] == 32
 
 
 def test_lfw_faces_vs_non_faces_from_scratch_learns_far_above_chance(tmp_path):
