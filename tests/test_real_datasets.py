@@ -20,6 +20,7 @@ tested there too; not repeated here.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -28,8 +29,11 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import datasets  # noqa: E402  (benchmarks/datasets.py)
+# benchmarks/datasets.py under a name of its own (a `datasets` package may be installed too)
+_spec = importlib.util.spec_from_file_location(
+    "edgetl_real_datasets", Path(__file__).resolve().parents[1] / "benchmarks" / "datasets.py")
+datasets = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(datasets)
 
 pytestmark = pytest.mark.slow
 EDGETL = str(Path(sys.executable).with_name("edgetl"))
