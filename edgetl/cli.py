@@ -361,6 +361,10 @@ def export(
     unsafe: bool = typer.Option(False, help="Allow Lambda layers / custom code in the run's "
                                             "model files (only for runs you trust)."),
     as_json: bool = typer.Option(False, "--json", help="Print the reports as JSON."),
+    compare_ptq: bool = typer.Option(False, "--compare-ptq",
+                                     help="QAT run with --int8: also write NAME_int8_ptq.tflite "
+                                          "(post-training int8 of the float model before QAT) "
+                                          "and say which of the two to ship."),
 ) -> None:
     """Convert a run to TFLite, then prove it: integer-only ops and accuracy parity."""
     from edgetl.config import ExportConfig
@@ -378,7 +382,7 @@ def export(
                        max_drop=max_drop, edgetpu=edgetpu, debug=debug,
                        keep_float=tuple(keep_float or ()), name=name, seed=seed,
                        overwrite=overwrite, verify=not no_verify, unsafe=unsafe,
-                       edgetpu_allow_cpu=edgetpu_allow_cpu)
+                       edgetpu_allow_cpu=edgetpu_allow_cpu, compare_ptq=compare_ptq)
     from edgetl.export import export as run_export, format_reports
 
     # SIGTERM ends an export like Ctrl-C: its clean-up runs and nothing is left half-written.

@@ -429,6 +429,9 @@ class ExportConfig:
         unsafe: allow the run's model files to run code when loaded (Lambda layers, custom
             objects); only for runs you trust.
         edgetpu_allow_cpu: with edgetpu, accept ops that fall back to the CPU (a warning).
+        compare_ptq: for a QAT run with int8: also write NAME_int8_ptq.tflite (post-training
+            int8 of the float model from before QAT) and report QAT vs PTQ int8 on the same
+            validation images, naming the one to ship.
     """
 
     run: str
@@ -447,3 +450,4 @@ class ExportConfig:
     verify: bool = True
     unsafe: bool = False
     edgetpu_allow_cpu: bool = False
+    compare_ptq: bool = False

@@ -261,8 +261,8 @@ def write(model_bytes: bytes, meta: dict, labels: list) -> bytes:
         raise EdgetlError("metadata has no input/output tensor description") from None
     mean, std = inp.get("mean", [0.0]), inp.get("std", [1.0])
     source = meta.get("source_run") or {}
-    description = (f"Image classifier of {len(labels)} classes ({source.get('backbone') or 'custom'}"
-                   f" backbone, {meta.get('mode', '?')}), trained and exported by edgetl; "
+    description = (f"Image classifier of {len(labels)} classes ({_backbone_text(source)}, "
+                   f"{meta.get('mode', '?')}), trained and exported by edgetl; "
                    "edgetl.json in the appended archive holds its settings, verification and "
                    "versions.")
     version = str((meta.get("versions") or {}).get("edgetl", ""))
@@ -274,6 +274,16 @@ def write(model_bytes: bytes, meta: dict, labels: list) -> bytes:
         return attach_metadata(add_to_model(strip_metadata(model_bytes), buf), meta, labels)
     except RunnerError as e:
         raise EdgetlError(str(e)) from None
+
+
+def _backbone_text(source: dict) -> str:
+    """The backbone for the description: a --base-model run names its file and sha256."""
+    base = ((source.get("train") or {}) if isinstance(source, dict) else {}).get("base_model")
+    if isinstance(base, dict):
+        sha = base.get("sha256")
+        return (f"base model {base.get('file')}, sha256 "
+                f"{sha if sha else 'not recorded'}")
+    return f"{source.get('backbone') or 'custom'} backbone"
 
 
 # --- reading ---------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import math
 import os
@@ -1151,6 +1152,7 @@ def _preflight(cfg: TrainConfig) -> None:
     (TensorFlow prints its own start-up lines to stderr) and before the run directory exists."""
     parse_head(cfg.head)
     if cfg.base_model is not None:
+        _refuse_weights_with_base_model(cfg)
         return
     spec = backbones.get_backbone(cfg.backbone)
     _check_sides(spec, resolve_size(cfg, spec), cfg)
@@ -1158,6 +1160,44 @@ def _preflight(cfg: TrainConfig) -> None:
     if cfg.weights not in ("imagenet", "none") and not Path(cfg.weights).is_file():
         raise EdgetlError(f"--weights '{cfg.weights}' is not a file: pass a weights file "
                           "(.h5), 'imagenet' or 'none'")
+
+
+def _refuse_weights_with_base_model(cfg: TrainConfig) -> None:
+    """--weights other than its default beside --base-model would be ignored (the base model
+    brings its own weights): refused rather than silently dropped."""
+    if cfg.weights == "imagenet":  # the flag's default: cannot tell it from not given
+        return
+    if cfg.weights == "none":
+        raise EdgetlError(f"--weights none with --base-model '{cfg.base_model}': a base model "
+                          "keeps its own weights (re-initialising them is not supported); to "
+                          "train from scratch use --backbone NAME --weights none without "
+                          "--base-model (`edgetl backbones` lists them), or leave out --weights")
+    raise EdgetlError(f"--weights '{cfg.weights}' with --base-model '{cfg.base_model}': a base "
+                      "model keeps its own weights; pass one of the two")
+
+
+def base_model_record(path: str) -> dict:
+    """What identifies a --base-model: ``{"file": absolute path, "sha256": hex}``.
+
+    A SavedModel folder's sha256 is over its files (sorted relative paths and their contents).
+    """
+    p = Path(path).resolve()
+    h = hashlib.sha256()
+    if p.is_dir():
+        for f in sorted(x for x in p.rglob("*") if x.is_file()):
+            h.update(str(f.relative_to(p)).encode() + b"\0")
+            h.update(_file_sha256(f).encode())
+    else:
+        h = None
+    return {"file": str(p), "sha256": h.hexdigest() if h is not None else _file_sha256(p)}
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _settings_line(cfg: TrainConfig) -> str:
@@ -1224,6 +1264,8 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
             "preprocessing": prep,
             "class_names": names,
             "n_base_layers": n_base,
+            # The weights the run started from: the file and its hash, not "weights: imagenet".
+            "base_model": base_model_record(cfg.base_model) if cfg.base_model else None,
             "data_hash": list_hash(train_items + val_items),
             "counts": {"train": len(train_items), "val": len(val_items),
                        "skipped": len(skipped)},
