@@ -906,6 +906,9 @@ def section_transfer(P: dict, work: Path) -> dict:
         tfl = _tflite_predictions(res.files[0], items, prep, names)
         if qat:
             p["keras_qat"] = _keras_predictions(run / "qat.h5", items, size, prep)
+            if (run / "float_before_qat.keras").exists():  # what export --compare-ptq quantizes
+                p["keras_float_before_qat"] = _keras_predictions(
+                    run / "float_before_qat.keras", items, size, prep)
             p["qat_int8"] = tfl
             p["ptq_int8_same_run"] = _tflite_predictions(
                 _ptq(run, run / "export" / "ptq_int8.tflite"), items, prep, names)
@@ -935,6 +938,9 @@ def section_transfer(P: dict, work: Path) -> dict:
             summary[f"{name}_minus_ptq_same_run"] = paired(p["qat_int8"],
                                                            p["ptq_int8_same_run"], truth)
             summary[f"{name}_drop_vs_own_keras"] = paired(p["keras_qat"], p["qat_int8"], truth)
+            if "keras_float_before_qat" in p:  # which float weights export --float32 converts
+                summary[f"{name}_model_keras_minus_float_before_qat"] = paired(
+                    p["keras_float"], p["keras_float_before_qat"], truth)
     for a, b in (("qat_all_data", "qat_all_tfmot"), ("qat_trained_data", "qat_trained_tfmot"),
                  ("qat_all_data", "qat_trained_data"), ("qat_all_data", "qat_all_data-adapt"),
                  ("qat_all_data", "qat_all_data_lr1e-5")):
@@ -1316,13 +1322,14 @@ def markdown(R: dict) -> str:
         lines += ["", f"Transfer from real ImageNet weights (section 9): {b['base']}, "
                       f"{b['size']} px, {b['strategy']}, fine-tune lr {b['fine_tune_lr']}; "
                       f"{b['data']}; top-1 on {tr['test_images']:,} held-out images ({b['test']}).",
-                  "", "| run | float Keras | QAT Keras | PTQ int8 (same run) | QAT int8 |",
-                  "| --- | --- | --- | --- | --- |"]
+                  "", "| run | float Keras | float before QAT | QAT Keras | PTQ int8 (same run) "
+                      "| QAT int8 |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for name, r in tr["runs"].items():
             f = lambda k: f"{r[k] * 100:.1f}" if k in r else "-"  # noqa: E731
             ptq = "ptq_int8" if "ptq_int8" in r else "ptq_int8_same_run"
-            lines.append(f"| {name} | {f('keras_float')} | {f('keras_qat')} | {f(ptq)} | "
-                         f"{f('qat_int8')} |")
+            lines.append(f"| {name} | {f('keras_float')} | {f('keras_float_before_qat')} | "
+                         f"{f('keras_qat')} | {f(ptq)} | {f('qat_int8')} |")
     ds = R.get("datasets")
     if ds:
         lines += [""] + datasets_table(ds)
