@@ -743,6 +743,7 @@ def _export_claimed(cfg, modes, run, run_cfg, split, name, targets, staging) -> 
                                              False, calib, run, run_cfg, name, ptq_target,
                                              manifest_sha, split, timings, staging)
         pairs += staged
+        _raise_if_signalled()
         files.append(str(ptq_target))
         reports["int8_ptq"] = report
         failures += failed
