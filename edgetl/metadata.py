@@ -278,7 +278,9 @@ def write(model_bytes: bytes, meta: dict, labels: list) -> bytes:
 
 def _backbone_text(source: dict) -> str:
     """The backbone for the description: a --base-model run names its file and sha256."""
-    base = ((source.get("train") or {}) if isinstance(source, dict) else {}).get("base_model")
+    source = source if isinstance(source, dict) else {}
+    train = source.get("train")
+    base = train.get("base_model") if isinstance(train, dict) else None
     if isinstance(base, dict):
         sha = base.get("sha256")
         return (f"base model {base.get('file')}, sha256 "
