@@ -365,6 +365,16 @@ def export(
                                      help="QAT run with --int8: also write NAME_int8_ptq.tflite "
                                           "(post-training int8 of the float model before QAT) "
                                           "and say which of the two to ship."),
+    auto: bool = typer.Option(False, "--auto", help="With --int8: when the drop misses "
+                              "--max-drop, search float layers / int16x8 (Edge TPU: integer "
+                              "only) until one meets it; report every candidate."),
+    auto_max_candidates: int = typer.Option(8, "--auto-max-candidates",
+                                            help="Most models --auto converts and measures."),
+    check_calibration: bool = typer.Option(False, "--check-calibration",
+                                           help="Calibrate twice on disjoint halves; warn when "
+                                                "the calibration set is too small."),
+    plots: bool = typer.Option(False, "--plots", help="With --auto: a Pareto PNG (needs "
+                                                      "matplotlib; else JSON and a table)."),
 ) -> None:
     """Convert a run to TFLite, then prove it: integer-only ops and accuracy parity."""
     from edgetl.config import ExportConfig
@@ -382,7 +392,9 @@ def export(
                        max_drop=max_drop, edgetpu=edgetpu, debug=debug,
                        keep_float=tuple(keep_float or ()), name=name, seed=seed,
                        overwrite=overwrite, verify=not no_verify, unsafe=unsafe,
-                       edgetpu_allow_cpu=edgetpu_allow_cpu, compare_ptq=compare_ptq)
+                       edgetpu_allow_cpu=edgetpu_allow_cpu, compare_ptq=compare_ptq,
+                       auto=auto, auto_max_candidates=auto_max_candidates,
+                       check_calibration=check_calibration, plots=plots)
     from edgetl.export import export as run_export, format_reports
 
     # SIGTERM ends an export like Ctrl-C: its clean-up runs and nothing is left half-written.

@@ -432,6 +432,14 @@ class ExportConfig:
         compare_ptq: for a QAT run with int8: also write NAME_int8_ptq.tflite (post-training
             int8 of the float model from before QAT) and report QAT vs PTQ int8 on the same
             validation images, naming the one to ship.
+        auto: with int8 and a missed max_drop, search candidates (keep-float units by
+            sensitivity, int16x8; with edgetpu per-tensor weights only) until one meets it
+            (edgetl/autoquant.py).
+        auto_max_candidates: bound on the models ``auto`` converts and measures (2 to 50).
+        check_calibration: calibrate twice on disjoint class-balanced halves and warn when
+            they disagree (the calibration set is too small).
+        plots: with auto, a Pareto PNG (size and latency vs accuracy) when matplotlib is
+            installed.
     """
 
     run: str
@@ -451,3 +459,7 @@ class ExportConfig:
     unsafe: bool = False
     edgetpu_allow_cpu: bool = False
     compare_ptq: bool = False
+    auto: bool = False
+    auto_max_candidates: int = 8
+    check_calibration: bool = False
+    plots: bool = False

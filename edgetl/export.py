@@ -566,6 +566,7 @@ def _check_config(cfg: ExportConfig) -> tuple:
         raise EdgetlError("--edgetpu-allow-cpu needs --edgetpu (it relaxes the Edge TPU check)")
     if cfg.keep_float and Quantization.int8 not in modes:
         raise EdgetlError("--keep-float applies to --int8 only")
+    _check_auto(cfg, modes)
     if cfg.calibration and cfg.calibration_manifest:
         raise EdgetlError("--calibration and --calibration-manifest contradict each other: "
                           "pick one")
@@ -591,6 +592,30 @@ def _check_config(cfg: ExportConfig) -> tuple:
             raise EdgetlError(f"--name {n!r} must be a plain file name: not empty, no '/' or "
                               "control characters, not starting with '.', at most 200 characters")
     return modes
+
+
+def _check_auto(cfg: ExportConfig, modes: tuple) -> None:
+    """The --auto / --check-calibration / --plots flags, checked with the others."""
+    from edgetl.autoquant import MAX_CANDIDATES
+
+    auto = getattr(cfg, "auto", False)
+    if auto and Quantization.int8 not in modes:
+        raise EdgetlError("--auto needs --int8: it searches around the int8 model")
+    if auto and cfg.keep_float:
+        raise EdgetlError("--auto and --keep-float contradict each other: --auto chooses the "
+                          "float layers itself; drop one of them")
+    if auto and not cfg.verify:
+        raise EdgetlError("--auto and --no-verify contradict each other: the search measures "
+                          "accuracy on the validation split")
+    n = getattr(cfg, "auto_max_candidates", MAX_CANDIDATES)
+    if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= 50:
+        raise EdgetlError(f"--auto-max-candidates {n} must be an integer from 2 to 50 (the "
+                          f"default is {MAX_CANDIDATES})")
+    if getattr(cfg, "plots", False) and not auto:
+        raise EdgetlError("--plots needs --auto (it plots the candidates of the search)")
+    if getattr(cfg, "check_calibration", False) and Quantization.int8 not in modes:
+        raise EdgetlError("--check-calibration needs --int8 (it compares two int8 "
+                          "calibrations)")
 
 
 def export(cfg: ExportConfig) -> ExportResult:
@@ -725,7 +750,7 @@ def _export_claimed(cfg, modes, run, run_cfg, split, name, targets, staging) -> 
     for mode in modes:
         report, failed, staged = _export_one(cfg, mode, model, float_model, qat, calib, run,
                                              run_cfg, name, targets[mode], manifest_sha, split,
-                                             timings, staging)
+                                             timings, staging, calib_paths=calib_paths)
         pairs += staged
         _raise_if_signalled()
         files.append(str(targets[mode]))
@@ -797,6 +822,11 @@ def format_reports(result: ExportResult) -> str:
             for w in a.get("warnings", []):
                 lines.append(f"  warning: {w}")
         lines += _qat_lines(r)
+        if r.get("auto") or r.get("calibration_check"):
+            from edgetl.autoquant import format_check, format_search
+
+            lines += format_search(r["auto"]) if r.get("auto") else []
+            lines += format_check(r["calibration_check"]) if r.get("calibration_check") else []
         for w in r.get("worst_layers", [])[:5]:
             lines.append(f"  debug: {w['layer']} ({w['op']}) rmse/scale {w['rmse_per_scale']:.3f}")
         tpu = r.get("edgetpu")
@@ -818,7 +848,8 @@ def format_reports(result: ExportResult) -> str:
 
 
 def _export_one(cfg, mode, model, float_model, qat, calib, run, run_cfg, name, target,
-                manifest_sha, split, timings, staging) -> tuple[dict, list[str], list]:
+                manifest_sha, split, timings, staging,
+                calib_paths=()) -> tuple[dict, list[str], list]:
     """Converts, stages and verifies one mode; returns its report, failures and staged files."""
     from edgetl.inspect import edgetpu_section, integer_only_report
     from edgetl.keras import versions
@@ -836,26 +867,43 @@ def _export_one(cfg, mode, model, float_model, qat, calib, run, run_cfg, name, t
     src = model if mode in (Quantization.int8, Quantization.int16x8) else float_model
     debug_rows = [] if (cfg.debug and mode == Quantization.int8) else None
     t0 = time.perf_counter()
-    raw = convert(src, mode, io, calib, tuple(cfg.keep_float) if mode == Quantization.int8
-                  else (), debug_rows)
+    keep_float, auto, written_mode = tuple(cfg.keep_float), None, mode
+    if mode == Quantization.int8 and getattr(cfg, "auto", False):
+        raw, chosen, auto = _auto_convert(cfg, src, calib, split, size, prep, io)
+        keep_float, io = tuple(chosen["keep_float"]), IOType(chosen["io"])
+        written_mode = Quantization(chosen["mode"])
+    else:
+        raw = convert(src, mode, io, calib, keep_float if mode == Quantization.int8 else (),
+                      debug_rows)
     convert_s = round(time.perf_counter() - t0, 3)
     info = read_model(raw)
     failures, report = [], {"mode": mode.value, "io": io.value, "convert_s": convert_s}
     if mode == Quantization.int8:
-        offenders = integer_only_report(info, io.value)
+        int16 = written_mode == Quantization.int16x8
+        offenders = integer_only_report(info, io.value, int16x8=int16)
         report["integer_only"] = not offenders
         report["offending_ops"] = offenders
-        if offenders and not cfg.keep_float:
+        if offenders and not keep_float:
             failures.append(f"{target.name} is not integer-only: {'; '.join(offenders[:10])}")
-        if cfg.keep_float:
-            report["note"] = (f"layers kept in float ({', '.join(cfg.keep_float)}): the model "
+        if keep_float:
+            report["note"] = (f"layers kept in float ({', '.join(keep_float)}): the model "
                               "is not integer-only")
+        elif int16:
+            report["note"] = ("--auto chose int16x8 (int16 activations, int8 weights) for this "
+                              "file: integer, but not for the Edge TPU")
+    if auto is not None:
+        report["auto"] = auto
+    if mode == Quantization.int8 and getattr(cfg, "check_calibration", False):
+        report["calibration_check"] = _calibration_check(cfg, src, calib, calib_paths, split,
+                                                         size, prep, io)
+        if report["calibration_check"].get("warning"):
+            report.setdefault("warnings", []).append(report["calibration_check"]["warning"])
     if debug_rows is not None:
         report["worst_layers"] = debug_rows[:10]
     inputs = [t for t in info.tensors if t.index in info.inputs]
     outputs = [t for t in info.tensors if t.index in info.outputs]
     meta = {
-        "format": "edgetl", "format_version": 1, "name": name, "mode": mode.value,
+        "format": "edgetl", "format_version": 1, "name": name, "mode": written_mode.value,
         "labels": names,
         "input": {"height": height, "width": width, "channels": channels,
                   "color": "RGB" if channels == 3 else "GRAYSCALE",
@@ -865,7 +913,7 @@ def _export_one(cfg, mode, model, float_model, qat, calib, run, run_cfg, name, t
         "io": {"input": [_tensor_meta(t) for t in inputs],
                "output": [_tensor_meta(t) for t in outputs]},
         "settings": {"io": io.value, "qat": qat, "num_calibration": len(calib)
-                     if calib is not None else 0, "keep_float": list(cfg.keep_float),
+                     if calib is not None else 0, "keep_float": list(keep_float),
                      "max_drop": cfg.max_drop, "seed": cfg.seed, "calibration_manifest_sha256":
                      manifest_sha if calib is not None else None, "edgetpu": cfg.edgetpu,
                      "edgetpu_allow_cpu": cfg.edgetpu_allow_cpu},
@@ -901,6 +949,8 @@ def _export_one(cfg, mode, model, float_model, qat, calib, run, run_cfg, name, t
             failures.append(f"{target.name}: {why}")
         elif why:
             verification["warnings"].append(why)
+        if auto is not None and not auto["met"]:
+            _auto_unmet(auto, gate, target, failures, verification)
     report["passed"] = not failures
     report["size_bytes"] = staged.stat().st_size
     report["timings"] = dict(timings, convert_s=convert_s)
@@ -908,11 +958,80 @@ def _export_one(cfg, mode, model, float_model, qat, calib, run, run_cfg, name, t
         meta["verification"] = {"passed": False, "failures": failures}
         staging.drop(staged)
         staged = staging.write(target, write_metadata(raw, meta, names))
+    extra = _auto_plot(cfg, auto, target, staging) if auto is not None else []
     sidecar = dict(meta, verification=report, file=target.name,
                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     sidecar_path = target.with_suffix(".json")
     staged_sidecar = staging.write(sidecar_path, json.dumps(sidecar, indent=2).encode())
-    return report, failures, [(staged_sidecar, sidecar_path), (staged, target)]
+    return report, failures, extra + [(staged_sidecar, sidecar_path), (staged, target)]
+
+
+# --- accuracy-driven export (--auto) and calibration check (edgetl/autoquant.py) -----------------
+
+def _val_batch(split: dict, size, prep: dict):
+    """The run's whole validation split as one preprocessed batch and its labels."""
+    val = [tuple(x) for x in split["val"]]
+    return load_batch([p for p, _ in val], size, prep), np.array([label for _, label in val])
+
+
+def _auto_convert(cfg, src, calib, split, size, prep, io):
+    """--auto: the search of autoquant.search on the validation split; (raw, chosen, report)."""
+    from edgetl.autoquant import search
+
+    images, labels = _val_batch(split, size, prep)
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if sys.stderr.isatty() \
+        else None
+    raw, chosen, report = search(src, calib, images, labels, io, float(cfg.max_drop),
+                                 edgetpu=cfg.edgetpu, max_candidates=cfg.auto_max_candidates,
+                                 log=log)
+    return raw, chosen, report
+
+
+def _auto_unmet(auto: dict, gate: str, target: Path, failures: list, verification: dict):
+    """A budget --auto could not meet: a failure when the kept file fails the gate (exit 1),
+    else a warning (an undecided gate, as without --auto)."""
+    c = auto["candidates"][auto["chosen"]]
+    text = (f"{target.name}: --auto tried {len(auto['candidates'])} candidate(s) (at most "
+            f"{auto['max_candidates']}) and none met --max-drop {auto['max_drop']}; kept the "
+            f"best, #{c['index']} {c['candidate']} (drop {c['drop_points']:.2f} points)")
+    if auto["edgetpu"]:
+        text += "; with --edgetpu only integer int8 candidates are allowed"
+    if gate == "failed":
+        failures.append(text)
+    else:
+        verification["warnings"].append(text)
+
+
+def _auto_plot(cfg, auto: dict, target: Path, staging) -> list:
+    """--plots: the Pareto PNG beside the model when matplotlib is installed; else a note (the
+    candidates are in the sidecar JSON and the text table)."""
+    if not getattr(cfg, "plots", False):
+        return []
+    from edgetl.autoquant import pareto_png
+
+    png = pareto_png(auto)
+    if png is None:
+        auto["plot"] = ("no plot: matplotlib is not installed (pip install matplotlib); the "
+                        "candidates are in the sidecar JSON under verification.auto")
+        return []
+    final = target.with_name(f"{target.stem}_pareto.png")
+    auto["plot"] = f"Pareto plot: {final}"
+    return [(staging.write(final, png), final)]
+
+
+def _calibration_check(cfg, src, calib, calib_paths, split, size, prep, io) -> dict:
+    """--check-calibration: autoquant.check_calibration with the calibration images' labels."""
+    from edgetl.autoquant import check_calibration
+
+    if calib is None or len(calib) < 2 * MIN_CALIBRATION:
+        return {"skipped": f"{0 if calib is None else len(calib)} calibration images cannot be "
+                           f"split into two halves of at least {MIN_CALIBRATION}",
+                "stable": None}
+    known = {p: label for p, label in split["train"]}
+    labels = [known.get(p) for p in calib_paths] if len(calib_paths) == len(calib) else [
+        None] * len(calib)
+    images, y = _val_batch(split, size, prep)
+    return check_calibration(src, calib, labels, images, y, io)
 
 
 def edgetpu_problem(section: dict) -> dict | None:
