@@ -140,20 +140,31 @@ def search(model, calib: np.ndarray, images: np.ndarray, labels: np.ndarray, io,
     candidates, raws = [], []
 
     def trial(label: str, mode, cio, keep=(), per_channel=True, changes=()):
+        from edgetl.runner import RunnerError
+
         raw = convert(model, mode, cio, calib, keep_float=tuple(keep), per_channel=per_channel)
-        pred, p50, interp = _predict_tflite(raw, images)
-        acc = _judge(y_keras, pred, labels, max_drop)
         row = {"index": len(candidates), "candidate": label, "mode": Quantization(mode).value,
-               "io": IOType(cio).value, "per_channel_weights": per_channel,
-               "keep_float": list(keep), "changes": list(changes), "size_bytes": len(raw),
-               "latency_p50_ms": round(p50, 4), "accuracy": acc["tflite_accuracy"],
-               "drop_points": acc["drop_points"], "drop_ci95_points": acc["drop_ci95_points"],
-               "gate": acc["gate"], "met": acc["gate"] == "passed", "interpreter": interp}
+               "io": ("int16" if mode == Quantization.int16x8 and IOType(cio) != IOType.float32
+                      else IOType(cio).value), "per_channel_weights": per_channel,
+               "keep_float": list(keep), "changes": list(changes), "size_bytes": len(raw)}
+        try:
+            pred, p50, interp = _predict_tflite(raw, images)
+        except RunnerError as e:  # e.g. XNNPACK refusing a scale: this candidate is out
+            row.update(error=str(e).split(": ", 1)[-1][:300], met=False, gate="error",
+                       latency_p50_ms=None, accuracy=None, drop_points=None,
+                       drop_ci95_points=None)
+            say(f"auto: candidate {row['index']} {label}: the runner cannot run it: "
+                f"{row['error']}")
+        else:
+            acc = _judge(y_keras, pred, labels, max_drop)
+            row.update(latency_p50_ms=round(p50, 4), accuracy=acc["tflite_accuracy"],
+                       drop_points=acc["drop_points"], drop_ci95_points=acc["drop_ci95_points"],
+                       gate=acc["gate"], met=acc["gate"] == "passed", interpreter=interp)
+            say(f"auto: candidate {row['index']} {label}: drop {row['drop_points']:.2f} "
+                f"points, {len(raw) / 1e3:.1f} kB, p50 {row['latency_p50_ms']:.2f} ms"
+                f"{' (meets the budget)' if row['met'] else ''}")
         candidates.append(row)
         raws.append(raw)
-        say(f"auto: candidate {row['index']} {label}: drop {row['drop_points']:.2f} points, "
-            f"{row['size_bytes'] / 1e3:.1f} kB, p50 {row['latency_p50_ms']:.2f} ms"
-            f"{' (meets the budget)' if row['met'] else ''}")
         return row["met"]
 
     report = {"max_drop": max_drop, "max_candidates": max_candidates, "edgetpu": edgetpu,
@@ -167,12 +178,19 @@ def search(model, calib: np.ndarray, images: np.ndarray, labels: np.ndarray, io,
         met = trial("int8, per-tensor weights", Quantization.int8, io, per_channel=False,
                     changes=["weights per-tensor (whole model)"])
     elif not met:
-        sens = measure(model, calib, images[:SENSITIVITY_IMAGES], labels[:SENSITIVITY_IMAGES])
-        units = _units(raws[0], sens["tensors"])
-        report["sensitivity"] = {"metric": sens["metric"], "images": sens["model"]["images"],
-                                 "units": units[:max_candidates]}
+        steps = max_candidates - 2  # one place is left for int16x8
+        units = []
+        if steps > 0:
+            from edgetl.calibrate import sample
+
+            pick = [i for i, _ in sample(list(zip(range(len(labels)), labels.tolist())),
+                                         SENSITIVITY_IMAGES, 0)]
+            sens = measure(model, calib, images[pick], labels[pick])
+            units = _units(raws[0], sens["tensors"])
+            report["sensitivity"] = {"metric": sens["metric"],
+                                     "images": sens["model"]["images"],
+                                     "units": units[:steps]}
         keep, changes = [], []
-        steps = max(max_candidates - 2, 0)  # one place is left for int16x8
         for unit in units[:steps]:
             if met:
                 break
@@ -181,12 +199,15 @@ def search(model, calib: np.ndarray, images: np.ndarray, labels: np.ndarray, io,
             met = trial(f"int8 + {len(changes)} float unit(s)", Quantization.int8,
                         IOType.float32, keep, changes=list(changes))
         if not met and len(candidates) < max_candidates:
-            int16_io = IOType.float32 if IOType(io) == IOType.float32 else IOType.int16
-            met = trial("int16x8 (whole model)", Quantization.int16x8, int16_io,
+            met = trial("int16x8 (whole model)", Quantization.int16x8, io,
                         changes=["activations int16 (whole model)"])
     passing = [c for c in candidates if c["met"]]
+    runnable = [c for c in candidates if c.get("error") is None]
+    if not runnable:
+        raise EdgetlError(f"--auto: the runner could run none of the {len(candidates)} "
+                          f"candidate(s): {candidates[0]['error']}")
     chosen = passing[0] if passing else min(
-        candidates, key=lambda c: (c["drop_points"], c["size_bytes"]))
+        runnable, key=lambda c: (c["drop_points"], c["size_bytes"]))
     report.update(candidates=candidates, chosen=chosen["index"], met=bool(passing))
     if not edgetpu:  # the reference the sizes are judged against; never chosen
         raw = convert(model, Quantization.float32, IOType.float32, None)
@@ -210,6 +231,10 @@ def format_search(report: dict) -> list[str]:
     rows = list(report["candidates"])
     for c in rows:
         mark = "*" if c["index"] == report["chosen"] else " "
+        if c.get("error"):
+            lines.append(f"   {mark}{c['index']:>2}  {c['size_bytes'] / 1e3:>9.1f}  "
+                         f"{c['candidate']}: the runner cannot run it ({c['error'][:80]})")
+            continue
         lo, hi = c["drop_ci95_points"]
         lines.append(f"   {mark}{c['index']:>2}  {c['size_bytes'] / 1e3:>9.1f}  "
                      f"{c['latency_p50_ms']:>8.3f}  {c['accuracy']:>8.4f}  "
@@ -248,6 +273,7 @@ def pareto_png(report: dict) -> bytes | None:
     for ax, key, unit in ((axes[0], "size_bytes", "size (kB)"),
                           (axes[1], "latency_p50_ms", "p50 latency (ms)")):
         scale = 1e-3 if key == "size_bytes" else 1.0
+        rows = [c for c in report["candidates"] if c.get("error") is None]
         ax.scatter([c[key] * scale for c in rows], [c["accuracy"] for c in rows])
         for c in rows:
             ax.annotate(str(c["index"]), (c[key] * scale, c["accuracy"]))

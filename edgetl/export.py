@@ -870,8 +870,8 @@ def _export_one(cfg, mode, model, float_model, qat, calib, run, run_cfg, name, t
     keep_float, auto, written_mode = tuple(cfg.keep_float), None, mode
     if mode == Quantization.int8 and getattr(cfg, "auto", False):
         raw, chosen, auto = _auto_convert(cfg, src, calib, split, size, prep, io)
-        keep_float, io = tuple(chosen["keep_float"]), IOType(chosen["io"])
-        written_mode = Quantization(chosen["mode"])
+        keep_float, written_mode = tuple(chosen["keep_float"]), Quantization(chosen["mode"])
+        io = IOType.float32 if chosen["io"] == "float32" else io
     else:
         raw = convert(src, mode, io, calib, keep_float if mode == Quantization.int8 else (),
                       debug_rows)
@@ -880,7 +880,8 @@ def _export_one(cfg, mode, model, float_model, qat, calib, run, run_cfg, name, t
     failures, report = [], {"mode": mode.value, "io": io.value, "convert_s": convert_s}
     if mode == Quantization.int8:
         int16 = written_mode == Quantization.int16x8
-        offenders = integer_only_report(info, io.value, int16x8=int16)
+        offenders = integer_only_report(info, "int16" if int16 and io != IOType.float32
+                                        else io.value, int16x8=int16)
         report["integer_only"] = not offenders
         report["offending_ops"] = offenders
         if offenders and not keep_float:
