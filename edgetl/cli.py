@@ -272,6 +272,12 @@ def train(
     distribute: Distribute = typer.Option(Distribute.auto, help="tf.distribute strategy: auto "
                                           "(mirrored on >1 GPU), none, mirrored, multi-worker "
                                           "(TF_CONFIG); --batch-size is the global batch."),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="Feature cache: where the "
+                               "lower layers are frozen and --augment is none, compute their "
+                               "output once per image and train the rest on it (the same "
+                               "weights, up to float rounding; in memory up to 1 GiB, beyond "
+                               "that on disk in the run, removed after). Off with "
+                               "augmentation (images change every epoch) and in QAT phases."),
 ) -> None:
     """Fine-tune a backbone on a folder of labelled images (optionally with QAT)."""
     from edgetl.config import TrainConfig
@@ -299,7 +305,7 @@ def train(
         qat_scope=qat_scope, qat_ranges=qat_ranges, augment=not no_augment, augmentations=augment,
         class_weights=class_weights, strict=strict, seed=seed, resume=resume,
         overwrite=overwrite, quiet=quiet, monitor=monitor, patience=patience)
-    cfg = replace(cfg, distribute=distribute)
+    cfg = replace(cfg, distribute=distribute, cache=cache)
     from edgetl.train import train as run_train
 
     result = _guard(run_train, cfg, given)

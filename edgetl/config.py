@@ -225,6 +225,8 @@ class TrainConfig:
             the global batch, split across replicas; learning rates are not scaled.
         monitor: what picks the best epoch, whose weights are the run's model.
         patience: stop a phase after this many epochs without a better best epoch (None: never).
+        cache: train phases whose lower layers are frozen on those layers' output, computed
+            once per image (edgetl/cache.py); only where exact: no augmentation, no QAT.
     """
 
     data: str
@@ -267,6 +269,7 @@ class TrainConfig:
     augmentations: str | None = None
     monitor: Monitor = Monitor.val_accuracy
     patience: int | None = None
+    cache: bool = True
 
     def check(self) -> None:
         """Refuses contradictory, impossible or non-finite settings before anything is read or
@@ -282,7 +285,8 @@ class TrainConfig:
             if value is not None and not isinstance(value, str):
                 raise EdgetlError(f"{flag} {value!r} must be text")
         for flag, value in (("--unsafe", self.unsafe), ("--qat", self.qat),
-                            ("--augment", self.augment), ("--strict", self.strict)):
+                            ("--augment", self.augment), ("--strict", self.strict),
+                            ("--cache", self.cache)):
             if not isinstance(value, bool):
                 raise EdgetlError(f"{flag} {value!r} must be true or false")
         if self.resume and self.overwrite:

@@ -20,9 +20,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgetl import backbones, distribute
+from edgetl import cache as feature_cache
 from edgetl.config import (Monitor, Pooling, QatRanges, QatScope, Strategy, TrainConfig,
                            input_hw)
-from edgetl.data import (class_weights, list_hash, make_dataset, scan_folder, stratified_split)
+from edgetl.data import (augment_ops, class_weights, list_hash, make_dataset, scan_folder,
+                         stratified_split)
 from edgetl.errors import EdgetlError
 from edgetl.preprocessing import describe
 
@@ -426,6 +428,7 @@ def _prepare_run_dir(cfg: TrainConfig, out: Path, given, done: _RunDir
         _refuse_changed_flags(cfg, saved, given, out)
         resumed = TrainConfig.from_dict(dict(saved.to_dict(), resume=True, quiet=cfg.quiet,
                                              strict=cfg.strict, unsafe=cfg.unsafe,
+                                             cache=cfg.cache,
                                              out=str(out)))
         check_out_outside_data(out, resumed)
         state = _read_state(out, resumed)
@@ -762,7 +765,8 @@ def _read_state(out: Path, cfg: TrainConfig) -> dict | None:
 
 
 # Settings that do not change what a resumed run computes.
-_RESUME_FREE = {"out", "resume", "overwrite", "quiet", "strict", "unsafe"}
+# cache: the cached and uncached paths train the same weights, so a resume may switch.
+_RESUME_FREE = {"out", "resume", "overwrite", "quiet", "strict", "unsafe", "cache"}
 
 
 def _refuse_changed_flags(cfg: TrainConfig, saved: TrainConfig, given, out: Path) -> None:
@@ -1294,6 +1298,15 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
                             cfg.seed, pixels=pixels, channels=channels)
     val_ds = make_dataset(val_items, size, prep, cfg.batch_size, False, False, cfg.seed,
                           pixels=pixels, channels=channels)
+    ops = augment_ops(augment)
+    # Unshuffled training images for the feature cache (only where it can be used at all).
+    plain_train = make_dataset(train_items, size, prep, cfg.batch_size, False, False, cfg.seed,
+                               cache=False, pixels=pixels, channels=channels) if (
+        cfg.cache and not ops and dist.replicas < 2) else None
+    # Cached phases draw their shuffles from one order, epoch after epoch, as train_ds does.
+    cache_order = feature_cache.shuffled_order(len(train_items), cfg.seed) if (
+        plain_train is not None) else None
+    cache_epochs = {"all": 0, "images": 0, "cached": 0}  # see _fit_inputs
     del pixels  # the datasets hold their own copies
     eval_ds = val_ds  # the final evaluation sees every image
     train_ds, val_ds = dist.shard(train_ds), dist.shard(val_ds)
@@ -1363,11 +1376,19 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
             callback = _EpochEnd.make(run, pi, phase, current, optimizer, cfg.quiet,
                                       global_epoch, Monitor(cfg.monitor).value, cfg.patience,
                                       best, len(names), val_classes, initial)
-            current.fit(train_ds, validation_data=val_ds, epochs=phase.epochs,
-                        initial_epoch=initial, class_weight=weights,
-                        callbacks=dist.callbacks(current) + [callback],
-                        # A progress bar with ETA on a terminal; in logs, one line per epoch from the callback.
-                    verbose=1 if (sys.stderr.isatty() and not cfg.quiet) else 0)
+            cache_plan = feature_cache.plan(current, enabled=cfg.cache, augment_ops=ops,
+                                            qat=phase.qat, replicas=dist.replicas)
+            log(f"feature cache: {cache_plan.reason}")
+            with _fit_inputs(current, cache_plan, run, plain_train, train_items, eval_ds,
+                             val_items, cfg, optimizer, len(names), train_ds, val_ds, log,
+                             cache_order, cache_epochs) as (fit_model, fit_train, fit_val,
+                                                            extra):
+                fit_model.fit(fit_train, validation_data=fit_val, epochs=phase.epochs,
+                              initial_epoch=initial, class_weight=weights,
+                              callbacks=dist.callbacks(current) + extra + [callback],
+                              # A progress bar with ETA on a terminal; in logs, one line per
+                              # epoch from the callback.
+                              verbose=1 if (sys.stderr.isatty() and not cfg.quiet) else 0)
         best = callback.best
         restore_best(run, current, optimizer, best, pi)
         if pi < len(plan) - 1 and not phase.qat:
@@ -1426,6 +1447,45 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
     log(f"val accuracy {metrics['accuracy']:.4f} ({metrics['model']} model); run: {run}")
     return TrainResult(str(run), metrics["accuracy"], global_epoch, qat_model is not None,
                        best["epoch"] if best else None, warning)
+
+
+@contextlib.contextmanager
+def _fit_inputs(current, cache_plan, run, plain_train, train_items, plain_val, val_items, cfg,
+                optimizer, n_classes, train_ds, val_ds, log, order, epochs: dict):
+    """(model to fit, train data, val data, callbacks): the whole model on images, or, with
+    the feature cache, the trained layers (sharing current's weights and optimizer) on cached
+    features.
+
+    ``epochs`` counts the epochs run ("all") and the shuffles each source has drawn ("images":
+    train_ds, "cached": ``order``): a source first catches up with the epochs run on the other,
+    so that every epoch sees the images in the order the uncached run would.
+    """
+    from edgetl.keras import keras
+
+    def counted(source: str, data, extra=()):
+        for _ in range(epochs["all"] - epochs[source]):
+            for _ in data:
+                pass
+
+        class Count(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                epochs["all"] += 1  # fit has made this epoch's iterator: one shuffle drawn
+                epochs[source] = epochs["all"]
+
+        epochs[source] = epochs["all"]
+        return [*extra, Count()]
+
+    if cache_plan.use and plain_train is not None:
+        with feature_cache.cached_fit(current, cache_plan, run, plain_train,
+                                      [label for _, label in train_items], plain_val,
+                                      [label for _, label in val_items], cfg.batch_size, order,
+                                      log) as (top, cached_train, cached_val):
+            if cached_train is not None:  # else no room for it
+                top.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
+                            metrics=["accuracy", predicted_classes_metric(n_classes)])
+                yield top, cached_train, cached_val, counted("cached", order)
+                return
+    yield current, train_ds, val_ds, counted("images", train_ds)
 
 
 def _read_split(run: Path, n_classes: int) -> tuple[list, list]:
