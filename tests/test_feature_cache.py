@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import tiny_config
 
 
@@ -75,6 +76,7 @@ def test_feature_extract_cached_in_memory_or_on_disk_trains_the_uncached_head(
     assert full.input_shape == (None, 32, 32, 3) and len(full.layers) > 100
 
 
+@pytest.mark.slow
 def test_two_phase_cached_trains_the_uncached_weights_in_both_phases(synth, tmp_path, capfd):
     from edgetl.train import load_model
 
@@ -141,6 +143,7 @@ def test_plan_stops_at_random_and_training_layers():
         model, enabled=True, augment_ops=("flip",), qat=False, replicas=1).reason
 
 
+@pytest.mark.slow
 def test_no_cache_flag_on_the_command_line_and_the_model_exports(synth, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     edgetl = [sys.executable, "-m", "edgetl.cli"]
