@@ -1174,7 +1174,7 @@ def _train_process(args: list, run: Path) -> dict:
     for row in rows:
         epochs.setdefault(row["phase"], []).append(float(row["seconds"]))
     builds = [float(x) for x in re.findall(r"features \(.*?\) computed in ([0-9.]+) s", text)]
-    return {"wall_s": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+    return {"wall_s": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss * 1024 / 1e6, 1),
             "epoch_s": epochs, "cache_build_s": builds,
             "cache_lines": [l for l in text.splitlines() if l.startswith("feature cache:")]}
 
