@@ -1307,6 +1307,7 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
     cache_order = feature_cache.shuffled_order(len(train_items), cfg.seed) if (
         plain_train is not None) else None
     cache_epochs = {"all": 0, "images": 0, "cached": 0}  # see _fit_inputs
+    shutil.rmtree(run / feature_cache.CACHE_DIR, ignore_errors=True)  # left by a kill -9
     del pixels  # the datasets hold their own copies
     eval_ds = val_ds  # the final evaluation sees every image
     train_ds, val_ds = dist.shard(train_ds), dist.shard(val_ds)
