@@ -208,8 +208,9 @@ def cached_fit(model, cache_plan: CachePlan, run: Path, plain_train, train_label
     """Yields (model of the trained layers, train dataset, val dataset) on cached features.
 
     ``plain_train`` / ``plain_val``: unshuffled, unaugmented batches of (images, labels) in
-    item order; ``*_labels`` the labels in that order; ``order``: shuffled_order of the run. The trained-layers model shares its layers
-    (and so its weights) with ``model``. A disk cache is removed on the way out.
+    item order; ``*_labels`` the labels in that order; ``order``: shuffled_order of the run.
+    The trained-layers model shares its layers (and so its weights) with ``model``. A disk
+    cache is removed on the way out.
     """
     import time
 
