@@ -263,6 +263,15 @@ def stratified_split(items, fraction: float, seed: int) -> tuple[list, list]:
     return sorted(train), sorted(val)
 
 
+def file_sha256(path) -> str:
+    """The SHA-256 (hex) of a file's bytes, read 1 MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def list_hash(items) -> str:
     """A hash of the (path, label) list and file sizes: which data a run saw."""
     h = hashlib.sha256()

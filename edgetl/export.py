@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from edgetl.config import ExportConfig, IOType, Quantization
+from edgetl.data import file_sha256
 from edgetl.errors import EdgetlError, VerificationError
 
 MIN_CALIBRATION = 10
@@ -43,14 +44,6 @@ class ExportResult:
     files: tuple
     reports: dict
     manifest: str | None
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _io_error(path, e: BaseException) -> EdgetlError:
@@ -261,7 +254,7 @@ def _replay_manifest(path: str, run_cfg: dict) -> list[str]:
         f = entry["path"]
         if not Path(f).is_file():
             raise EdgetlError(f"calibration image '{f}' from the manifest is missing")
-        if _sha256(f) != entry["sha256"]:
+        if file_sha256(f) != entry["sha256"]:
             raise EdgetlError(f"calibration image '{f}' changed since the manifest was written "
                               "(sha256 differs): the export would not be reproducible")
         paths.append(f)
@@ -286,7 +279,7 @@ def manifest_bytes(paths, run_cfg: dict, source: str, seed: int) -> bytes:
         "source": source, "seed": seed, "count": len(paths),
         "input_size": run_cfg["input_size"], "input_shape": run_cfg.get("input_shape"),
         "preprocessing": run_cfg["preprocessing"],
-        "images": [{"path": str(p), "sha256": _sha256(p)} for p in paths],
+        "images": [{"path": str(p), "sha256": file_sha256(p)} for p in paths],
     }
     return json.dumps(manifest, indent=1).encode()
 

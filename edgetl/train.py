@@ -23,8 +23,8 @@ from edgetl import backbones, distribute
 from edgetl import cache as feature_cache
 from edgetl.config import (Monitor, Pooling, QatRanges, QatScope, Strategy, TrainConfig,
                            input_hw)
-from edgetl.data import (augment_ops, class_weights, list_hash, make_dataset, scan_folder,
-                         stratified_split)
+from edgetl.data import (augment_ops, class_weights, file_sha256, list_hash, make_dataset,
+                         scan_folder, stratified_split)
 from edgetl.errors import EdgetlError
 from edgetl.preprocessing import describe
 
@@ -1190,18 +1190,12 @@ def base_model_record(path: str) -> dict:
     if p.is_dir():
         for f in sorted(x for x in p.rglob("*") if x.is_file()):
             h.update(str(f.relative_to(p)).encode() + b"\0")
-            h.update(_file_sha256(f).encode())
+            h.update(file_sha256(f).encode())
     else:
         h = None
-    return {"file": str(p), "sha256": h.hexdigest() if h is not None else _file_sha256(p)}
+    return {"file": str(p), "sha256": h.hexdigest() if h is not None else file_sha256(p)}
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _settings_line(cfg: TrainConfig) -> str:
