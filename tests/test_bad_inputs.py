@@ -135,8 +135,11 @@ class Env:
         return out
 
     def train(self, data: Path, *extra) -> list:
-        return ["edgetl", "train", "--data", data, "--out", self.tmp / "out", *TINY_FLAGS,
-                *extra]
+        flags = TINY_FLAGS
+        if "--base-model" in extra:  # a base model brings its own weights: --weights is refused
+            i = TINY_FLAGS.index("--weights")
+            flags = TINY_FLAGS[:i] + TINY_FLAGS[i + 2:]
+        return ["edgetl", "train", "--data", data, "--out", self.tmp / "out", *flags, *extra]
 
 
 @dataclass(frozen=True)
