@@ -310,18 +310,88 @@ def train(
                f"{f'  best epoch: {result.best_epoch}' if result.best_epoch else ''}")
 
 
-@app.command(short_help="List the backbones: input sizes, preprocessing, QAT support.",
-             epilog=_examples("edgetl backbones"))
-def backbones() -> None:
-    """List the supported backbones: input size, ImageNet sizes, preprocessing, QAT."""
-    from edgetl.backbones import table
+@app.command(short_help="List the backbones, or one model's layers (--layers).",
+             epilog=_examples("edgetl backbones",
+                              "edgetl backbones mobilenetv2 --layers",
+                              "edgetl backbones mobilenetv2 --layers --strategy fine-tune",
+                              "edgetl backbones --base-model my_model.keras --layers --json"))
+def backbones(
+    name: Optional[str] = typer.Argument(None, metavar="[NAME]",
+                                         help="One backbone (default: all)."),
+    layers: bool = typer.Option(False, "--layers", help="List the layers of NAME or "
+                                "--base-model: index, name, type, output shape, parameters and "
+                                "whether it trains under --strategy."),
+    base_model: Optional[Path] = typer.Option(None, help="Your own saved model (with --layers).",
+                                              show_default="none: NAME"),
+    cut_layer: Optional[str] = typer.Option(None, help="Layer of --base-model that feeds the "
+                                                       "head.",
+                                            show_default="the last 4D tensor below its head"),
+    unsafe: bool = typer.Option(False, help="Allow Lambda layers / custom code in --base-model."),
+    input_size: Optional[str] = typer.Option(None, help="Input size in px: N or HxW.",
+                                             show_default="the base model's fixed size, else "
+                                                          "the backbone's"),
+    alpha: Optional[float] = typer.Option(None, help="MobileNet width multiplier.",
+                                          show_default="1.0; MobileNets only"),
+    weights: str = typer.Option("imagenet", metavar="<imagenet|none|PATH>",
+                                help="As train's: decides the default strategy and whether "
+                                     "BatchNorm trains (no weights are loaded)."),
+    strategy: Optional[Strategy] = typer.Option(None, help="As train's.",
+                                                show_default="as train's"),
+    unfreeze: Optional[int] = typer.Option(None, help="As train's.", show_default="as train's"),
+    unfreeze_from: Optional[str] = typer.Option(None, help="As train's.",
+                                                show_default="none: --unfreeze"),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """List the supported backbones (input size, ImageNet sizes, preprocessing, QAT), or with
+    --layers the layers of one backbone or base model."""
+    from edgetl.backbones import get_backbone, table
 
-    rows = table()
-    cols = list(rows[0])
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-    typer.echo("  ".join(c.ljust(widths[c]) for c in cols))
+    if not layers:
+        rows = table()
+        if name is not None:
+            wanted = _guard(get_backbone, name).name
+            rows = [r for r in rows if r["name"] == wanted]
+        if as_json:
+            typer.echo(json.dumps(rows, indent=2))
+            return
+        cols = list(rows[0])
+        widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+        typer.echo("  ".join(c.ljust(widths[c]) for c in cols))
+        for r in rows:
+            typer.echo("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+        if name is not None:
+            typer.echo(f"(edgetl backbones {rows[0]['name']} --layers lists its layers)")
+        return
+    if (name is None) == (base_model is None):
+        _fail("--layers lists one model: give a backbone name (edgetl backbones mobilenetv2 "
+              "--layers) or --base-model FILE" + (", not both" if name else ""))
+    from edgetl.config import TrainConfig
+    from edgetl.train import layer_table
+
+    cfg = TrainConfig(data="", backbone=name or "mobilenetv2",
+                      base_model=str(base_model) if base_model else None, cut_layer=cut_layer,
+                      unsafe=unsafe, weights=weights, alpha=alpha,
+                      input_size=int(input_size) if input_size and input_size.strip().isdigit()
+                      else input_size, strategy=strategy, unfreeze=unfreeze,
+                      unfreeze_from=unfreeze_from, quiet=True)
+    report = _guard(layer_table, cfg)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    from edgetl.runner import printable
+
+    shape = "x".join(map(str, report["input_shape"]))
+    alpha_text = f", alpha {report['alpha']:g}" if report["alpha"] is not None else ""
+    typer.echo(f"{printable(str(report['backbone']))}: input {shape}{alpha_text}, "
+               f"{len(report['layers']) - 1} layers; --strategy {report['strategy']} with "
+               f"--weights {report['weights']} trains {report['trains']}")
+    rows = [(str(r["index"]), printable(r["name"]), r["type"], r["output_shape"],
+             f"{r['params']:,}", "yes" if r["trainable"] else "no") for r in report["layers"]]
+    head = ("index", "name", "type", "output", "params", "trains")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    typer.echo("  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip())
     for r in rows:
-        typer.echo("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
 
 
 @app.command(short_help="Convert a run to TFLite and verify it (integer ops, accuracy).",

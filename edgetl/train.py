@@ -262,9 +262,7 @@ def set_trainable(model, n_base: int, cfg: TrainConfig, unfreeze: bool) -> int:
         if cfg.unfreeze_from:
             names = [layer.name for layer in base_layers]
             if cfg.unfreeze_from not in names:
-                raise EdgetlError(f"--unfreeze-from '{cfg.unfreeze_from}' is not a layer of the "
-                                  f"base (first/last layers: {names[1]} ... {names[-1]}); see "
-                                  "the layer list with `edgetl backbones --layers`")
+                raise layer_name_error("--unfreeze-from", cfg.unfreeze_from, names[1:], cfg)
             start = names.index(cfg.unfreeze_from)
         else:
             n = cfg.unfreeze if cfg.unfreeze is not None else (
@@ -281,6 +279,102 @@ def set_trainable(model, n_base: int, cfg: TrainConfig, unfreeze: bool) -> int:
         else:
             layer.trainable = True
     return start
+
+
+def layers_command(cfg: TrainConfig) -> str:
+    """The command that lists the layers of ``cfg``'s backbone or base model."""
+    import shlex
+
+    what = (f"--base-model {shlex.quote(cfg.base_model)}" if cfg.base_model
+            else shlex.quote(cfg.backbone))
+    cut = f" --cut-layer {shlex.quote(cfg.cut_layer)}" if cfg.cut_layer else ""
+    return f"edgetl backbones {what}{cut} --layers"
+
+
+def layer_name_error(flag: str, value: str, names: list[str], cfg: TrainConfig) -> EdgetlError:
+    """One line: ``value`` is not among ``names``, the closest names, and how to list them all."""
+    import difflib
+
+    close = difflib.get_close_matches(value, names, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    what = f"'{cfg.base_model}'" if cfg.base_model else backbones.get_backbone(cfg.backbone).name
+    return EdgetlError(f"{flag} '{value}' is not a layer of {what}{hint} ({len(names)} layers; "
+                       f"list them: {layers_command(cfg)})")
+
+
+def check_layer_names(cfg: TrainConfig) -> None:
+    """--unfreeze-from checked against the architecture alone, before data or weights load: a
+    registry backbone is built with random weights (about a second), a base model's names are
+    read from its file's config (nothing deserialised).
+
+    Raises:
+        EdgetlError: the name is not a layer (the closest names and the listing command given).
+    """
+    if not cfg.unfreeze_from:
+        return
+    if cfg.base_model:
+        from edgetl.basemodel import _config_layers, _read_file
+
+        info = _read_file(cfg.base_model)
+        names = [n for n, _ in _config_layers(info.config)] if info.config else []
+        # Flattening renames a clash to '<outer model>_<name>': such a name may be right.
+        if names and cfg.unfreeze_from not in names and not any(
+                cfg.unfreeze_from.endswith("_" + n) for n in names):
+            raise layer_name_error("--unfreeze-from", cfg.unfreeze_from, names, cfg)
+        return
+    size = resolve_size(cfg, backbones.get_backbone(cfg.backbone))
+    base, _ = build_base(replace(cfg, weights="none"), size)
+    names = [layer.name for layer in base.layers[1:]]
+    if cfg.unfreeze_from not in names:
+        raise layer_name_error("--unfreeze-from", cfg.unfreeze_from, names, cfg)
+
+
+def _shape_text(shape) -> str:
+    """(None, 7, 7, 1280) -> '7x7x1280'; several outputs joined by ' + '."""
+    if isinstance(shape, list):
+        return " + ".join(_shape_text(s) for s in shape)
+    dims = tuple(shape)[1:] if shape is not None else ()
+    return "x".join("?" if d is None else str(d) for d in dims) or "scalar"
+
+
+def layer_table(cfg: TrainConfig) -> dict:
+    """The layers of ``cfg``'s backbone (built with random weights: nothing is downloaded) or
+    base model (loaded and cut as ``train`` would), with whether each trains under ``cfg``'s
+    strategy (its last phase), for ``edgetl backbones NAME --layers``.
+
+    Returns:
+        {"backbone", "input_shape" [h, w, c], "strategy", "weights", "trains" (summary),
+         "layers": [{"index", "name", "type", "output_shape", "params", "trainable"}]};
+        index is the position in the base model (0 = its input), as --unfreeze-from counts.
+
+    Raises:
+        EdgetlError: unknown backbone, unreadable base model, bad size, alpha or layer name.
+    """
+    cfg.check()
+    cfg, _ = cfg.with_defaults()
+    spec = None if cfg.base_model else backbones.get_backbone(cfg.backbone)
+    size = resolve_size(cfg, spec)
+    base, _ = build_base(replace(cfg, weights="none") if spec else cfg, size)
+    last = phases(cfg)[-1]
+    start = set_trainable(base, len(base.layers), cfg, last.unfreeze)
+    rows = [{"index": i, "name": layer.name, "type": type(layer).__name__,
+             "output_shape": _shape_text(layer.output_shape), "params": layer.count_params(),
+             "trainable": bool(layer.trainable and i > 0)}
+            for i, layer in enumerate(base.layers)]
+    n = sum(r["trainable"] for r in rows)
+    trains = ("the head only" if n == 0 else
+              f"the head and {n} of {len(rows) - 1} base layers, from #{start} "
+              f"{rows[start]['name']} up"
+              + ("; BatchNorm stays frozen (pretrained statistics)"
+                 if cfg.weights != "none" or cfg.base_model else ""))
+    if len(phases(cfg)) > 1:
+        trains = f"the head, then {trains}"
+    return {"backbone": spec.name if spec else cfg.base_model,
+            "input_shape": [int(d) for d in base.input_shape[1:]],
+            "alpha": (cfg.alpha if cfg.alpha is not None else 1.0) if spec and spec.alphas
+            else None,
+            "strategy": Strategy(cfg.strategy).value, "weights": cfg.weights,
+            "trains": trains, "layers": rows}
 
 
 def quantize(model, scope: QatScope):
@@ -1124,6 +1218,7 @@ def train(cfg: TrainConfig, given=None) -> TrainResult:
         backbones.get_backbone(cfg.backbone)  # unknown names fail before any data is read
     if not cfg.resume:
         _preflight(cfg)
+        check_layer_names(cfg)  # before the folder scan and the weights
     out = _out_path(cfg)
     if not cfg.resume:
         check_out_outside_data(out, cfg)
