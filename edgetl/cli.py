@@ -269,6 +269,8 @@ def train(
     resume: bool = typer.Option(False, help="Continue the run in --out."),
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
     quiet: bool = typer.Option(False, help="No progress output."),
+    verbose: bool = typer.Option(False, help="Each epoch's line also gives the training loss "
+                                             "and accuracy."),
     distribute: Distribute = typer.Option(Distribute.auto, help="tf.distribute strategy: auto "
                                           "(mirrored on >1 GPU), none, mirrored, multi-worker "
                                           "(TF_CONFIG); --batch-size is the global batch."),
@@ -299,7 +301,7 @@ def train(
         qat_scope=qat_scope, qat_ranges=qat_ranges, augment=not no_augment, augmentations=augment,
         class_weights=class_weights, strict=strict, seed=seed, resume=resume,
         overwrite=overwrite, quiet=quiet, monitor=monitor, patience=patience)
-    cfg = replace(cfg, distribute=distribute)
+    cfg = replace(cfg, distribute=distribute, verbose=verbose)
     from edgetl.train import train as run_train
 
     result = _guard(run_train, cfg, given)

@@ -225,6 +225,7 @@ class TrainConfig:
             the global batch, split across replicas; learning rates are not scaled.
         monitor: what picks the best epoch, whose weights are the run's model.
         patience: stop a phase after this many epochs without a better best epoch (None: never).
+        verbose: each epoch's line also gives the training loss and accuracy.
     """
 
     data: str
@@ -267,6 +268,7 @@ class TrainConfig:
     augmentations: str | None = None
     monitor: Monitor = Monitor.val_accuracy
     patience: int | None = None
+    verbose: bool = False
 
     def check(self) -> None:
         """Refuses contradictory, impossible or non-finite settings before anything is read or

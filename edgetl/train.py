@@ -25,6 +25,7 @@ from edgetl.config import (Monitor, Pooling, QatRanges, QatScope, Strategy, Trai
 from edgetl.data import (class_weights, list_hash, make_dataset, scan_folder, stratified_split)
 from edgetl.errors import EdgetlError
 from edgetl.preprocessing import describe
+from edgetl.progress import SILENT, Progress
 
 RUN_FORMAT = 1
 HEAD_PREFIX = "head_"
@@ -519,8 +520,8 @@ def _prepare_run_dir(cfg: TrainConfig, out: Path, given, done: _RunDir
         saved = TrainConfig.from_dict(config["train"])  # validated by _read_run_config
         _refuse_changed_flags(cfg, saved, given, out)
         resumed = TrainConfig.from_dict(dict(saved.to_dict(), resume=True, quiet=cfg.quiet,
-                                             strict=cfg.strict, unsafe=cfg.unsafe,
-                                             out=str(out)))
+                                             verbose=cfg.verbose, strict=cfg.strict,
+                                             unsafe=cfg.unsafe, out=str(out)))
         check_out_outside_data(out, resumed)
         state = _read_state(out, resumed)
         if aside.exists() and not cfg.quiet:
@@ -856,7 +857,7 @@ def _read_state(out: Path, cfg: TrainConfig) -> dict | None:
 
 
 # Settings that do not change what a resumed run computes.
-_RESUME_FREE = {"out", "resume", "overwrite", "quiet", "strict", "unsafe"}
+_RESUME_FREE = {"out", "resume", "overwrite", "quiet", "strict", "unsafe", "verbose"}
 
 
 def _refuse_changed_flags(cfg: TrainConfig, saved: TrainConfig, given, out: Path) -> None:
@@ -1015,7 +1016,7 @@ class _EpochEnd:
     def make(run: Path, phase_index: int, phase: Phase, model, optimizer, quiet: bool,
              first_global_epoch: int, monitor: str = "val_accuracy",
              patience: int | None = None, best: dict | None = None, n_classes: int = 2,
-             val_classes: int = 2, initial_epoch: int = 0):
+             val_classes: int = 2, initial_epoch: int = 0, verbose: bool = False):
         from edgetl.keras import keras, tf
 
         class Callback(keras.callbacks.Callback):
@@ -1029,8 +1030,38 @@ class _EpochEnd:
 
             def on_epoch_begin(self, epoch, logs=None):
                 self.t0 = time.time()
+                self.marks = {}  # first/last batch end times of training and validation
+
+            def _mark(self, kind: str, batch: int) -> None:
+                now = time.time()
+                if batch == 0:
+                    self.marks[kind] = [now, now, 1]
+                elif kind in self.marks:
+                    self.marks[kind][1:] = [now, batch + 1]
+
+            def on_test_begin(self, logs=None):
+                self.marks["test_begin"] = time.time()
+
+            def on_test_batch_end(self, batch, logs=None):
+                self._mark("test", batch)
+
+            def steady_seconds(self, seconds: float) -> float | None:
+                """The epoch's time without building graphs: the first batch of training and of
+                validation traces the model (the first epoch's are many times a step), so each
+                counts as an average later batch. None when there is a single batch to time."""
+                train, test = self.marks.get("train"), self.marks.get("test")
+                if not train or train[2] < 2:
+                    return None
+                step = (train[1] - train[0]) / (train[2] - 1)
+                first = train[0] - self.t0  # the first batch, tracing included
+                cut = max(0.0, first - step)
+                if test:  # one validation batch: a training step (forward and backward) bounds it
+                    vstep = (test[1] - test[0]) / (test[2] - 1) if test[2] >= 2 else step
+                    cut += max(0.0, test[0] - self.marks.get("test_begin", test[0]) - vstep)
+                return max(seconds - cut, 0.0)
 
             def on_train_batch_end(self, batch, logs=None):
+                self._mark("train", batch)
                 # A non-finite loss poisons every weight: no use finishing the epoch.
                 loss = (logs or {}).get("loss")
                 if loss is not None and not (float(loss) <= EXPLODED * math.log(
@@ -1102,15 +1133,28 @@ class _EpochEnd:
                     if old.name != keep:
                         shutil.rmtree(old, ignore_errors=True)
                 if not quiet:
+                    # The first epoch of a phase also builds its graphs: the ETA leaves that out.
+                    steady = row["seconds"]
+                    if done == initial_epoch + 1:
+                        steady = self.steady_seconds(row["seconds"])
+                        self.per_epoch = steady
+                    else:
+                        self.per_epoch = row["seconds"]
+                    built = "" if steady is None or row["seconds"] - steady < 1 else \
+                        f" ({row['seconds'] - steady:.0f} s of it building the model's graphs)"
                     parts = [f"  {phase.name} epoch {done}/{phase.epochs} done in "
-                             f"{row['seconds']} s"]
-                    for key in ("val_accuracy", "val_loss"):
+                             f"{row['seconds']} s{built}"]
+                    keys = ("loss", "accuracy", "val_accuracy", "val_loss") if verbose else (
+                        "val_accuracy", "val_loss")
+                    for key in keys:
                         if row.get(key) is not None:
                             parts.append(f"{key} {row[key]:.4f}")
                     if self.best and self.best["checkpoint"] == name:
                         parts[-1] += " (best so far)"
                     if done < phase.epochs and not self.early_stopped:
-                        parts.append(f"phase ETA {(phase.epochs - done) * row['seconds']:.0f} s")
+                        eta = (phase.epochs - done) * (self.per_epoch if self.per_epoch
+                                                       is not None else row["seconds"])
+                        parts.append(f"phase ETA {eta:.0f} s")
                     if self.early_stopped:
                         parts.append(f"no better epoch for {since}: stopping the phase early "
                                      f"(--patience {patience})")
@@ -1167,14 +1211,24 @@ def _prune_history(run: Path, keep_epochs: int) -> None:
 
 # --- training ------------------------------------------------------------------------------------
 
-def _datasets(cfg: TrainConfig, size: tuple):
-    train_folder = scan_folder(cfg.data, size, strict=cfg.strict, keep_pixels=True)
+def _datasets(cfg: TrainConfig, size: tuple, progress: Progress = SILENT):
+    with progress.step(f"scan '{cfg.data}'") as step:
+        names, train_items, val_items, skipped, pixels = _scan(cfg, size, step.advance)
+        step.done(f"{len(train_items) + len(val_items)} images in {len(names)} classes "
+                  f"({len(train_items)} train, {len(val_items)} validation"
+                  f"{f', {len(skipped)} left out' if skipped else ''})")
+    return names, train_items, val_items, skipped, pixels
+
+
+def _scan(cfg: TrainConfig, size: tuple, on_image):
+    train_folder = scan_folder(cfg.data, size, strict=cfg.strict, keep_pixels=True,
+                               on_image=on_image)
     names = list(train_folder.class_names)
     skipped = list(train_folder.skipped)
     pixels = train_folder.pixels
     if cfg.val_data:
         val_folder = scan_folder(cfg.val_data, size, class_names=names, strict=cfg.strict,
-                                 keep_pixels=pixels is not None)
+                                 keep_pixels=pixels is not None, on_image=on_image)
         train_items, val_items = list(train_folder.items), list(val_folder.items)
         skipped += list(val_folder.skipped)
         pixels = None if val_folder.pixels is None else {**pixels, **val_folder.pixels}
@@ -1315,25 +1369,28 @@ def _settings_line(cfg: TrainConfig) -> str:
 
 
 def _train(cfg: TrainConfig, run: Path, state: dict | None, notes=()) -> TrainResult:
+    progress = Progress(quiet=cfg.quiet)
+    progress.line(_settings_line(cfg))  # first: what the run will do, before any wait
+    for note in notes:
+        progress.line(note)
     spec = None if cfg.base_model else backbones.get_backbone(cfg.backbone)
     size = resolve_size(cfg, spec)
-    names, train_items, val_items, skipped, pixels = _datasets(cfg, size)
-    from edgetl.keras import keras, tf, versions  # after the data checks, for the same reason
+    names, train_items, val_items, skipped, pixels = _datasets(cfg, size, progress)
+    with progress.step("load TensorFlow") as step:  # after the data checks, for the same reason
+        from edgetl.keras import keras, tf, versions
 
+        step.done(f"TensorFlow {tf.__version__}")
     dist = distribute.strategy(cfg)
     with dist.scope(), dist.errors():  # model, QAT wrappers, optimizer: distributed variables
         return _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_items,
-                             skipped, pixels, notes)
+                             skipped, pixels, progress)
 
 
 def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_items, skipped,
-                  pixels, notes) -> TrainResult:
+                  pixels, progress) -> TrainResult:
     from edgetl.keras import keras, tf, versions
 
-    log = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    log(_settings_line(cfg))
-    for note in notes:
-        log(note)
+    log = progress.line
     if skipped:  # said even with --quiet: data left out is not progress; split.json lists all
         first = "; ".join(f"'{p}': {why}" for p, why in skipped[:3])
         print(f"note: left out {len(skipped)} file(s) (all listed in {run / 'split.json'}): "
@@ -1345,7 +1402,13 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
                               f"not the run's ({', '.join(saved['class_names'])}); restore the "
                               "data folder, or start a new run (--overwrite)")
 
-    model, n_base, spec = build_model(cfg, len(names), size)
+    what = (f"--base-model '{cfg.base_model}'" if cfg.base_model
+            else backbones.get_backbone(cfg.backbone).name)
+    with progress.step(f"build {what}") as step:
+        model, n_base, spec = build_model(cfg, len(names), size)
+        step.done(f"{n_base - 1} base layers, {model.count_params():,} parameters, input "
+                  f"{'x'.join(str(d) for d in model.input_shape[1:])}, weights "
+                  f"{'from the file' if cfg.base_model else cfg.weights}")
     channels = int(model.input_shape[-1])
     prep = _choose_preprocessing(cfg, spec, model, channels, run)
     log(f"preprocessing: {describe(prep)}: {prep['reason']}")
@@ -1428,7 +1491,8 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
                                         metrics=["accuracy"])
                 _save_model(float_model, run / FLOAT_BEFORE_QAT)
             if pi != done_phase:  # a resumed phase gets its ranges from the checkpoint
-                init_ranges(current, cfg, train_items, (*size, channels), prep, log)
+                with progress.step("calibration (QAT ranges)") as step:
+                    init_ranges(current, cfg, train_items, (*size, channels), prep, step.done)
             if best is not None and best["phase"] != pi:
                 best = None  # fake-quantized scores do not compare with float ones
         optimizer = keras.optimizers.Adam(phase.lr)
@@ -1457,12 +1521,17 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
                 f"{sum(int(tf.size(w)) for w in current.trainable_weights):,}")
             callback = _EpochEnd.make(run, pi, phase, current, optimizer, cfg.quiet,
                                       global_epoch, Monitor(cfg.monitor).value, cfg.patience,
-                                      best, len(names), val_classes, initial)
+                                      best, len(names), val_classes, initial,
+                                      verbose=cfg.verbose)
+            # On a terminal, Keras' bar (stdout) and then, once the bar has ended its line, the
+            # epoch's line: Keras runs callbacks in list order, and a ProgbarLogger of ours in
+            # the list replaces the one it would append after ours. In logs, only our line.
+            bar = progress.live and sys.stdout.isatty()
             current.fit(train_ds, validation_data=val_ds, epochs=phase.epochs,
                         initial_epoch=initial, class_weight=weights,
-                        callbacks=dist.callbacks(current) + [callback],
-                        # A progress bar with ETA on a terminal; in logs, one line per epoch from the callback.
-                    verbose=1 if (sys.stderr.isatty() and not cfg.quiet) else 0)
+                        callbacks=dist.callbacks(current) + (
+                            [keras.callbacks.ProgbarLogger(count_mode="steps")] if bar else [])
+                        + [callback], verbose=1 if bar else 0)
         best = callback.best
         restore_best(run, current, optimizer, best, pi)
         if pi < len(plan) - 1 and not phase.qat:
