@@ -447,6 +447,7 @@ def export(
                                                 "the calibration set is too small."),
     plots: bool = typer.Option(False, "--plots", help="With --auto: a Pareto PNG (needs "
                                                       "matplotlib; else JSON and a table)."),
+    quiet: bool = typer.Option(False, help="No progress output (the reports still print)."),
 ) -> None:
     """Convert a run to TFLite, then prove it: integer-only ops and accuracy parity."""
     from edgetl.config import ExportConfig
@@ -467,7 +468,15 @@ def export(
                        edgetpu_allow_cpu=edgetpu_allow_cpu, compare_ptq=compare_ptq,
                        auto=auto, auto_max_candidates=auto_max_candidates,
                        check_calibration=check_calibration, plots=plots)
-    from edgetl.export import export as run_export, format_reports
+    from edgetl.export import export as run_export, format_report
+    from edgetl.progress import Progress
+
+    shown = []  # modes whose block is printed: each as soon as it is verified
+
+    def show(path, mode, report):
+        if not as_json:
+            typer.echo(format_report(path, mode, report))
+            shown.append(mode)
 
     # SIGTERM ends an export like Ctrl-C: its clean-up runs and nothing is left half-written.
     from edgetl.export import interrupt_on_signal
@@ -478,14 +487,22 @@ def export(
     except ValueError:  # not the main thread (an embedding app): leave signals alone
         previous = None
     try:
-        result = run_export(cfg)
+        result = run_export(cfg, Progress(quiet=quiet), show)
     except VerificationError as e:  # written but failed: show the figures, then the reason
         result = getattr(e, "result", None)
         if result is not None:
-            typer.echo(json.dumps(result.reports, indent=2) if as_json
-                       else format_reports(result))
+            tail = json.dumps(result.reports, indent=2) if as_json else \
+                _export_tail(result, shown)
+            if tail:
+                typer.echo(tail)
         _fail(str(e), e.exit_code)
     except (Exception, KeyboardInterrupt) as e:
+        if shown and isinstance(e, (EdgetlError, KeyboardInterrupt)):
+            # The blocks above name files that the roll-back has just removed.
+            text = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
+            _fail(f"{text} (no file was written, not even those above: an export keeps all its "
+                  "files or none)", getattr(e, "exit_code", 130 if isinstance(
+                      e, KeyboardInterrupt) else 2))
         _guard(_reraise, e)
     finally:
         for sig, handler in (previous or {}).items():
@@ -495,8 +512,21 @@ def export(
     else:
         from edgetl.metadata import IO_ADVICE
 
-        typer.echo(format_reports(result))
+        tail = _export_tail(result, shown)
+        if tail:
+            typer.echo(tail)
         typer.echo(IO_ADVICE)
+
+
+def _export_tail(result, shown: list) -> str:
+    """What export prints after the blocks already shown: any block not shown, the manifest."""
+    from edgetl.export import format_report
+
+    lines = [format_report(path, mode, r) for path, (mode, r)
+             in zip(result.files, result.reports.items()) if mode not in shown]
+    if result.manifest:
+        lines.append(f"calibration manifest: {result.manifest}")
+    return "\n".join(lines)
 
 
 @app.command(short_help="Ops, dtypes, quantization, size, metadata, Edge TPU check.",

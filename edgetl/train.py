@@ -1377,7 +1377,7 @@ def _train(cfg: TrainConfig, run: Path, state: dict | None, notes=()) -> TrainRe
     size = resolve_size(cfg, spec)
     names, train_items, val_items, skipped, pixels = _datasets(cfg, size, progress)
     with progress.step("load TensorFlow") as step:  # after the data checks, for the same reason
-        from edgetl.keras import keras, tf, versions
+        from edgetl.keras import tf
 
         step.done(f"TensorFlow {tf.__version__}")
     dist = distribute.strategy(cfg)
