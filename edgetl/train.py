@@ -299,8 +299,9 @@ def layer_name_error(flag: str, value: str, names: list[str], cfg: TrainConfig) 
     close = difflib.get_close_matches(value, names, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     what = f"'{cfg.base_model}'" if cfg.base_model else backbones.get_backbone(cfg.backbone).name
-    return EdgetlError(f"{flag} '{value}' is not a layer of {what}{hint} ({len(names)} layers; "
-                       f"list them: {layers_command(cfg)})")
+    span = f" from {names[0]} to {names[-1]}" if names else ""
+    return EdgetlError(f"{flag} '{value}' is not a layer of {what}{hint} ({len(names)} layers"
+                       f"{span}; list them: {layers_command(cfg)})")
 
 
 def check_layer_names(cfg: TrainConfig) -> None:
