@@ -487,7 +487,7 @@ def export(
     except ValueError:  # not the main thread (an embedding app): leave signals alone
         previous = None
     try:
-        result = run_export(cfg, Progress(quiet=quiet), show)
+        result = run_export(cfg, Progress(quiet=quiet, hold=True), show)
     except VerificationError as e:  # written but failed: show the figures, then the reason
         result = getattr(e, "result", None)
         if result is not None:

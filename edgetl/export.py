@@ -753,6 +753,7 @@ def _export_claimed(cfg, modes, run, run_cfg, split, name, targets, staging,
         raise
     timings["load_model_s"] = round(time.perf_counter() - t0, 3)
 
+    progress.release()  # the calibration images and the model are good: bad input is past
     try:  # created only now: an export refused while reading leaves the run as it was
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

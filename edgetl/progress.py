@@ -4,6 +4,10 @@ Each step ends with exactly one line on stderr, ``<label>: <detail> (<seconds> s
 same way on a terminal (where a rich spinner or bar shows the step while it runs, then gives way
 to that line) and in a log or pipe (where nothing else is written, so lines never interleave).
 ``quiet`` prints nothing. Imports no TensorFlow; rich only when a terminal shows the bar.
+
+Bad input is one ``error:`` line on stderr. So, in a log, a stage may ``hold`` its lines until
+its inputs are checked (``release``): an error before that is the only line. A terminal shows
+every line at once (the person reading it sees the steps, then the error).
 """
 
 from __future__ import annotations
@@ -54,17 +58,29 @@ class Progress:
         live: show a live bar; default: when ``stream`` is a terminal.
     """
 
-    def __init__(self, quiet: bool = False, stream=None, live: bool | None = None):
+    def __init__(self, quiet: bool = False, stream=None, live: bool | None = None,
+                 hold: bool = False):
         self.quiet = quiet
         self.stream = stream if stream is not None else sys.stderr
         if live is None:
             isatty = getattr(self.stream, "isatty", None)
             live = bool(isatty and isatty())
         self.live = live and not quiet
+        self._held: list[str] | None = [] if hold and not self.live else None
 
-    def line(self, text: str) -> None:
-        """One line now (nothing when quiet)."""
-        if not self.quiet:
+    def line(self, text: str, always: bool = False) -> None:
+        """One line (nothing when quiet, unless ``always``); held until ``release`` if held."""
+        if self.quiet and not always:
+            return
+        if self._held is not None:
+            self._held.append(text)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def release(self) -> None:
+        """The inputs are good: print the held lines, and from now on each line as it comes."""
+        held, self._held = self._held, None
+        for text in held or ():
             print(text, file=self.stream, flush=True)
 
     @contextmanager

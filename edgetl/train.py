@@ -1370,13 +1370,14 @@ def _settings_line(cfg: TrainConfig) -> str:
 
 
 def _train(cfg: TrainConfig, run: Path, state: dict | None, notes=()) -> TrainResult:
-    progress = Progress(quiet=cfg.quiet)
-    progress.line(_settings_line(cfg))  # first: what the run will do, before any wait
-    for note in notes:
-        progress.line(note)
+    progress = Progress(quiet=cfg.quiet, hold=True)  # released once the model is built
     spec = None if cfg.base_model else backbones.get_backbone(cfg.backbone)
     size = resolve_size(cfg, spec)
     names, train_items, val_items, skipped, pixels = _datasets(cfg, size, progress)
+    # After the scan (a bad data folder stays a one-line error), before the long waits.
+    progress.line(_settings_line(cfg))
+    for note in notes:
+        progress.line(note)
     with progress.step("load TensorFlow") as step:  # after the data checks, for the same reason
         from edgetl.keras import tf
 
@@ -1394,8 +1395,9 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
     log = progress.line
     if skipped:  # said even with --quiet: data left out is not progress; split.json lists all
         first = "; ".join(f"'{p}': {why}" for p, why in skipped[:3])
-        print(f"note: left out {len(skipped)} file(s) (all listed in {run / 'split.json'}): "
-              f"{first}{'; ...' if len(skipped) > 3 else ''}", file=sys.stderr, flush=True)
+        progress.line(f"note: left out {len(skipped)} file(s) (all listed in "
+                      f"{run / 'split.json'}): {first}{'; ...' if len(skipped) > 3 else ''}",
+                      always=True)
     if cfg.resume:
         saved = _read_run_config(run)
         if saved.get("class_names", names) != names:
@@ -1458,6 +1460,7 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
     train_ds, val_ds = dist.shard(train_ds), dist.shard(val_ds)
     weights = class_weights(train_items, len(names)) if cfg.class_weights == "auto" else None
 
+    progress.release()  # the data, the model and the run's files are good: bad input is past
     plan = phases(cfg)
     done_phase, done_epoch = (state["phase"], state["epoch"]) if state else (-1, 0)
     if cfg.resume and state is None:

@@ -61,8 +61,8 @@ def logged_run(synth, tmp_path_factory):
 
 def test_train_log_has_one_line_per_step_in_order(logged_run):
     _, lines = logged_run
-    order = [r"^settings: ", r"^scan '.*': 36 images in 3 classes \(\d+ train, \d+ validation\)"
-             r" \(\d+\.\d s\)$", r"^load TensorFlow: ", r"^build mobilenetv2: 153 base layers",
+    order = [r"^scan '.*': 36 images in 3 classes \(\d+ train, \d+ validation\)"
+             r" \(\d+\.\d s\)$", r"^settings: ", r"^load TensorFlow: ", r"^build mobilenetv2: 153 base layers",
              r"^phase 1/1: ", r"fine-tune epoch 1/2 done", r"fine-tune epoch 2/2 done",
              r"^best epoch ", r"^run: "]
     at = 0
@@ -123,6 +123,26 @@ def test_steps_in_a_log_one_line_each_none_when_quiet_or_failed():
     with Progress(quiet=True, stream=quiet).step("scan") as step:
         step.done("x")
     assert quiet.getvalue() == ""
+
+
+def test_held_lines_print_on_release_and_never_before_an_error():
+    """Bad input stays one error line in a log: lines wait until the inputs are checked."""
+    out = io.StringIO()
+    p = Progress(stream=out, hold=True)
+    with p.step("scan"):
+        pass
+    p.line("note: kept even when quiet", always=True)
+    assert out.getvalue() == ""
+    p.release()
+    p.line("phase 1/1")
+    assert [line.split(":")[0] for line in out.getvalue().splitlines()] == [
+        "scan", "note", "phase 1/1"]
+    quiet = io.StringIO()
+    q = Progress(quiet=True, stream=quiet, hold=True)
+    q.line("settings")
+    q.line("note: left out 1 file", always=True)
+    q.release()
+    assert quiet.getvalue() == "note: left out 1 file\n"
 
 
 def test_folder_scan_reports_every_image(synth):
