@@ -1213,7 +1213,9 @@ def _prune_history(run: Path, keep_epochs: int) -> None:
 # --- training ------------------------------------------------------------------------------------
 
 def _datasets(cfg: TrainConfig, size: tuple, progress: Progress = SILENT):
-    with progress.step(f"scan '{cfg.data}'") as step:
+    from edgetl.runner import printable  # a path must not drive the terminal
+
+    with progress.step(f"scan '{printable(cfg.data)}'") as step:
         names, train_items, val_items, skipped, pixels = _scan(cfg, size, step.advance)
         step.done(f"{len(train_items) + len(val_items)} images in {len(names)} classes "
                   f"({len(train_items)} train, {len(val_items)} validation"
@@ -1405,7 +1407,9 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
                               f"not the run's ({', '.join(saved['class_names'])}); restore the "
                               "data folder, or start a new run (--overwrite)")
 
-    what = (f"--base-model '{cfg.base_model}'" if cfg.base_model
+    from edgetl.runner import printable
+
+    what = (f"--base-model '{printable(cfg.base_model)}'" if cfg.base_model
             else backbones.get_backbone(cfg.backbone).name)
     with progress.step(f"build {what}") as step:
         model, n_base, spec = build_model(cfg, len(names), size)
