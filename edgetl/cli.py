@@ -348,6 +348,16 @@ def backbones(
     --layers the layers of one backbone or base model."""
     from edgetl.backbones import get_backbone, table
 
+    given = [flag for flag, value in (("--base-model", base_model), ("--cut-layer", cut_layer),
+                                      ("--unsafe", unsafe or None), ("--input-size", input_size),
+                                      ("--alpha", alpha), ("--strategy", strategy),
+                                      ("--unfreeze", unfreeze),
+                                      ("--unfreeze-from", unfreeze_from),
+                                      ("--weights", None if weights == "imagenet" else weights))
+             if value is not None]
+    if given and not layers:
+        _fail(f"{given[0]} applies to a layer list: add --layers (edgetl backbones NAME --layers "
+              f"{given[0]} ...)")
     if not layers:
         rows = table()
         if name is not None:

@@ -305,13 +305,17 @@ def layer_name_error(flag: str, value: str, names: list[str], cfg: TrainConfig) 
 
 
 def check_layer_names(cfg: TrainConfig) -> None:
-    """--unfreeze-from checked against the architecture alone, before data or weights load: a
-    registry backbone is built with random weights (about a second), a base model's names are
-    read from its file's config (nothing deserialised).
+    """--unfreeze-from and --cut-layer checked against the architecture alone, before data or
+    weights load: a registry backbone is built with random weights (about a second), a base
+    model's names are read from its file's config (nothing deserialised).
 
     Raises:
         EdgetlError: the name is not a layer (the closest names and the listing command given).
     """
+    if cfg.base_model and cfg.cut_layer:
+        from edgetl.basemodel import _precheck, _read_file
+
+        _precheck(_read_file(cfg.base_model), cfg.cut_layer, resolve_size(cfg, None))
     if not cfg.unfreeze_from:
         return
     if cfg.base_model:

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,9 @@ def test_backbones_layers_needs_exactly_one_model():
             result.output, result.output
     result = _cli("backbones", "mobilenetv9", "--layers")
     assert result.exit_code == 2 and "mobilenetv2" in result.output
+    result = _cli("backbones", "--alpha", "0.5")  # not silently ignored
+    assert result.exit_code == 2 and "--alpha applies to a layer list: add --layers" in \
+        result.output
 
 
 def _small_h5(path: Path) -> Path:
@@ -237,10 +241,13 @@ def test_bad_unfreeze_from_on_a_base_model_reads_only_its_config(synth, tmp_path
     model = _small_h5(tmp_path / "m.h5")
     with h5py.File(model, "a") as f:  # no weights left: loading the model would fail
         del f["model_weights"]
-    cfg = tiny_config(synth, tmp_path / "run", base_model=str(model), weights="imagenet",
-                      strategy="fine-tune", unfreeze_from="featurs")
+    cfg = tiny_config(tmp_path / "no-such-data", tmp_path / "run", base_model=str(model),
+                      weights="imagenet", strategy="fine-tune", unfreeze_from="featurs")
     with pytest.raises(EdgetlError) as e:
         train(cfg)
     assert "--unfreeze-from 'featurs' is not a layer of" in str(e.value)
     assert "'features'" in str(e.value) and "--base-model" in str(e.value)
+    with pytest.raises(EdgetlError) as e:  # --cut-layer too, before the (missing) data
+        train(replace(cfg, unfreeze_from=None, cut_layer="featurs"))
+    assert "--cut-layer 'featurs' is not a layer of" in str(e.value)
     assert not (tmp_path / "run").exists()
