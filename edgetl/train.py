@@ -1419,7 +1419,7 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
         model, n_base, spec = build_model(cfg, len(names), size)
         step.done(f"{n_base - 1} base layers, {model.count_params():,} parameters, input "
                   f"{'x'.join(str(d) for d in model.input_shape[1:])}, weights "
-                  f"{'from the file' if cfg.base_model else cfg.weights}")
+                  f"{'from the file' if cfg.base_model else printable(cfg.weights)}")
     channels = int(model.input_shape[-1])
     prep = _choose_preprocessing(cfg, spec, model, channels, run)
     log(f"preprocessing: {describe(prep)}: {prep['reason']}")
