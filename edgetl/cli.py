@@ -269,6 +269,8 @@ def train(
     resume: bool = typer.Option(False, help="Continue the run in --out."),
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
     quiet: bool = typer.Option(False, help="No progress output."),
+    verbose: bool = typer.Option(False, help="Each epoch's line also gives the training loss "
+                                             "and accuracy."),
     distribute: Distribute = typer.Option(Distribute.auto, help="tf.distribute strategy: auto "
                                           "(mirrored on >1 GPU), none, mirrored, multi-worker "
                                           "(TF_CONFIG); --batch-size is the global batch."),
@@ -305,7 +307,7 @@ def train(
         qat_scope=qat_scope, qat_ranges=qat_ranges, augment=not no_augment, augmentations=augment,
         class_weights=class_weights, strict=strict, seed=seed, resume=resume,
         overwrite=overwrite, quiet=quiet, monitor=monitor, patience=patience)
-    cfg = replace(cfg, distribute=distribute, cache=cache)
+    cfg = replace(cfg, distribute=distribute, cache=cache, verbose=verbose)
     from edgetl.train import train as run_train
 
     result = _guard(run_train, cfg, given)
@@ -316,18 +318,98 @@ def train(
                f"{f'  best epoch: {result.best_epoch}' if result.best_epoch else ''}")
 
 
-@app.command(short_help="List the backbones: input sizes, preprocessing, QAT support.",
-             epilog=_examples("edgetl backbones"))
-def backbones() -> None:
-    """List the supported backbones: input size, ImageNet sizes, preprocessing, QAT."""
-    from edgetl.backbones import table
+@app.command(short_help="List the backbones, or one model's layers (--layers).",
+             epilog=_examples("edgetl backbones",
+                              "edgetl backbones mobilenetv2 --layers",
+                              "edgetl backbones mobilenetv2 --layers --strategy fine-tune",
+                              "edgetl backbones --base-model my_model.keras --layers --json"))
+def backbones(
+    name: Optional[str] = typer.Argument(None, metavar="[NAME]",
+                                         help="One backbone (default: all)."),
+    layers: bool = typer.Option(False, "--layers", help="List the layers of NAME or "
+                                "--base-model: index, name, type, output shape, parameters and "
+                                "whether it trains under --strategy."),
+    base_model: Optional[Path] = typer.Option(None, help="Your own saved model (with --layers).",
+                                              show_default="none: NAME"),
+    cut_layer: Optional[str] = typer.Option(None, help="Layer of --base-model that feeds the "
+                                                       "head.",
+                                            show_default="the last 4D tensor below its head"),
+    unsafe: bool = typer.Option(False, help="Allow Lambda layers / custom code in --base-model."),
+    input_size: Optional[str] = typer.Option(None, help="Input size in px: N or HxW.",
+                                             show_default="the base model's fixed size, else "
+                                                          "the backbone's"),
+    alpha: Optional[float] = typer.Option(None, help="MobileNet width multiplier.",
+                                          show_default="1.0; MobileNets only"),
+    weights: str = typer.Option("imagenet", metavar="<imagenet|none|PATH>",
+                                help="As train's: decides the default strategy and whether "
+                                     "BatchNorm trains (no weights are loaded)."),
+    strategy: Optional[Strategy] = typer.Option(None, help="As train's.",
+                                                show_default="as train's"),
+    unfreeze: Optional[int] = typer.Option(None, help="As train's.", show_default="as train's"),
+    unfreeze_from: Optional[str] = typer.Option(None, help="As train's.",
+                                                show_default="none: --unfreeze"),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """List the supported backbones (input size, ImageNet sizes, preprocessing, QAT), or with
+    --layers the layers of one backbone or base model."""
+    from edgetl.backbones import get_backbone, table
 
-    rows = table()
-    cols = list(rows[0])
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-    typer.echo("  ".join(c.ljust(widths[c]) for c in cols))
+    given = [flag for flag, value in (("--base-model", base_model), ("--cut-layer", cut_layer),
+                                      ("--unsafe", unsafe or None), ("--input-size", input_size),
+                                      ("--alpha", alpha), ("--strategy", strategy),
+                                      ("--unfreeze", unfreeze),
+                                      ("--unfreeze-from", unfreeze_from),
+                                      ("--weights", None if weights == "imagenet" else weights))
+             if value is not None]
+    if given and not layers:
+        _fail(f"{given[0]} applies to a layer list: add --layers (edgetl backbones NAME --layers "
+              f"{given[0]} ...)")
+    if not layers:
+        rows = table()
+        if name is not None:
+            wanted = _guard(get_backbone, name).name
+            rows = [r for r in rows if r["name"] == wanted]
+        if as_json:
+            typer.echo(json.dumps(rows, indent=2))
+            return
+        cols = list(rows[0])
+        widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+        typer.echo("  ".join(c.ljust(widths[c]) for c in cols))
+        for r in rows:
+            typer.echo("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+        if name is not None:
+            typer.echo(f"(edgetl backbones {rows[0]['name']} --layers lists its layers)")
+        return
+    if (name is None) == (base_model is None):
+        _fail("--layers lists one model: give a backbone name (edgetl backbones mobilenetv2 "
+              "--layers) or --base-model FILE" + (", not both" if name else ""))
+    from edgetl.config import TrainConfig
+    from edgetl.train import layer_table
+
+    cfg = TrainConfig(data="", backbone=name or "mobilenetv2",
+                      base_model=str(base_model) if base_model else None, cut_layer=cut_layer,
+                      unsafe=unsafe, weights=weights, alpha=alpha,
+                      input_size=int(input_size) if input_size and input_size.strip().isdigit()
+                      else input_size, strategy=strategy, unfreeze=unfreeze,
+                      unfreeze_from=unfreeze_from, quiet=True)
+    report = _guard(layer_table, cfg)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    from edgetl.runner import printable
+
+    shape = "x".join(map(str, report["input_shape"]))
+    alpha_text = f", alpha {report['alpha']:g}" if report["alpha"] is not None else ""
+    typer.echo(f"{printable(str(report['backbone']))}: input {shape}{alpha_text}, "
+               f"{len(report['layers']) - 1} layers; --strategy {report['strategy']} with "
+               f"--weights {report['weights']} trains {report['trains']}")
+    rows = [(str(r["index"]), printable(r["name"]), r["type"], r["output_shape"],
+             f"{r['params']:,}", "yes" if r["trainable"] else "no") for r in report["layers"]]
+    head = ("index", "name", "type", "output", "params", "trains")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    typer.echo("  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip())
     for r in rows:
-        typer.echo("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
 
 
 @app.command(short_help="Convert a run to TFLite and verify it (integer ops, accuracy).",
@@ -381,6 +463,7 @@ def export(
                                                 "the calibration set is too small."),
     plots: bool = typer.Option(False, "--plots", help="With --auto: a Pareto PNG (needs "
                                                       "matplotlib; else JSON and a table)."),
+    quiet: bool = typer.Option(False, help="No progress output (the reports still print)."),
 ) -> None:
     """Convert a run to TFLite, then prove it: integer-only ops and accuracy parity."""
     from edgetl.config import ExportConfig
@@ -401,7 +484,15 @@ def export(
                        edgetpu_allow_cpu=edgetpu_allow_cpu, compare_ptq=compare_ptq,
                        auto=auto, auto_max_candidates=auto_max_candidates,
                        check_calibration=check_calibration, plots=plots)
-    from edgetl.export import export as run_export, format_reports
+    from edgetl.export import export as run_export, format_report
+    from edgetl.progress import Progress
+
+    shown = []  # modes whose block is printed: each as soon as it is verified
+
+    def show(path, mode, report):
+        if not as_json:
+            typer.echo(format_report(path, mode, report))
+            shown.append(mode)
 
     # SIGTERM ends an export like Ctrl-C: its clean-up runs and nothing is left half-written.
     from edgetl.export import interrupt_on_signal
@@ -412,14 +503,22 @@ def export(
     except ValueError:  # not the main thread (an embedding app): leave signals alone
         previous = None
     try:
-        result = run_export(cfg)
+        result = run_export(cfg, Progress(quiet=quiet, hold=True), show)
     except VerificationError as e:  # written but failed: show the figures, then the reason
         result = getattr(e, "result", None)
         if result is not None:
-            typer.echo(json.dumps(result.reports, indent=2) if as_json
-                       else format_reports(result))
+            tail = json.dumps(result.reports, indent=2) if as_json else \
+                _export_tail(result, shown)
+            if tail:
+                typer.echo(tail)
         _fail(str(e), e.exit_code)
     except (Exception, KeyboardInterrupt) as e:
+        if shown and isinstance(e, (EdgetlError, KeyboardInterrupt)):
+            # The blocks above name files that the roll-back has just removed.
+            text = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
+            _fail(f"{text} (no file was written, not even those above: an export keeps all its "
+                  "files or none)", getattr(e, "exit_code", 130 if isinstance(
+                      e, KeyboardInterrupt) else 2))
         _guard(_reraise, e)
     finally:
         for sig, handler in (previous or {}).items():
@@ -429,8 +528,21 @@ def export(
     else:
         from edgetl.metadata import IO_ADVICE
 
-        typer.echo(format_reports(result))
+        tail = _export_tail(result, shown)
+        if tail:
+            typer.echo(tail)
         typer.echo(IO_ADVICE)
+
+
+def _export_tail(result, shown: list) -> str:
+    """What export prints after the blocks already shown: any block not shown, the manifest."""
+    from edgetl.export import format_report
+
+    lines = [format_report(path, mode, r) for path, (mode, r)
+             in zip(result.files, result.reports.items()) if mode not in shown]
+    if result.manifest:
+        lines.append(f"calibration manifest: {result.manifest}")
+    return "\n".join(lines)
 
 
 @app.command(short_help="Ops, dtypes, quantization, size, metadata, Edge TPU check.",

@@ -227,6 +227,7 @@ class TrainConfig:
         patience: stop a phase after this many epochs without a better best epoch (None: never).
         cache: train phases whose lower layers are frozen on those layers' output, computed
             once per image (edgetl/cache.py); only where exact: no augmentation, no QAT.
+        verbose: each epoch's line also gives the training loss and accuracy.
     """
 
     data: str
@@ -270,6 +271,7 @@ class TrainConfig:
     monitor: Monitor = Monitor.val_accuracy
     patience: int | None = None
     cache: bool = True
+    verbose: bool = False
 
     def check(self) -> None:
         """Refuses contradictory, impossible or non-finite settings before anything is read or

@@ -153,7 +153,8 @@ def _walk_images(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
 
 def scan_folder(root: str | os.PathLike, size: tuple[int, int] | None = None,
                 class_names: list[str] | None = None, strict: bool = False,
-                min_classes: int = 2, keep_pixels: bool = False) -> ImageFolder:
+                min_classes: int = 2, keep_pixels: bool = False,
+                on_image=None) -> ImageFolder:
     """Lists and checks a class-folder dataset; every image is decoded once in parallel.
 
     Args:
@@ -164,6 +165,8 @@ def scan_folder(root: str | os.PathLike, size: tuple[int, int] | None = None,
         min_classes: fewer classes than this is an error.
         keep_pixels: keep the decoded images (at ``size``) for make_dataset when all of them
             fit in KEEP_PIXELS_BYTES.
+        on_image: called with no argument after each image is decoded (from worker threads):
+            progress.
     """
     from edgetl.runner import RunnerError, load_image
 
@@ -206,6 +209,9 @@ def scan_folder(root: str | os.PathLike, size: tuple[int, int] | None = None,
             return (img if keep else None), None
         except RunnerError as e:
             return None, str(e)
+        finally:
+            if on_image is not None:
+                on_image()
 
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
         results = list(pool.map(ok, [p for p, _ in candidates]))

@@ -26,6 +26,7 @@ import numpy as np
 from edgetl.config import ExportConfig, IOType, Quantization
 from edgetl.data import file_sha256
 from edgetl.errors import EdgetlError, VerificationError
+from edgetl.progress import SILENT, Progress
 
 MIN_CALIBRATION = 10
 MANIFEST_FORMAT = 1
@@ -288,7 +289,7 @@ def manifest_bytes(paths, run_cfg: dict, source: str, seed: int) -> bytes:
 
 def convert(model, mode: Quantization, io: IOType, calibration: np.ndarray | None,
             keep_float: tuple = (), debug_report: list | None = None,
-            per_channel: bool = True) -> bytes:
+            per_channel: bool = True, on_image=None) -> bytes:
     """Keras model -> TFLite bytes. The only code in edgetl that touches TFLiteConverter.
 
     Args:
@@ -301,6 +302,8 @@ def convert(model, mode: Quantization, io: IOType, calibration: np.ndarray | Non
             appended to it (int8 only).
         per_channel: per-channel weight scales (the default); False gives one scale per
             tensor (benchmarks/run.py compares the two).
+        on_image: called with no argument as the converter takes each calibration image
+            (progress).
     """
     from edgetl.keras import tf
 
@@ -320,6 +323,8 @@ def convert(model, mode: Quantization, io: IOType, calibration: np.ndarray | Non
     def representative():
         for i in range(len(calibration)):
             yield [calibration[i:i + 1]]
+            if on_image is not None:
+                on_image()
 
     def make():  # a fresh converter each time: the debugger leaves its converter calibrate-only
         conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], holder)
@@ -426,10 +431,11 @@ def wilson_low(correct: int, n: int, z: float = 1.96) -> float:
 
 
 def verify_accuracy(keras_model, tflite_path: Path, items, size, prep: dict,
-                    names: list[str], batch: int = 32) -> dict:
+                    names: list[str], batch: int = 32, on_images=None) -> dict:
     """Top-1 of the Keras model and of the .tflite (through the device runner) on the same
     inputs: absolute accuracy, recall per class, the drop with its paired 95 % interval, and
-    warnings for a model near chance or a class never predicted."""
+    warnings for a model near chance or a class never predicted. ``on_images(n)`` is called
+    after each batch of n images (progress)."""
     from edgetl.runner import Model
 
     runner_model = Model(str(tflite_path), delegate="xnnpack")
@@ -440,6 +446,8 @@ def verify_accuracy(keras_model, tflite_path: Path, items, size, prep: dict,
         y_keras.append(np.asarray(keras_model(x, training=False)).argmax(-1))
         y_tfl.append(np.asarray(runner_model.predict(x)).reshape(len(chunk), -1).argmax(-1))
         y_true.append(np.array([label for _, label in chunk]))
+        if on_images is not None:
+            on_images(len(chunk))
     y_true, y_keras, y_tfl = (np.concatenate(a) for a in (y_true, y_keras, y_tfl))
     k = len(names)
     n = len(y_true)
@@ -611,8 +619,12 @@ def _check_auto(cfg: ExportConfig, modes: tuple) -> None:
                           "calibrations)")
 
 
-def export(cfg: ExportConfig) -> ExportResult:
+def export(cfg: ExportConfig, progress: Progress = SILENT, on_report=None) -> ExportResult:
     """Converts a run's model to each requested mode, verifies and describes each file.
+
+    ``progress`` shows each step (calibration images, model, each conversion and verification);
+    ``on_report(path, mode, report)`` is called as each mode is verified, before the next one
+    converts (its file is renamed into place with the others at the end).
 
     Everything is written under hidden temporary names in RUN/export and renamed into place at
     the end, all files together; on any failure (an exception of any kind, Ctrl-C) the temporary
@@ -656,7 +668,8 @@ def export(cfg: ExportConfig) -> ExportResult:
         created_dir = not out_dir.exists()
         staging = _Staging(out_dir)
         try:
-            return _export_claimed(cfg, modes, run, run_cfg, split, name, targets, staging)
+            return _export_claimed(cfg, modes, run, run_cfg, split, name, targets, staging,
+                                   progress, on_report)
         except BaseException as e:
             staging.discard()
             if created_dir:
@@ -693,7 +706,8 @@ def _refuse_existing(targets: dict, overwrite: bool) -> None:
         raise EdgetlError(f"'{existing[0]}' already exists: pass --overwrite to replace it")
 
 
-def _export_claimed(cfg, modes, run, run_cfg, split, name, targets, staging) -> ExportResult:
+def _export_claimed(cfg, modes, run, run_cfg, split, name, targets, staging,
+                    progress: Progress = SILENT, on_report=None) -> ExportResult:
     from edgetl.train import load_model
 
     from edgetl.preprocessing import input_shape
@@ -708,17 +722,22 @@ def _export_claimed(cfg, modes, run, run_cfg, split, name, targets, staging) -> 
     t0 = time.perf_counter()
     calib, calib_paths, source = None, [], None
     if needs_calibration:
-        calib_paths, source = calibration_items(cfg, run_cfg, split)
-        calib = load_batch(calib_paths, size, prep)
-        if not np.isfinite(calib).all():
-            raise EdgetlError("calibration images produced non-finite values: check the images")
+        with progress.step("calibration images") as step:
+            calib_paths, source = calibration_items(cfg, run_cfg, split)
+            calib = load_batch(calib_paths, size, prep)
+            if not np.isfinite(calib).all():
+                raise EdgetlError("calibration images produced non-finite values: check the "
+                                  "images")
+            step.done(f"{len(calib_paths)} from the {source}")
     timings["calibration_load_s"] = round(time.perf_counter() - t0, 3)
 
     t0 = time.perf_counter()
     try:
-        model = load_model(source_model, cfg.unsafe)
-        float_note = float_weights(run) if qat else None
-        float_model = load_model(run / "model.keras", cfg.unsafe) if qat else model
+        with progress.step(f"load {source_model.name}") as step:
+            model = load_model(source_model, cfg.unsafe)
+            float_note = float_weights(run) if qat else None
+            float_model = load_model(run / "model.keras", cfg.unsafe) if qat else model
+            step.done(f"{model.count_params():,} parameters{' (QAT)' if qat else ''}")
     except OSError as e:
         raise _io_error(e.filename or source_model, e) from None
     except Exception as e:
@@ -727,6 +746,7 @@ def _export_claimed(cfg, modes, run, run_cfg, split, name, targets, staging) -> 
         raise
     timings["load_model_s"] = round(time.perf_counter() - t0, 3)
 
+    progress.release()  # the calibration images and the model are good: bad input is past
     try:  # created only now: an export refused while reading leaves the run as it was
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -743,7 +763,8 @@ def _export_claimed(cfg, modes, run, run_cfg, split, name, targets, staging) -> 
     for mode in modes:
         report, failed, staged = _export_one(cfg, mode, model, float_model, qat, calib, run,
                                              run_cfg, name, targets[mode], manifest_sha, split,
-                                             timings, staging, calib_paths=calib_paths)
+                                             timings, staging, calib_paths=calib_paths,
+                                             progress=progress)
         pairs += staged
         _raise_if_signalled()
         files.append(str(targets[mode]))
@@ -752,6 +773,8 @@ def _export_claimed(cfg, modes, run, run_cfg, split, name, targets, staging) -> 
         if float_note and mode not in (Quantization.int8, Quantization.int16x8):
             report["float_weights"] = float_note
             _amend_sidecar(staging, pairs, targets[mode], {"float_weights": float_note})
+        if on_report is not None and not (cfg.compare_ptq and mode == Quantization.int8):
+            on_report(str(targets[mode]), mode.value, report)  # int8: after its comparison
     if cfg.compare_ptq:
         from edgetl.train import FLOAT_BEFORE_QAT
 
@@ -759,7 +782,8 @@ def _export_claimed(cfg, modes, run, run_cfg, split, name, targets, staging) -> 
         before = load_model(run / FLOAT_BEFORE_QAT, cfg.unsafe)
         report, failed, staged = _export_one(cfg, Quantization.int8, before, before,
                                              False, calib, run, run_cfg, name, ptq_target,
-                                             manifest_sha, split, timings, staging)
+                                             manifest_sha, split, timings, staging,
+                                             progress=progress)
         pairs += staged
         _raise_if_signalled()
         files.append(str(ptq_target))
@@ -767,6 +791,10 @@ def _export_claimed(cfg, modes, run, run_cfg, split, name, targets, staging) -> 
         failures += failed
         _add_ptq_comparison(staging, pairs, targets[Quantization.int8], ptq_target,
                             reports[Quantization.int8.value], report, split, run_cfg)
+        if on_report is not None:
+            on_report(str(targets[Quantization.int8]), Quantization.int8.value,
+                      reports[Quantization.int8.value])
+            on_report(str(ptq_target), "int8_ptq", report)
     # The manifest and sidecars are renamed first and each model last, all with signals held:
     # Ctrl-C cannot cut this short, and a failed rename puts every previous file back.
     _raise_if_signalled()
@@ -782,67 +810,73 @@ def _export_claimed(cfg, modes, run, run_cfg, split, name, targets, staging) -> 
 
 def format_reports(result: ExportResult) -> str:
     """A readable summary of an export: one block per file."""
-    lines = []
-    for path, (mode, r) in zip(result.files, result.reports.items()):
-        lines.append(f"{path}  ({r['size_bytes'] / 1e6:.2f} MB, {mode}, io {r['io']}, "
-                     f"converted in {r['convert_s']:.1f} s)")
-        if "integer_only" in r:
-            lines.append(f"  integer-only: {'yes' if r['integer_only'] else 'NO'}"
-                         + "".join(f"\n    {o}" for o in r["offending_ops"][:20]))
-        if "note" in r:
-            lines.append(f"  note: {r['note']}")
-        a = r.get("accuracy")
-        if a:
-            lines.append(f"  accuracy on {a['images']} validation images: keras "
-                         f"{a['keras_accuracy']:.4f}  tflite {a['tflite_accuracy']:.4f}  drop "
-                         f"{a['drop_points']:.2f} points  top-1 agreement "
-                         f"{a['top1_agreement']:.4f}  ({a['interpreter']})")
-            if "float_before_qat_accuracy" in a:
-                lines.append(f"  against the float model before QAT: "
-                             f"{a['float_before_qat_accuracy']:.4f} -> tflite "
-                             f"{a['tflite_accuracy']:.4f}  drop "
-                             f"{a['drop_vs_float_before_qat_points']:.2f} points")
-            if "chance_accuracy" in a:
-                lines.append(f"  tflite accuracy {a['tflite_accuracy']:.4f} vs chance "
-                             f"{a['chance_accuracy']:.4f} (always the most frequent class); "
-                             f"drop 95 % interval {a['drop_ci95_points'][0]:.2f} to "
-                             f"{a['drop_ci95_points'][1]:.2f} points, one image "
-                             f"{a['points_per_image']:.2f}")
-            recall = [(k, v) for k, v in a["per_class_tflite"].items() if v is not None]
-            shown = sorted(recall, key=lambda kv: kv[1])[:10]
-            lines.append(f"  recall per class (tflite{', weakest 10' if len(recall) > 10 else ''}"
-                         "): " + ", ".join(f"{k} {v:.3f}" for k, v in shown))
-            for w in a.get("warnings", []):
-                lines.append(f"  warning: {w}")
-        lines += _qat_lines(r)
-        if r.get("auto") or r.get("calibration_check"):
-            from edgetl.autoquant import format_check, format_search
-
-            lines += format_search(r["auto"]) if r.get("auto") else []
-            lines += format_check(r["calibration_check"]) if r.get("calibration_check") else []
-        for w in r.get("worst_layers", [])[:5]:
-            lines.append(f"  debug: {w['layer']} ({w['op']}) rmse/scale {w['rmse_per_scale']:.3f}")
-        tpu = r.get("edgetpu")
-        if tpu:
-            lines.append(f"  edge tpu: {tpu.get('verdict')} [{tpu.get('source')}]")
-            problem = edgetpu_problem(tpu)
-            if problem and problem["cpu_ops"]:
-                lines.append("  edge tpu: on the CPU: " + ", ".join(problem["cpu_ops"][:20]))
-        for w in r.get("warnings", []):
-            lines.append(f"  warning: {w}")
-        n_warn = len((a or {}).get("warnings", [])) + len(r.get("warnings", []))
-        status = "passed" if r["passed"] else "FAILED"
-        if n_warn and r["passed"]:
-            status += f" (the conversion), with {n_warn} warning(s) above"
-        lines.append(f"  verification: {status}")
+    lines = [format_report(path, mode, r)
+             for path, (mode, r) in zip(result.files, result.reports.items())]
     if result.manifest:
         lines.append(f"calibration manifest: {result.manifest}")
     return "\n".join(lines)
 
 
+def format_report(path: str, mode: str, r: dict) -> str:
+    """One file's block of ``format_reports``: size, checks, accuracy, verdict."""
+    lines = []
+    lines.append(f"{path}  ({r['size_bytes'] / 1e6:.2f} MB, {mode}, io {r['io']}, "
+                 f"converted in {r['convert_s']:.1f} s)")
+    if "integer_only" in r:
+        lines.append(f"  integer-only: {'yes' if r['integer_only'] else 'NO'}"
+                     + "".join(f"\n    {o}" for o in r["offending_ops"][:20]))
+    if "note" in r:
+        lines.append(f"  note: {r['note']}")
+    a = r.get("accuracy")
+    if a:
+        lines.append(f"  accuracy on {a['images']} validation images: keras "
+                     f"{a['keras_accuracy']:.4f}  tflite {a['tflite_accuracy']:.4f}  drop "
+                     f"{a['drop_points']:.2f} points  top-1 agreement "
+                     f"{a['top1_agreement']:.4f}  ({a['interpreter']})")
+        if "float_before_qat_accuracy" in a:
+            lines.append(f"  against the float model before QAT: "
+                         f"{a['float_before_qat_accuracy']:.4f} -> tflite "
+                         f"{a['tflite_accuracy']:.4f}  drop "
+                         f"{a['drop_vs_float_before_qat_points']:.2f} points")
+        if "chance_accuracy" in a:
+            lines.append(f"  tflite accuracy {a['tflite_accuracy']:.4f} vs chance "
+                         f"{a['chance_accuracy']:.4f} (always the most frequent class); "
+                         f"drop 95 % interval {a['drop_ci95_points'][0]:.2f} to "
+                         f"{a['drop_ci95_points'][1]:.2f} points, one image "
+                         f"{a['points_per_image']:.2f}")
+        recall = [(k, v) for k, v in a["per_class_tflite"].items() if v is not None]
+        shown = sorted(recall, key=lambda kv: kv[1])[:10]
+        lines.append(f"  recall per class (tflite{', weakest 10' if len(recall) > 10 else ''}"
+                     "): " + ", ".join(f"{k} {v:.3f}" for k, v in shown))
+        for w in a.get("warnings", []):
+            lines.append(f"  warning: {w}")
+    lines += _qat_lines(r)
+    if r.get("auto") or r.get("calibration_check"):
+        from edgetl.autoquant import format_check, format_search
+
+        lines += format_search(r["auto"]) if r.get("auto") else []
+        lines += format_check(r["calibration_check"]) if r.get("calibration_check") else []
+    for w in r.get("worst_layers", [])[:5]:
+        lines.append(f"  debug: {w['layer']} ({w['op']}) rmse/scale {w['rmse_per_scale']:.3f}")
+    tpu = r.get("edgetpu")
+    if tpu:
+        lines.append(f"  edge tpu: {tpu.get('verdict')} [{tpu.get('source')}]")
+        problem = edgetpu_problem(tpu)
+        if problem and problem["cpu_ops"]:
+            lines.append("  edge tpu: on the CPU: " + ", ".join(problem["cpu_ops"][:20]))
+    for w in r.get("warnings", []):
+        lines.append(f"  warning: {w}")
+    n_warn = len((a or {}).get("warnings", [])) + len(r.get("warnings", []))
+    status = "passed" if r["passed"] else "FAILED"
+    if n_warn and r["passed"]:
+        status += f" (the conversion), with {n_warn} warning(s) above"
+    lines.append(f"  verification: {status}")
+    return "\n".join(lines)
+
+
 def _export_one(cfg, mode, model, float_model, qat, calib, run, run_cfg, name, target,
                 manifest_sha, split, timings, staging,
-                calib_paths=()) -> tuple[dict, list[str], list]:
+                calib_paths=(), progress: Progress = SILENT) -> tuple[dict, list[str], list]:
     """Converts, stages and verifies one mode; returns its report, failures and staged files."""
     from edgetl.inspect import edgetpu_section, integer_only_report
     from edgetl.keras import versions
@@ -861,13 +895,20 @@ def _export_one(cfg, mode, model, float_model, qat, calib, run, run_cfg, name, t
     debug_rows = [] if (cfg.debug and mode == Quantization.int8) else None
     t0 = time.perf_counter()
     keep_float, auto, written_mode = tuple(cfg.keep_float), None, mode
+    calibrates = calib is not None and mode in (Quantization.int8, Quantization.int16x8)
     if mode == Quantization.int8 and getattr(cfg, "auto", False):
-        raw, chosen, auto = _auto_convert(cfg, src, calib, split, size, prep, io)
-        keep_float, written_mode = tuple(chosen["keep_float"]), Quantization(chosen["mode"])
-        io = IOType.float32 if chosen["io"] == "float32" else io
+        with progress.step("search int8 (--auto)") as step:
+            raw, chosen, auto = _auto_convert(cfg, src, calib, split, size, prep, io)
+            keep_float, written_mode = tuple(chosen["keep_float"]), Quantization(chosen["mode"])
+            io = IOType.float32 if chosen["io"] == "float32" else io
+            step.done(f"chose {chosen['mode']}, {len(raw) / 1e6:.2f} MB")
     else:
-        raw = convert(src, mode, io, calib, keep_float if mode == Quantization.int8 else (),
-                      debug_rows)
+        with progress.step(f"convert {mode.value}", len(calib) if calibrates else None) as step:
+            step.describe("calibrating" if calibrates else "converting")
+            raw = convert(src, mode, io, calib, keep_float if mode == Quantization.int8 else (),
+                          debug_rows, on_image=step.advance if calibrates else None)
+            step.done(f"{len(raw) / 1e6:.2f} MB" + (f", calibrated on {len(calib)} images"
+                                                     if calibrates else ""))
     convert_s = round(time.perf_counter() - t0, 3)
     info = read_model(raw)
     failures, report = [], {"mode": mode.value, "io": io.value, "convert_s": convert_s}
@@ -932,7 +973,12 @@ def _export_one(cfg, mode, model, float_model, qat, calib, run, run_cfg, name, t
     if cfg.verify:
         t0 = time.perf_counter()
         val = [tuple(x) for x in split["val"]]
-        verification = verify_accuracy(src, staged, val, size, prep, names)
+        with progress.step(f"verify {mode.value}", len(val)) as step:
+            verification = verify_accuracy(src, staged, val, size, prep, names,
+                                           on_images=step.advance)
+            step.done(f"{len(val)} validation images: keras "
+                      f"{verification['keras_accuracy']:.4f}, tflite "
+                      f"{verification['tflite_accuracy']:.4f}")
         report["verify_s"] = round(time.perf_counter() - t0, 3)
         report["accuracy"] = verification
         if qat and mode == Quantization.int8:

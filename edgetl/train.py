@@ -27,6 +27,7 @@ from edgetl.data import (augment_ops, class_weights, file_sha256, list_hash, mak
                          scan_folder, stratified_split)
 from edgetl.errors import EdgetlError
 from edgetl.preprocessing import describe
+from edgetl.progress import SILENT, Progress
 
 RUN_FORMAT = 1
 HEAD_PREFIX = "head_"
@@ -264,9 +265,7 @@ def set_trainable(model, n_base: int, cfg: TrainConfig, unfreeze: bool) -> int:
         if cfg.unfreeze_from:
             names = [layer.name for layer in base_layers]
             if cfg.unfreeze_from not in names:
-                raise EdgetlError(f"--unfreeze-from '{cfg.unfreeze_from}' is not a layer of the "
-                                  f"base (first/last layers: {names[1]} ... {names[-1]}); see "
-                                  "the layer list with `edgetl backbones --layers`")
+                raise layer_name_error("--unfreeze-from", cfg.unfreeze_from, names[1:], cfg)
             start = names.index(cfg.unfreeze_from)
         else:
             n = cfg.unfreeze if cfg.unfreeze is not None else (
@@ -283,6 +282,107 @@ def set_trainable(model, n_base: int, cfg: TrainConfig, unfreeze: bool) -> int:
         else:
             layer.trainable = True
     return start
+
+
+def layers_command(cfg: TrainConfig) -> str:
+    """The command that lists the layers of ``cfg``'s backbone or base model."""
+    import shlex
+
+    what = (f"--base-model {shlex.quote(cfg.base_model)}" if cfg.base_model
+            else shlex.quote(cfg.backbone))
+    cut = f" --cut-layer {shlex.quote(cfg.cut_layer)}" if cfg.cut_layer else ""
+    return f"edgetl backbones {what}{cut} --layers"
+
+
+def layer_name_error(flag: str, value: str, names: list[str], cfg: TrainConfig) -> EdgetlError:
+    """One line: ``value`` is not among ``names``, the closest names, and how to list them all."""
+    import difflib
+
+    close = difflib.get_close_matches(value, names, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    what = f"'{cfg.base_model}'" if cfg.base_model else backbones.get_backbone(cfg.backbone).name
+    span = f" from {names[0]} to {names[-1]}" if names else ""
+    return EdgetlError(f"{flag} '{value}' is not a layer of {what}{hint} ({len(names)} layers"
+                       f"{span}; list them: {layers_command(cfg)})")
+
+
+def check_layer_names(cfg: TrainConfig) -> None:
+    """--unfreeze-from and --cut-layer checked against the architecture alone, before data or
+    weights load: a registry backbone is built with random weights (about a second), a base
+    model's names are read from its file's config (nothing deserialised).
+
+    Raises:
+        EdgetlError: the name is not a layer (the closest names and the listing command given).
+    """
+    if cfg.base_model and cfg.cut_layer:
+        from edgetl.basemodel import _precheck, _read_file
+
+        _precheck(_read_file(cfg.base_model), cfg.cut_layer, resolve_size(cfg, None))
+    if not cfg.unfreeze_from:
+        return
+    if cfg.base_model:
+        from edgetl.basemodel import _config_layers, _read_file
+
+        info = _read_file(cfg.base_model)
+        names = [n for n, _ in _config_layers(info.config)] if info.config else []
+        # Flattening renames a clash to '<outer model>_<name>': such a name may be right.
+        if names and cfg.unfreeze_from not in names and not any(
+                cfg.unfreeze_from.endswith("_" + n) for n in names):
+            raise layer_name_error("--unfreeze-from", cfg.unfreeze_from, names, cfg)
+        return
+    size = resolve_size(cfg, backbones.get_backbone(cfg.backbone))
+    base, _ = build_base(replace(cfg, weights="none"), size)
+    names = [layer.name for layer in base.layers[1:]]
+    if cfg.unfreeze_from not in names:
+        raise layer_name_error("--unfreeze-from", cfg.unfreeze_from, names, cfg)
+
+
+def _shape_text(shape) -> str:
+    """(None, 7, 7, 1280) -> '7x7x1280'; several outputs joined by ' + '."""
+    if isinstance(shape, list):
+        return " + ".join(_shape_text(s) for s in shape)
+    dims = tuple(shape)[1:] if shape is not None else ()
+    return "x".join("?" if d is None else str(d) for d in dims) or "scalar"
+
+
+def layer_table(cfg: TrainConfig) -> dict:
+    """The layers of ``cfg``'s backbone (built with random weights: nothing is downloaded) or
+    base model (loaded and cut as ``train`` would), with whether each trains under ``cfg``'s
+    strategy (its last phase), for ``edgetl backbones NAME --layers``.
+
+    Returns:
+        {"backbone", "input_shape" [h, w, c], "strategy", "weights", "trains" (summary),
+         "layers": [{"index", "name", "type", "output_shape", "params", "trainable"}]};
+        index is the position in the base model (0 = its input), as --unfreeze-from counts.
+
+    Raises:
+        EdgetlError: unknown backbone, unreadable base model, bad size, alpha or layer name.
+    """
+    cfg.check()
+    cfg, _ = cfg.with_defaults()
+    spec = None if cfg.base_model else backbones.get_backbone(cfg.backbone)
+    size = resolve_size(cfg, spec)
+    base, _ = build_base(replace(cfg, weights="none") if spec else cfg, size)
+    last = phases(cfg)[-1]
+    start = set_trainable(base, len(base.layers), cfg, last.unfreeze)
+    rows = [{"index": i, "name": layer.name, "type": type(layer).__name__,
+             "output_shape": _shape_text(layer.output_shape), "params": layer.count_params(),
+             "trainable": bool(layer.trainable and i > 0)}
+            for i, layer in enumerate(base.layers)]
+    n = sum(r["trainable"] for r in rows)
+    trains = ("the head only" if n == 0 else
+              f"the head and {n} of {len(rows) - 1} base layers, from #{start} "
+              f"{rows[start]['name']} up"
+              + ("; BatchNorm stays frozen (pretrained statistics)"
+                 if cfg.weights != "none" or cfg.base_model else ""))
+    if len(phases(cfg)) > 1:
+        trains = f"the head, then {trains}"
+    return {"backbone": spec.name if spec else cfg.base_model,
+            "input_shape": [int(d) for d in base.input_shape[1:]],
+            "alpha": (cfg.alpha if cfg.alpha is not None else 1.0) if spec and spec.alphas
+            else None,
+            "strategy": Strategy(cfg.strategy).value, "weights": cfg.weights,
+            "trains": trains, "layers": rows}
 
 
 def quantize(model, scope: QatScope):
@@ -427,9 +527,8 @@ def _prepare_run_dir(cfg: TrainConfig, out: Path, given, done: _RunDir
         saved = TrainConfig.from_dict(config["train"])  # validated by _read_run_config
         _refuse_changed_flags(cfg, saved, given, out)
         resumed = TrainConfig.from_dict(dict(saved.to_dict(), resume=True, quiet=cfg.quiet,
-                                             strict=cfg.strict, unsafe=cfg.unsafe,
-                                             cache=cfg.cache,
-                                             out=str(out)))
+                                             verbose=cfg.verbose, strict=cfg.strict,
+                                             unsafe=cfg.unsafe, cache=cfg.cache, out=str(out)))
         check_out_outside_data(out, resumed)
         state = _read_state(out, resumed)
         if aside.exists() and not cfg.quiet:
@@ -766,7 +865,7 @@ def _read_state(out: Path, cfg: TrainConfig) -> dict | None:
 
 # Settings that do not change what a resumed run computes.
 # cache: the cached and uncached paths train the same weights, so a resume may switch.
-_RESUME_FREE = {"out", "resume", "overwrite", "quiet", "strict", "unsafe", "cache"}
+_RESUME_FREE = {"out", "resume", "overwrite", "quiet", "strict", "unsafe", "cache", "verbose"}
 
 
 def _refuse_changed_flags(cfg: TrainConfig, saved: TrainConfig, given, out: Path) -> None:
@@ -925,7 +1024,7 @@ class _EpochEnd:
     def make(run: Path, phase_index: int, phase: Phase, model, optimizer, quiet: bool,
              first_global_epoch: int, monitor: str = "val_accuracy",
              patience: int | None = None, best: dict | None = None, n_classes: int = 2,
-             val_classes: int = 2, initial_epoch: int = 0):
+             val_classes: int = 2, initial_epoch: int = 0, verbose: bool = False):
         from edgetl.keras import keras, tf
 
         class Callback(keras.callbacks.Callback):
@@ -939,8 +1038,38 @@ class _EpochEnd:
 
             def on_epoch_begin(self, epoch, logs=None):
                 self.t0 = time.time()
+                self.marks = {}  # first/last batch end times of training and validation
+
+            def _mark(self, kind: str, batch: int) -> None:
+                now = time.time()
+                if batch == 0:
+                    self.marks[kind] = [now, now, 1]
+                elif kind in self.marks:
+                    self.marks[kind][1:] = [now, batch + 1]
+
+            def on_test_begin(self, logs=None):
+                self.marks["test_begin"] = time.time()
+
+            def on_test_batch_end(self, batch, logs=None):
+                self._mark("test", batch)
+
+            def steady_seconds(self, seconds: float) -> float | None:
+                """The epoch's time without building graphs: the first batch of training and of
+                validation traces the model (the first epoch's are many times a step), so each
+                counts as an average later batch. None when there is a single batch to time."""
+                train, test = self.marks.get("train"), self.marks.get("test")
+                if not train or train[2] < 2:
+                    return None
+                step = (train[1] - train[0]) / (train[2] - 1)
+                first = train[0] - self.t0  # the first batch, tracing included
+                cut = max(0.0, first - step)
+                if test:  # one validation batch: a training step (forward and backward) bounds it
+                    vstep = (test[1] - test[0]) / (test[2] - 1) if test[2] >= 2 else step
+                    cut += max(0.0, test[0] - self.marks.get("test_begin", test[0]) - vstep)
+                return max(seconds - cut, 0.0)
 
             def on_train_batch_end(self, batch, logs=None):
+                self._mark("train", batch)
                 # A non-finite loss poisons every weight: no use finishing the epoch.
                 loss = (logs or {}).get("loss")
                 if loss is not None and not (float(loss) <= EXPLODED * math.log(
@@ -1012,15 +1141,28 @@ class _EpochEnd:
                     if old.name != keep:
                         shutil.rmtree(old, ignore_errors=True)
                 if not quiet:
+                    # The first epoch of a phase also builds its graphs: the ETA leaves that out.
+                    steady = row["seconds"]
+                    if done == initial_epoch + 1:
+                        steady = self.steady_seconds(row["seconds"])
+                        self.per_epoch = steady
+                    else:
+                        self.per_epoch = row["seconds"]
+                    built = "" if steady is None or row["seconds"] - steady < 1 else \
+                        f" ({row['seconds'] - steady:.0f} s of it building the model's graphs)"
                     parts = [f"  {phase.name} epoch {done}/{phase.epochs} done in "
-                             f"{row['seconds']} s"]
-                    for key in ("val_accuracy", "val_loss"):
+                             f"{row['seconds']} s{built}"]
+                    keys = ("loss", "accuracy", "val_accuracy", "val_loss") if verbose else (
+                        "val_accuracy", "val_loss")
+                    for key in keys:
                         if row.get(key) is not None:
                             parts.append(f"{key} {row[key]:.4f}")
                     if self.best and self.best["checkpoint"] == name:
                         parts[-1] += " (best so far)"
                     if done < phase.epochs and not self.early_stopped:
-                        parts.append(f"phase ETA {(phase.epochs - done) * row['seconds']:.0f} s")
+                        eta = (phase.epochs - done) * (self.per_epoch if self.per_epoch
+                                                       is not None else row["seconds"])
+                        parts.append(f"phase ETA {eta:.0f} s")
                     if self.early_stopped:
                         parts.append(f"no better epoch for {since}: stopping the phase early "
                                      f"(--patience {patience})")
@@ -1077,14 +1219,26 @@ def _prune_history(run: Path, keep_epochs: int) -> None:
 
 # --- training ------------------------------------------------------------------------------------
 
-def _datasets(cfg: TrainConfig, size: tuple):
-    train_folder = scan_folder(cfg.data, size, strict=cfg.strict, keep_pixels=True)
+def _datasets(cfg: TrainConfig, size: tuple, progress: Progress = SILENT):
+    from edgetl.runner import printable  # a path must not drive the terminal
+
+    with progress.step(f"scan '{printable(cfg.data)}'") as step:
+        names, train_items, val_items, skipped, pixels = _scan(cfg, size, step.advance)
+        step.done(f"{len(train_items) + len(val_items)} images in {len(names)} classes "
+                  f"({len(train_items)} train, {len(val_items)} validation"
+                  f"{f', {len(skipped)} left out' if skipped else ''})")
+    return names, train_items, val_items, skipped, pixels
+
+
+def _scan(cfg: TrainConfig, size: tuple, on_image):
+    train_folder = scan_folder(cfg.data, size, strict=cfg.strict, keep_pixels=True,
+                               on_image=on_image)
     names = list(train_folder.class_names)
     skipped = list(train_folder.skipped)
     pixels = train_folder.pixels
     if cfg.val_data:
         val_folder = scan_folder(cfg.val_data, size, class_names=names, strict=cfg.strict,
-                                 keep_pixels=pixels is not None)
+                                 keep_pixels=pixels is not None, on_image=on_image)
         train_items, val_items = list(train_folder.items), list(val_folder.items)
         skipped += list(val_folder.skipped)
         pixels = None if val_folder.pixels is None else {**pixels, **val_folder.pixels}
@@ -1128,6 +1282,7 @@ def train(cfg: TrainConfig, given=None) -> TrainResult:
         backbones.get_backbone(cfg.backbone)  # unknown names fail before any data is read
     if not cfg.resume:
         _preflight(cfg)
+        check_layer_names(cfg)  # before the folder scan and the weights
     out = _out_path(cfg)
     if not cfg.resume:
         check_out_outside_data(out, cfg)
@@ -1218,29 +1373,34 @@ def _settings_line(cfg: TrainConfig) -> str:
 
 
 def _train(cfg: TrainConfig, run: Path, state: dict | None, notes=()) -> TrainResult:
+    progress = Progress(quiet=cfg.quiet, hold=True)  # released once the model is built
     spec = None if cfg.base_model else backbones.get_backbone(cfg.backbone)
     size = resolve_size(cfg, spec)
-    names, train_items, val_items, skipped, pixels = _datasets(cfg, size)
-    from edgetl.keras import keras, tf, versions  # after the data checks, for the same reason
+    names, train_items, val_items, skipped, pixels = _datasets(cfg, size, progress)
+    # After the scan (a bad data folder stays a one-line error), before the long waits.
+    progress.line(_settings_line(cfg))
+    for note in notes:
+        progress.line(note)
+    with progress.step("load TensorFlow") as step:  # after the data checks, for the same reason
+        from edgetl.keras import tf
 
+        step.done(f"TensorFlow {tf.__version__}")
     dist = distribute.strategy(cfg)
     with dist.scope(), dist.errors():  # model, QAT wrappers, optimizer: distributed variables
         return _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_items,
-                             skipped, pixels, notes)
+                             skipped, pixels, progress)
 
 
 def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_items, skipped,
-                  pixels, notes) -> TrainResult:
+                  pixels, progress) -> TrainResult:
     from edgetl.keras import keras, tf, versions
 
-    log = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    log(_settings_line(cfg))
-    for note in notes:
-        log(note)
+    log = progress.line
     if skipped:  # said even with --quiet: data left out is not progress; split.json lists all
         first = "; ".join(f"'{p}': {why}" for p, why in skipped[:3])
-        print(f"note: left out {len(skipped)} file(s) (all listed in {run / 'split.json'}): "
-              f"{first}{'; ...' if len(skipped) > 3 else ''}", file=sys.stderr, flush=True)
+        progress.line(f"note: left out {len(skipped)} file(s) (all listed in "
+                      f"{run / 'split.json'}): {first}{'; ...' if len(skipped) > 3 else ''}",
+                      always=True)
     if cfg.resume:
         saved = _read_run_config(run)
         if saved.get("class_names", names) != names:
@@ -1248,7 +1408,15 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
                               f"not the run's ({', '.join(saved['class_names'])}); restore the "
                               "data folder, or start a new run (--overwrite)")
 
-    model, n_base, spec = build_model(cfg, len(names), size)
+    from edgetl.runner import printable
+
+    what = (f"--base-model '{printable(cfg.base_model)}'" if cfg.base_model
+            else backbones.get_backbone(cfg.backbone).name)
+    with progress.step(f"build {what}") as step:
+        model, n_base, spec = build_model(cfg, len(names), size)
+        step.done(f"{n_base - 1} base layers, {model.count_params():,} parameters, input "
+                  f"{'x'.join(str(d) for d in model.input_shape[1:])}, weights "
+                  f"{'from the file' if cfg.base_model else printable(cfg.weights)}")
     channels = int(model.input_shape[-1])
     prep = _choose_preprocessing(cfg, spec, model, channels, run)
     log(f"preprocessing: {describe(prep)}: {prep['reason']}")
@@ -1307,6 +1475,7 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
     train_ds, val_ds = dist.shard(train_ds), dist.shard(val_ds)
     weights = class_weights(train_items, len(names)) if cfg.class_weights == "auto" else None
 
+    progress.release()  # the data, the model and the run's files are good: bad input is past
     plan = phases(cfg)
     done_phase, done_epoch = (state["phase"], state["epoch"]) if state else (-1, 0)
     if cfg.resume and state is None:
@@ -1341,7 +1510,8 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
                                         metrics=["accuracy"])
                 _save_model(float_model, run / FLOAT_BEFORE_QAT)
             if pi != done_phase:  # a resumed phase gets its ranges from the checkpoint
-                init_ranges(current, cfg, train_items, (*size, channels), prep, log)
+                with progress.step("calibration (QAT ranges)") as step:
+                    init_ranges(current, cfg, train_items, (*size, channels), prep, step.done)
             if best is not None and best["phase"] != pi:
                 best = None  # fake-quantized scores do not compare with float ones
         optimizer = keras.optimizers.Adam(phase.lr)
@@ -1370,20 +1540,24 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
                 f"{sum(int(tf.size(w)) for w in current.trainable_weights):,}")
             callback = _EpochEnd.make(run, pi, phase, current, optimizer, cfg.quiet,
                                       global_epoch, Monitor(cfg.monitor).value, cfg.patience,
-                                      best, len(names), val_classes, initial)
+                                      best, len(names), val_classes, initial,
+                                      verbose=cfg.verbose)
             cache_plan = feature_cache.plan(current, enabled=cfg.cache, augment_ops=ops,
                                             qat=phase.qat, replicas=dist.replicas)
             log(f"feature cache: {cache_plan.reason}")
+            # On a terminal, Keras' bar (stdout) and then, once the bar has ended its line, the
+            # epoch's line: Keras runs callbacks in list order, and a ProgbarLogger of ours in
+            # the list replaces the one it would append after ours. In logs, only our line.
+            bar = progress.live and sys.stdout.isatty()
             with _fit_inputs(current, cache_plan, run, plain_train, train_items, eval_ds,
                              val_items, cfg, optimizer, len(names), train_ds, val_ds, log,
                              cache_order, cache_epochs) as (fit_model, fit_train, fit_val,
                                                             extra):
                 fit_model.fit(fit_train, validation_data=fit_val, epochs=phase.epochs,
                               initial_epoch=initial, class_weight=weights,
-                              callbacks=dist.callbacks(current) + extra + [callback],
-                              # A progress bar with ETA on a terminal; in logs, one line per
-                              # epoch from the callback.
-                              verbose=1 if (sys.stderr.isatty() and not cfg.quiet) else 0)
+                              callbacks=dist.callbacks(current) + extra + (
+                                  [keras.callbacks.ProgbarLogger(count_mode="steps")] if bar
+                                  else []) + [callback], verbose=1 if bar else 0)
         best = callback.best
         restore_best(run, current, optimizer, best, pi)
         if pi < len(plan) - 1 and not phase.qat:

@@ -737,6 +737,13 @@ CASES = [
     Case("export-edgetpu-allow-cpu-without-edgetpu",
          lambda e: _export(e.run, "--edgetpu-allow-cpu", "--name", "x"), 2,
          r"--edgetpu-allow-cpu needs --edgetpu"),
+    Case("train-unfreeze-from-unknown-layer",
+         lambda e: e.train(e.data(), "--strategy", "fine-tune", "--unfreeze-from",
+                           "block_16_expnd"), 2,
+         r"--unfreeze-from 'block_16_expnd' is not a layer of mobilenetv2; did you mean "
+         r"'block_16_expand'.*edgetl backbones mobilenetv2 --layers"),
+    Case("backbones-layers-without-a-model", lambda e: ["edgetl", "backbones", "--layers"], 2,
+         r"--layers lists one model: give a backbone name"),
 ]
 
 
