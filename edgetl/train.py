@@ -1372,6 +1372,28 @@ def _settings_line(cfg: TrainConfig) -> str:
             f"{Monitor(cfg.monitor).value}{stop}")
 
 
+# From scratch, LFW faces vs non-faces (160 images, batch 32: 4 steps an epoch) stayed at chance
+# after the default 10 epochs (40 steps) and learned from about step 56 (benchmarks, section 10).
+MIN_SCRATCH_STEPS = 150
+
+
+def few_steps_warning(cfg: TrainConfig, n_train: int) -> str | None:
+    """A warning when a run from scratch takes fewer than MIN_SCRATCH_STEPS optimizer steps
+    (epochs x batches per epoch, all phases); None otherwise."""
+    if not cfg.from_scratch() or n_train <= 0:
+        return None
+    two_phase = cfg.strategy is not None and Strategy(cfg.strategy) == Strategy.two_phase
+    epochs = cfg.epochs + (cfg.fine_tune_epochs if two_phase else 0)
+    per_epoch = math.ceil(n_train / cfg.batch_size)
+    steps = epochs * per_epoch
+    if steps >= MIN_SCRATCH_STEPS:
+        return None
+    need = math.ceil(MIN_SCRATCH_STEPS / per_epoch)
+    return (f"warning: {epochs} epoch(s) x {per_epoch} batch(es) = {steps} optimizer steps is "
+            f"few for training from scratch (a model often needs {MIN_SCRATCH_STEPS}+ to leave "
+            f"chance): use --epochs {need}, or a smaller --batch-size, or more images")
+
+
 def _train(cfg: TrainConfig, run: Path, state: dict | None, notes=()) -> TrainResult:
     progress = Progress(quiet=cfg.quiet, hold=True)  # released once the model is built
     spec = None if cfg.base_model else backbones.get_backbone(cfg.backbone)
@@ -1381,6 +1403,9 @@ def _train(cfg: TrainConfig, run: Path, state: dict | None, notes=()) -> TrainRe
     progress.line(_settings_line(cfg))
     for note in notes:
         progress.line(note)
+    few = few_steps_warning(cfg, len(train_items))
+    if few:
+        progress.line(few)
     with progress.step("load TensorFlow") as step:  # after the data checks, for the same reason
         from edgetl.keras import tf
 

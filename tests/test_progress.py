@@ -251,3 +251,18 @@ def test_bad_unfreeze_from_on_a_base_model_reads_only_its_config(synth, tmp_path
         train(replace(cfg, unfreeze_from=None, cut_layer="featurs"))
     assert "--cut-layer 'featurs' is not a layer of" in str(e.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_few_steps_from_scratch_are_warned_before_training(logged_run):
+    from edgetl.config import TrainConfig
+    from edgetl.train import few_steps_warning
+
+    _, lines = logged_run  # 36 images, batch 8, 2 epochs from scratch: far below 150 steps
+    warned = [line for line in lines if line.startswith("warning: ") and "optimizer steps" in line]
+    assert len(warned) == 1 and "--epochs" in warned[0], lines
+    assert lines.index(warned[0]) < next(i for i, l in enumerate(lines) if l.startswith("phase "))
+    lfw = TrainConfig(data="d", weights="none").with_defaults()[0]  # 128 images, defaults
+    assert "10 epoch(s) x 4 batch(es) = 40 optimizer steps" in few_steps_warning(lfw, 128)
+    assert "--epochs 38" in few_steps_warning(lfw, 128)
+    assert few_steps_warning(lfw, 4000) is None  # MNIST 5k: 1,250 steps
+    assert few_steps_warning(TrainConfig(data="d").with_defaults()[0], 128) is None  # pretrained: not from scratch
