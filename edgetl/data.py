@@ -28,6 +28,9 @@ DECODE_CHUNK = 32  # images decoded per Python call in make_dataset
 # scan_folder keeps the pixels it decodes when they fit in this, so that training does not decode
 # every image a second time in its first epoch (benchmarks/run.py, section 6).
 KEEP_PIXELS_BYTES = 1 << 30
+# make_dataset decodes in a pool of processes (edgetl/decode.py), one per core, when its images
+# take more than this at the model's size: the folders whose pixels scan_folder did not keep.
+POOL_DECODE_BYTES = KEEP_PIXELS_BYTES
 
 
 @dataclass(frozen=True)
@@ -367,6 +370,25 @@ def make_dataset(items, size: tuple[int, int], prep: dict, batch_size: int, trai
     if channels == 3 and pixels is not None and all(
             p in pixels and pixels[p].shape == (h, w, 3) for p in paths):
         ds = tf.data.Dataset.from_tensor_slices((np.stack([pixels[p] for p in paths]), labels))
+    elif len(paths) * h * w * channels > POOL_DECODE_BYTES:
+        # Too many to keep from the folder check: decode on every core, in order, with the same
+        # load_image (TF's decoders and resize give other pixels). The pool lives for one pass.
+        from edgetl.decode import decode_chunks
+
+        def chunks():
+            starts = range(0, len(paths), DECODE_CHUNK)
+            images = decode_chunks((paths[i:i + DECODE_CHUNK] for i in starts), (h, w), channels)
+            try:
+                for i, img in zip(starts, images):
+                    yield img, labels[i:i + DECODE_CHUNK]
+            finally:
+                images.close()  # stops the pool now, also when the pass is cut short
+
+        ds = tf.data.Dataset.from_generator(chunks, output_signature=(
+            tf.TensorSpec((None, h, w, channels), tf.uint8), tf.TensorSpec((None,), tf.int32)))
+        ds = ds.unbatch()
+        if cache:
+            ds = ds.cache()
     else:
         ds = tf.data.Dataset.from_tensor_slices((paths, labels)).batch(DECODE_CHUNK)
         ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
