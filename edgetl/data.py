@@ -28,9 +28,10 @@ DECODE_CHUNK = 32  # images decoded per Python call in make_dataset
 # scan_folder keeps the pixels it decodes when they fit in this, so that training does not decode
 # every image a second time in its first epoch (benchmarks/run.py, section 6).
 KEEP_PIXELS_BYTES = 1 << 30
-# make_dataset decodes in a pool of processes (edgetl/decode.py), one per core, when its images
-# take more than this at the model's size: the folders whose pixels scan_folder did not keep.
-POOL_DECODE_BYTES = KEEP_PIXELS_BYTES
+# make_dataset decodes in a pool of processes (edgetl/decode.py), one per core, when it decodes
+# more than this (pixels at the model's size): the train and validation splits of a folder whose
+# pixels scan_folder did not keep are well over it, and a pool's start (~0.5 s) pays off.
+POOL_DECODE_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -345,7 +346,9 @@ def make_dataset(items, size: tuple[int, int], prep: dict, batch_size: int, trai
     ``augment`` picks the transforms (see augment_ops); for the same seed and the same choice
     the batches are identical, and each transform draws the same numbers whichever others are
     on. ``pixels`` (from scan_folder, path -> RGB image at ``size``) replaces the decode when it
-    holds every item (RGB models only: the runner converts to grey before resizing).
+    holds every item (RGB models only: the runner converts to grey before resizing). Otherwise
+    over POOL_DECODE_BYTES the images are decoded in one process per core (edgetl/decode.py,
+    the same load_image and order, so the same pixels), else by threads in this process.
     Returns batches of (normalized float images, int labels).
     """
     from edgetl.keras import tf
