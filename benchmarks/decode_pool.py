@@ -11,9 +11,11 @@ load_image vs the pool), with CPU seconds per image. Prints JSON.
 """
 
 import argparse
+import atexit
 import json
 import os
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +45,7 @@ def main():
         items = list(data.scan_folder(a.folder).items)[:a.images]
     else:
         work = Path(tempfile.mkdtemp(prefix="edgetl-decode-"))
+        atexit.register(shutil.rmtree, work, True)
         data.idx_to_folders(str(FMNIST / "train-images-idx3-ubyte.gz"),
                             str(FMNIST / "train-labels-idx1-ubyte.gz"), work / "fm",
                             limit=a.images // 10)
