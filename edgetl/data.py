@@ -28,6 +28,10 @@ DECODE_CHUNK = 32  # images decoded per Python call in make_dataset
 # scan_folder keeps the pixels it decodes when they fit in this, so that training does not decode
 # every image a second time in its first epoch (benchmarks/run.py, section 6).
 KEEP_PIXELS_BYTES = 1 << 30
+# make_dataset decodes in a pool of processes (edgetl/decode.py), one per core, when it decodes
+# more than this (pixels at the model's size): the train and validation splits of a folder whose
+# pixels scan_folder did not keep are well over it, and a pool's start (~0.5 s) pays off.
+POOL_DECODE_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -342,7 +346,9 @@ def make_dataset(items, size: tuple[int, int], prep: dict, batch_size: int, trai
     ``augment`` picks the transforms (see augment_ops); for the same seed and the same choice
     the batches are identical, and each transform draws the same numbers whichever others are
     on. ``pixels`` (from scan_folder, path -> RGB image at ``size``) replaces the decode when it
-    holds every item (RGB models only: the runner converts to grey before resizing).
+    holds every item (RGB models only: the runner converts to grey before resizing). Otherwise
+    over POOL_DECODE_BYTES the images are decoded in one process per core (edgetl/decode.py,
+    the same load_image and order, so the same pixels), else by threads in this process.
     Returns batches of (normalized float images, int labels).
     """
     from edgetl.keras import tf
@@ -367,6 +373,25 @@ def make_dataset(items, size: tuple[int, int], prep: dict, batch_size: int, trai
     if channels == 3 and pixels is not None and all(
             p in pixels and pixels[p].shape == (h, w, 3) for p in paths):
         ds = tf.data.Dataset.from_tensor_slices((np.stack([pixels[p] for p in paths]), labels))
+    elif len(paths) * h * w * channels > POOL_DECODE_BYTES:
+        # Too many to keep from the folder check: decode on every core, in order, with the same
+        # load_image (TF's decoders and resize give other pixels). The pool lives for one pass.
+        from edgetl.decode import decode_chunks
+
+        def chunks():
+            starts = range(0, len(paths), DECODE_CHUNK)
+            images = decode_chunks((paths[i:i + DECODE_CHUNK] for i in starts), (h, w), channels)
+            try:
+                for i, img in zip(starts, images):
+                    yield img, labels[i:i + DECODE_CHUNK]
+            finally:
+                images.close()  # stops the pool now, also when the pass is cut short
+
+        ds = tf.data.Dataset.from_generator(chunks, output_signature=(
+            tf.TensorSpec((None, h, w, channels), tf.uint8), tf.TensorSpec((None,), tf.int32)))
+        ds = ds.unbatch()
+        if cache:
+            ds = ds.cache()
     else:
         ds = tf.data.Dataset.from_tensor_slices((paths, labels)).batch(DECODE_CHUNK)
         ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
