@@ -32,6 +32,24 @@ KEEP_PIXELS_BYTES = 1 << 30
 # more than this (pixels at the model's size): the train and validation splits of a folder whose
 # pixels scan_folder did not keep are well over it, and a pool's start (~0.5 s) pays off.
 POOL_DECODE_BYTES = 32 << 20
+# ... and only when the files are photo-sized: small files (28 px PNGs, ~1 KB) decode faster
+# in this process than a pool can ship their pixels (0.74-1.03x), 1200x900 JPEGs gain 1.2-2.4x
+# (benchmarks/results/2026-11-30-decode.md).
+POOL_MIN_FILE_BYTES = 32 << 10
+
+
+def _mean_file_bytes(paths, sample: int = 256) -> float:
+    """The mean size of ``paths``' files, from an evenly spaced sample (unreadable ones: 0)."""
+    if not paths:
+        return 0.0
+    step = max(1, len(paths) // sample)
+    sizes = []
+    for p in paths[::step]:
+        try:
+            sizes.append(os.path.getsize(p))
+        except OSError:
+            sizes.append(0)
+    return sum(sizes) / len(sizes)
 
 
 @dataclass(frozen=True)
@@ -347,8 +365,9 @@ def make_dataset(items, size: tuple[int, int], prep: dict, batch_size: int, trai
     the batches are identical, and each transform draws the same numbers whichever others are
     on. ``pixels`` (from scan_folder, path -> RGB image at ``size``) replaces the decode when it
     holds every item (RGB models only: the runner converts to grey before resizing). Otherwise
-    over POOL_DECODE_BYTES the images are decoded in one process per core (edgetl/decode.py,
-    the same load_image and order, so the same pixels), else by threads in this process.
+    over POOL_DECODE_BYTES of photo-sized files (POOL_MIN_FILE_BYTES) the images are decoded in
+    one process per core (edgetl/decode.py, the same load_image and order, so the same pixels),
+    else by threads in this process.
     Returns batches of (normalized float images, int labels).
     """
     from edgetl.keras import tf
@@ -373,7 +392,8 @@ def make_dataset(items, size: tuple[int, int], prep: dict, batch_size: int, trai
     if channels == 3 and pixels is not None and all(
             p in pixels and pixels[p].shape == (h, w, 3) for p in paths):
         ds = tf.data.Dataset.from_tensor_slices((np.stack([pixels[p] for p in paths]), labels))
-    elif len(paths) * h * w * channels > POOL_DECODE_BYTES:
+    elif (len(paths) * h * w * channels > POOL_DECODE_BYTES
+          and _mean_file_bytes(paths) >= POOL_MIN_FILE_BYTES):
         # Too many to keep from the folder check: decode on every core, in order, with the same
         # load_image (TF's decoders and resize give other pixels). The pool lives for one pass.
         from edgetl.decode import decode_chunks

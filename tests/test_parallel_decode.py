@@ -84,9 +84,12 @@ def test_make_dataset_uses_the_pool_over_the_threshold(folder, monkeypatch, chan
     monkeypatch.setattr(data, "POOL_DECODE_BYTES", 1 << 40)
     serial = batches()
     monkeypatch.setattr(data, "POOL_DECODE_BYTES", 0)
+    monkeypatch.setattr(data, "POOL_MIN_FILE_BYTES", 1 << 40)  # small files: no pool
     started = []
     real = decode.start_pool
     monkeypatch.setattr(decode, "start_pool", lambda w=None: started.append(w) or real(w))
+    assert batches() and not started, "a pool for files smaller than POOL_MIN_FILE_BYTES"
+    monkeypatch.setattr(data, "POOL_MIN_FILE_BYTES", 0)
     pooled = batches()
     assert started, "the pool path was not taken"
     assert len(pooled) == len(serial)
