@@ -872,8 +872,8 @@ def section_transfer(P: dict, work: Path) -> dict:
     size = T["size"]
     common = dict(data=str(folders["train"]), base_model=str(PRETRAINED), input_size=size,
                   strategy=Strategy.two_phase, epochs=T["epochs"],
-                  fine_tune_epochs=T["fine_tune_epochs"], batch_size=T["batch"], seed=0,
-                  overwrite=True, quiet=True)
+                  fine_tune_epochs=T["fine_tune_epochs"], batch_size=T["batch"],
+                  seed=P.get("transfer_seed", 0), overwrite=True, quiet=True)
     names = None
     items = truth = None
     preds, rows, timings, progress = {}, {}, {}, root / "partial.json"
@@ -990,7 +990,8 @@ def section_transfer(P: dict, work: Path) -> dict:
               "feature_extract": f"same base, head only, {T['epochs'] + T['fine_tune_epochs']} "
                                  "epochs",
               "size": size, "strategy": f"two-phase {T['epochs']} + {T['fine_tune_epochs']}",
-              "fine_tune_lr": T["fine_tune_lr"], "batch": T["batch"], "seed": 0,
+              "fine_tune_lr": T["fine_tune_lr"], "batch": T["batch"],
+              "seed": P.get("transfer_seed", 0),
               "calibration": "200 class-balanced training images (export and QAT ranges)"}
     return {"budget": budget, "test_images": len(items), "runs": rows, "summary": summary,
             "timings_s": timings}
@@ -1593,6 +1594,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", help="scratch folder (default: a temporary one, removed)")
     ap.add_argument("--transfer-runs", nargs="+", help="section transfer: only these runs "
                     f"(of {', '.join(TRANSFER['runs'])})")
+    ap.add_argument("--transfer-seed", type=int, default=0,
+                    help="section transfer: the training seed of every run (default 0)")
     ap.add_argument("--update-readme", action="store_true",
                     help="put the Markdown into docs/performance.md's Performance section")
     args = ap.parse_args(argv)
@@ -1654,6 +1657,7 @@ def main(argv=None) -> int:
             if FASHION.is_dir() and PRETRAINED.is_file():
                 P["transfer"] = TRANSFER_QUICK if args.quick else TRANSFER
                 P["transfer_runs"] = args.transfer_runs
+                P["transfer_seed"] = args.transfer_seed
                 timed("transfer", section_transfer, P, work)
             else:
                 R.setdefault("notes", []).append(f"{PRETRAINED} or {FASHION} not found: no "
