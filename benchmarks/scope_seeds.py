@@ -38,6 +38,9 @@ def main(argv: list[str]) -> dict:
         for name in RUNS:
             for k in ("qat_int8", "ptq_int8_same_run", "keras_qat"):
                 row[f"{name}_{k}"] = round(100 * float((preds[name][k] == truth).mean()), 2)
+        for name in RUNS:  # PTQ of the same run's model.keras (QAT weights, fake quant removed)
+            row[f"{name}_qat_int8_minus_own_ptq"] = paired_difference(
+                preds[name]["qat_int8"], preds[name]["ptq_int8_same_run"], truth)
         row["all_minus_trained_qat_int8"] = paired_difference(
             preds["qat_all_data"]["qat_int8"], preds["qat_trained_data"]["qat_int8"], truth)
         out["seeds"][seed] = row
