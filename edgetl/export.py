@@ -647,6 +647,7 @@ def export(cfg: ExportConfig, progress: Progress = SILENT, on_report=None) -> Ex
     out_dir = run / "export"
     targets = {m: out_dir / f"{name}_{m.value}.tflite" for m in modes}
     _refuse_existing(targets, cfg.overwrite)
+    _refuse_selective_on_qat(cfg, run, modes)
     if cfg.compare_ptq:
         check_compare_ptq(run, modes, cfg.verify)
         _refuse_existing({"ptq": out_dir / f"{name}_int8_ptq.tflite"}, cfg.overwrite)
@@ -681,6 +682,26 @@ def export(cfg: ExportConfig, progress: Progress = SILENT, on_report=None) -> Ex
             if translated is e:
                 raise
             raise translated from None
+
+
+def _refuse_selective_on_qat(cfg: ExportConfig, run: Path, modes) -> None:
+    """--auto, --keep-float and --debug need TFLite's selective quantization (the
+    QuantizationDebugger), which cannot convert a QAT model: its int8 comes from the trained
+    fake-quant ranges (TensorFlow fails with "Please check if the quantized model is in debug
+    mode"). Refused before anything loads.
+
+    Raises:
+        EdgetlError: one of those flags with --int8 on a run trained with --qat.
+    """
+    flag = ("--auto" if cfg.auto else "--keep-float" if cfg.keep_float else
+            "--debug" if cfg.debug else None)
+    if flag and Quantization.int8 in modes and (run / "qat.h5").is_file():
+        raise EdgetlError(
+            f"{flag} with --int8 on run '{run}', which was trained with --qat: a QAT model's "
+            "int8 comes from its trained fake-quant ranges and cannot be quantized selectively. "
+            "Export it without " + flag + "; to see which tensors int8 hurts, run `edgetl "
+            "sensitivity RUN` (it uses the run's float model); to search, train without --qat "
+            "and export with --auto")
 
 
 def _translate(e: BaseException, out_dir: Path) -> BaseException:

@@ -214,3 +214,18 @@ def test_weights_none_with_base_model_is_refused_in_one_line(qat_run, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
         assert "Traceback" not in r.stderr
         assert not out.exists()
+
+
+@pytest.mark.parametrize("flags", [["--auto", "--max-drop", "0.5"], ["--keep-float", "MEAN"],
+                                   ["--debug"]])
+def test_selective_quantization_of_a_qat_run_is_refused_in_one_line(qat_run, exported, flags):
+    # TFLite's selective quantization cannot convert a fake-quantized graph: it used to fail after
+    # the conversion with TensorFlow's "Please check if the quantized model is in debug mode".
+    run, _, _ = qat_run
+    before = sorted(p.name for p in (run / "export").iterdir())
+    r = _cli("export", run, "--int8", *flags, "--name", "selective")
+    assert r.returncode == 2, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {flags[0]} with --int8 on run "), lines
+    assert "trained with --qat" in lines[0] and "edgetl sensitivity" in lines[0]
+    assert sorted(p.name for p in (run / "export").iterdir()) == before
