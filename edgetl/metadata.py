@@ -46,8 +46,9 @@ CONTENT_FEATURE, CONTENT_IMAGE = 1, 2
 OPTIONS_NORMALIZATION = 1
 
 # Which input/output type suits which runtime (printed by `edgetl export`).
-IO_ADVICE = ("I/O: uint8 (the default) loads in MediaPipe Tasks, Coral's tools and LiteRT; int8 "
-             "in plain LiteRT only (MediaPipe refuses it); float32 I/O for callers feeding floats")
+IO_ADVICE = ("--io types: uint8 (the default) loads in MediaPipe Tasks, Coral's tools and "
+             "LiteRT; int8 in plain LiteRT only (MediaPipe refuses it); float32 I/O for callers "
+             "feeding floats")
 
 
 def _schema():
