@@ -353,7 +353,8 @@ def infer_mode(info: Any) -> str:
         ``"edgetpu"`` (compiled for the Edge TPU), ``"int8"`` / ``"uint8"`` / ``"int16x8"``
         (integer-only, named by the I/O type or activation type), ``"int8 (float I/O)"``,
         ``"float16"`` (float16 weights), ``"dynamic"`` (int8 weights, float activations),
-        ``"float32"``, or ``"mixed"``.
+        ``"float32"``, or ``"mixed"`` (integer activations and some float ops, e.g. an int8
+        export with ``--keep-float``).
     """
     names = {op.op for op in info.operators}
     if EDGETPU_CUSTOM_OP in names:
@@ -374,8 +375,10 @@ def infer_mode(info: Any) -> str:
         return "float16"
     # Dynamic range: int8 weights with float activations. The converter leaves tensors under
     # 1024 elements (small depthwise kernels) in float, so some float weights are normal.
+    # An int8 model with a few float ops (--keep-float, --auto) has integer activations too.
+    runtime = {info.tensors[i].dtype for i in _activation_indices(info) if i < len(info.tensors)}
     if weights.get("int8") and "float32" in act_dtypes and weights["int8"] >= weights.get(
-            "float32", 0):
+            "float32", 0) and not runtime & {"int8", "uint8", "int16"}:
         return "dynamic"
     if act_dtypes & {"int8", "uint8", "int16"}:
         return "mixed"

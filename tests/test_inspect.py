@@ -184,6 +184,12 @@ def test_modes_inferred_from_tensors():
     assert ins.infer_mode(fake_model(t, [("CONV_2D", ["x", "w"], ["y"])], ["x"], ["y"])) == "dynamic"
     t["w"] = ("float32", [4, 3, 3, 3])
     assert ins.infer_mode(fake_model(t, [("CONV_2D", ["x", "w"], ["y"])], ["x"], ["y"])) == "float32"
+    # int8 with one op kept in float (--keep-float): integer activations, so not "dynamic"
+    t = {"x": ("float32", IMG), "q": ("int8", IMG), "w": ("int8", [4, 3, 3, 3]),
+         "c": ("int8", FEAT), "y": ("float32", FEAT), "z": ("float32", FEAT)}
+    ops = [("QUANTIZE", ["x"], ["q"]), ("CONV_2D", ["q", "w"], ["c"]),
+           ("DEQUANTIZE", ["c"], ["y"]), ("MEAN", ["y"], ["z"])]
+    assert ins.infer_mode(fake_model(t, ops, ["x"], ["z"])) == "mixed"
 
 
 # ------------------------------------------------------------------------------------------
