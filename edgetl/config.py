@@ -349,8 +349,9 @@ class TrainConfig:
             raise EdgetlError(f"--std {' '.join(map(str, self.std))}: every std must be > 0")
 
     def from_scratch(self) -> bool:
-        """Random initial weights: nothing pretrained to protect or to freeze."""
-        return self.weights == "none" and not self.base_model
+        """Random initial weights (a --base-model's too: --weights none re-initialises it):
+        nothing pretrained to protect or to freeze."""
+        return self.weights == "none"
 
     def with_defaults(self) -> tuple["TrainConfig", list[str]]:
         """The settings left to the situation (None), filled in, and the notes to print: the

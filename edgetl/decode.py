@@ -69,10 +69,16 @@ def start_pool(workers: int | None = None):
         # load TensorFlow there (or train again, without an `if __name__ == "__main__"` guard).
         # The workers are all started here (one per waiting task), with a bare main module.
         sys.modules["__main__"] = types.ModuleType("__main__")
+        # Workers inherit an ignored SIGINT from birth (a terminal's Ctrl-C reaches the whole
+        # group; a worker still starting would print its own traceback): the parent stops them.
+        ignore = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if ignore else None
         try:
             probes = [pool.submit(_probe) for _ in range(workers)]
         finally:
             sys.modules["__main__"] = main
+            if ignore:
+                signal.signal(signal.SIGINT, previous)
         for f in probes:  # a failure to start shows here, not mid-epoch
             f.result()
         return pool

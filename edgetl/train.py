@@ -162,6 +162,8 @@ def build_base(cfg: TrainConfig, size):
         from edgetl.basemodel import load_base_model
 
         base = load_base_model(cfg.base_model, cfg.cut_layer, cfg.unsafe, size)
+        if cfg.weights == "none":  # its architecture from scratch: new layers, fresh weights
+            base = keras.models.clone_model(base)
         channels = int(base.input_shape[-1])
         if cfg.channels and cfg.channels != channels:
             raise EdgetlError(f"--channels {cfg.channels}: --base-model '{cfg.base_model}' takes "
@@ -1322,15 +1324,10 @@ def _preflight(cfg: TrainConfig) -> None:
 
 
 def _refuse_weights_with_base_model(cfg: TrainConfig) -> None:
-    """--weights other than its default beside --base-model would be ignored (the base model
-    brings its own weights): refused rather than silently dropped."""
-    if cfg.weights == "imagenet":  # the flag's default: cannot tell it from not given
+    """--weights FILE beside --base-model would be ignored (the base model brings its own
+    weights): refused rather than silently dropped. --weights none re-initialises the base."""
+    if cfg.weights in ("imagenet", "none"):  # the default; none re-initialises the base
         return
-    if cfg.weights == "none":
-        raise EdgetlError(f"--weights none with --base-model '{cfg.base_model}': a base model "
-                          "keeps its own weights (re-initialising them is not supported); to "
-                          "train from scratch use --backbone NAME --weights none without "
-                          "--base-model (`edgetl backbones` lists them), or leave out --weights")
     raise EdgetlError(f"--weights '{cfg.weights}' with --base-model '{cfg.base_model}': a base "
                       "model keeps its own weights; pass one of the two")
 

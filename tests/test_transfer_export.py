@@ -202,18 +202,28 @@ def test_compare_ptq_refusals_write_nothing(qat_run, tmp_path):
         check_compare_ptq(plain, ("int8",), verify=True)
 
 
-def test_weights_none_with_base_model_is_refused_in_one_line(qat_run, tmp_path):
+def test_weights_file_with_base_model_is_refused_and_none_reinitialises(qat_run, tmp_path):
     _, base, data = qat_run
     out = tmp_path / "out"
-    for weights, words in (("none", "--weights none with --base-model"),
-                           (str(base), "a base model keeps its own weights")):
-        r = _cli("train", "--data", data, "--base-model", base, "--weights", weights,
-                 "--out", out, "--input-size", SIZE)
-        assert r.returncode == 2, r.stderr
-        lines = [x for x in r.stderr.splitlines() if x.strip()]
-        assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
-        assert "Traceback" not in r.stderr
-        assert not out.exists()
+    r = _cli("train", "--data", data, "--base-model", base, "--weights", base,
+             "--out", out, "--input-size", SIZE)
+    assert r.returncode == 2, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "a base model keeps its own weights" in lines[0], lines
+    assert "Traceback" not in r.stderr and not out.exists()
+    # --weights none: the base's architecture with fresh weights, trained from scratch
+    from edgetl.config import TrainConfig
+    from edgetl.keras import keras
+    from edgetl.train import build_base
+
+    cfg = TrainConfig(data=str(data), base_model=str(base), weights="none", input_size=SIZE)
+    assert cfg.from_scratch()
+    kept = keras.models.load_model(base)
+    model, _ = build_base(cfg, SIZE)
+    first = next(layer for layer in kept.layers if layer.weights)
+    fresh = model.get_layer(first.name).get_weights()[0]
+    assert fresh.shape == first.get_weights()[0].shape
+    assert not np.allclose(fresh, first.get_weights()[0])
 
 
 @pytest.mark.parametrize("flags", [["--auto", "--max-drop", "0.5"], ["--keep-float", "MEAN"],
