@@ -88,7 +88,7 @@ def test_export_prints_each_mode_as_it_is_verified(logged_run):
              r"^verify int8: \d+ validation images: keras ", r"_int8\.tflite  \(",
              r"^  verification: ", r"^convert float16: ", r"^verify float16: ",
              r"_float16\.tflite  \(", r"^  verification: ", r"^calibration manifest: ",
-             r"^I/O: "]
+             r"^--io types: "]
     at = 0
     for pattern in order:
         at = _index(lines, pattern, at) + 1

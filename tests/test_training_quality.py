@@ -79,8 +79,11 @@ def test_defaults_depend_on_whether_the_weights_are_pretrained():
     assert pretrained.strategy == Strategy.feature_extract and notes == []
     assert (pretrained.lr, pretrained.fine_tune_lr) == (HEAD_LR, PRETRAINED_FINE_TUNE_LR)
     assert PRETRAINED_FINE_TUNE_LR < HEAD_LR
-    own = TrainConfig(data="d", weights="none", base_model="mine.keras").with_defaults()[0]
+    own = TrainConfig(data="d", base_model="mine.keras").with_defaults()[0]
     assert own.strategy == Strategy.feature_extract  # a base model of one's own is pretrained
+    # --weights none re-initialises a base model: its architecture trains from scratch
+    fresh = TrainConfig(data="d", weights="none", base_model="mine.keras").with_defaults()[0]
+    assert fresh.strategy == Strategy.fine_tune and fresh.from_scratch()
 
     # From scratch one --lr sets every phase; an explicit choice is kept, with a warning.
     assert TrainConfig(data="d", weights="none", lr=0.01).with_defaults()[0].fine_tune_lr == 0.01
