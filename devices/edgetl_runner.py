@@ -89,7 +89,8 @@ __all__ = [
     "main",
 ]
 
-RUNNER_VERSION = "1"
+__version__ = "0.1.0"  # the edgetl-runner package's (and edgetl's) version
+RUNNER_VERSION = "1"  # of the report format (JSON "runner.version")
 LEFT_OUT_SHOWN = 5  # files left out that text reports name (JSON: all of them, and these first)
 METADATA_JSON = "edgetl.json"
 METADATA_LABELS = "labels.txt"
@@ -2309,36 +2310,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="images decoded at once (--data)")
     p.add_argument("--json", metavar="OUT", help="write the full report as JSON")
     p.add_argument("--quiet", action="store_true", help="print no table (errors still go to stderr)")
-    p.add_argument("--version", action="version", version="edgetl runner %s" % RUNNER_VERSION)
+    p.add_argument("--version", action="version", version="edgetl-runner %s (report format %s)"
+                   % (__version__, RUNNER_VERSION))
     return p
 
 
+# C++ chatter that LiteRT and TensorFlow's converter print on file descriptor 2 whatever the log
+# level: "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.", "fully_quantize: 0, ...".
+NATIVE_NOISE = (b"INFO: ", b"fully_quantize: ")
+
+
 @contextlib.contextmanager
-def _filtered_native_stderr():
-    """Hide the interpreter's C++ ``INFO:`` lines (printed on fd 2) while a model loads."""
+def filtered_native_stderr(noise: tuple = NATIVE_NOISE):
+    """Drops the lines native code writes to file descriptor 2 that start with one of ``noise``
+    and passes every other byte on as it comes (a crash message is not held back).
+
+    Python's own ``sys.stderr`` is pointed straight at the terminal meanwhile, so progress bars
+    and error lines are untouched. Does nothing when ``sys.stderr`` is not descriptor 2 (a test
+    capturing it) or when EDGETL_TF_LOGS is set.
+    """
     try:
-        fd = sys.stderr.fileno()
+        if os.environ.get("EDGETL_TF_LOGS") or sys.stderr.fileno() != 2:
+            raise ValueError("not filtered")
         sys.stderr.flush()
-        saved = os.dup(fd)
+        saved = os.dup(2)
     except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
         yield
         return
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), fd)
+    import threading
+
+    read_end, write_end = os.pipe()
+    python_side = sys.stderr
+    sys.stderr = open(os.dup(saved), "w", buffering=1, errors="backslashreplace",
+                      encoding=getattr(python_side, "encoding", None) or "utf-8")
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def might_be_noise(start: bytes) -> bool:
+        return any(start.startswith(n) or n.startswith(start) for n in noise)
+
+    def write_all(data: bytes):
+        while data:
+            data = data[os.write(saved, data):]
+
+    def forward():
+        pending = b""
+        while True:
+            chunk = os.read(read_end, 65536)
+            if not chunk:
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            out = b"".join(ln + b"\n" for ln in lines if not ln.startswith(noise))
+            if pending and not might_be_noise(pending):  # a partial line, e.g. a \r bar
+                out, pending = out + pending, b""
+            write_all(out)
+        if not pending.startswith(noise):
+            write_all(pending)
+        os.close(read_end)
+
+    thread = threading.Thread(target=forward, name="native-stderr", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
         try:
-            yield
-        finally:
-            try:
-                sys.stderr.flush()
-            except Exception:
-                pass
-            os.dup2(saved, fd)
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        sys.stderr.close()
+        sys.stderr = python_side
+        os.dup2(saved, 2)  # the pipe's last writer here closes: the thread drains and ends
+        thread.join(timeout=5)
+        if not thread.is_alive():  # else a child still holds the pipe: keep the descriptor
             os.close(saved)
-            tmp.seek(0)
-            text = tmp.read().decode("utf-8", "replace")
-            rest = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("INFO:")]
-            if rest:
-                sys.stderr.write("\n".join(rest) + "\n")
 
 
 def _resolve_prep(args, model: Model) -> "tuple[dict, str]":
@@ -2394,7 +2439,7 @@ def run(options) -> dict:
             raise RunnerError("--%s takes 1 or 3 numbers, got %d" % (flag, len(values)))
 
     quiet_native = getattr(args, "_filter_native_stderr", True)
-    with _filtered_native_stderr() if quiet_native else contextlib.nullcontext():
+    with filtered_native_stderr() if quiet_native else contextlib.nullcontext():
         model = Model(
             args.model,
             threads=args.threads,

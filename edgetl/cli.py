@@ -850,7 +850,10 @@ def sensitivity(
 
 
 def main() -> None:  # pragma: no cover - console entry point
-    app()
+    from edgetl.runner import filtered_native_stderr
+
+    with filtered_native_stderr():  # the converter's and LiteRT's C++ chatter
+        app()
 
 
 if __name__ == "__main__":  # pragma: no cover

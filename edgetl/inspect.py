@@ -350,8 +350,9 @@ def infer_mode(info: Any) -> str:
         info: the runner's ``ModelInfo``.
 
     Returns:
-        ``"edgetpu"`` (compiled for the Edge TPU), ``"int8"`` / ``"uint8"`` / ``"int16x8"``
-        (integer-only, named by the I/O type or activation type), ``"int8 (float I/O)"``,
+        ``"edgetpu"`` (compiled for the Edge TPU), ``"int8"`` / ``"int16x8"`` (integer-only),
+        ``"int8 (uint8 I/O)"`` / ``"int8 (float I/O)"`` (int8 inside, another I/O type),
+        ``"uint8"`` (TF1-era: uint8 throughout),
         ``"float16"`` (float16 weights), ``"dynamic"`` (int8 weights, float activations),
         ``"float32"``, or ``"mixed"`` (integer activations and some float ops, e.g. an int8
         export with ``--keep-float``).
@@ -369,6 +370,8 @@ def infer_mode(info: Any) -> str:
         ):
             if int16x8:
                 return "int16x8"
+            if candidate == "uint8" and "int8" in act_dtypes:  # int8 inside, as export says
+                return "int8 (uint8 I/O)"
             return candidate if candidate != "float32" else "int8 (float I/O)"
     weights = _weight_dtypes(info)
     if weights.get("float16") or ("DEQUANTIZE" in names and "float16" in act_dtypes):

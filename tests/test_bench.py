@@ -54,7 +54,9 @@ def test_rows_one_per_model_in_order(rows):
     assert [r["name"] for r in rows] == [V1, V2]
     for r in rows:
         assert r["error"] is None
-        assert r["format"] == "uint8"  # no edgetl metadata: inferred from the tensors
+        # No edgetl metadata: inferred from the tensors (v1: TF1-era uint8 throughout; v2: int8
+        # inside with uint8 I/O, as edgetl's default export).
+        assert r["format"] == {V1: "uint8", V2: "int8 (uint8 I/O)"}[r["name"]]
         assert r["size_bytes"] == coral(r["name"]).stat().st_size
         assert r["size_mb"] == pytest.approx(r["size_bytes"] / 1e6)  # MB = 10^6 bytes
         for key in ("p50_ms", "p90_ms", "throughput_ips", "peak_rss_mb"):

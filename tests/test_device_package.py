@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+import edgetl
+
 from conftest import IN_CI, ROOT, realdata
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
@@ -101,6 +103,9 @@ def test_package_metadata_matches_edgetl_and_the_bundle():
     device = _package()["project"]
     edgetl = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert device["name"] == "edgetl-runner" and device["version"] == edgetl["version"]
+    from edgetl.runner import __version__ as runner_version  # what --version prints
+
+    assert runner_version == device["version"]
     assert device["scripts"] == {"edgetl-runner": "edgetl_runner:main"}
     deps = _names(device["dependencies"])
     assert deps == ["numpy", "pillow", "ai-edge-litert"]
@@ -171,7 +176,8 @@ def test_clean_venv_runs_a_real_model_without_tensorflow(tmp_path):
 
     version = subprocess.run([str(python), str(script), "--version"], capture_output=True,
                              text=True, env=env)
-    assert version.returncode == 0 and "edgetl runner" in version.stdout
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.strip() == f"edgetl-runner {edgetl.__version__} (report format 1)"
 
     report_path = tmp_path / "report.json"
     done = subprocess.run([str(python), str(script), str(model), "--data", str(photos),

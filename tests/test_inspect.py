@@ -169,6 +169,7 @@ def test_int16x8_and_legacy_uint8_need_their_flag():
         "#0 CONV_2D (uint8 input 'x', uint8 input 'w', uint8 output 'y')"
     ]
     assert ins.is_integer_only(legacy, "uint8", allow_uint8=True)
+    assert ins.infer_mode(legacy) == "uint8"
 
 
 def test_unknown_io_type_is_a_one_line_error():
@@ -178,7 +179,7 @@ def test_unknown_io_type_is_a_one_line_error():
 
 def test_modes_inferred_from_tensors():
     assert ins.infer_mode(int8_model("int8")) == "int8"
-    assert ins.infer_mode(int8_model("uint8")) == "uint8"
+    assert ins.infer_mode(int8_model("uint8")) == "int8 (uint8 I/O)"  # as export names it
     assert ins.infer_mode(int8_model("float32")) == "int8 (float I/O)"
     t = {"x": ("float32", IMG), "w": ("int8", [4, 3, 3, 3]), "y": ("float32", FEAT)}
     assert ins.infer_mode(fake_model(t, [("CONV_2D", ["x", "w"], ["y"])], ["x"], ["y"])) == "dynamic"
@@ -448,6 +449,7 @@ def test_inspect_tf2_ptq_model_with_uint8_boundary_quantize():
     assert any(o.startswith("#0 QUANTIZE (I/O conversion uint8 'input' -> int8") for o in strict)
     report = ins.inspect_model(coral("tf2_mobilenet_v2_1.0_224_ptq.tflite"), compiler=False)
     assert report["ops"]["QUANTIZE"] == 2 and report["tensor_dtypes"]["int8"] > 100
+    assert report["mode"] == "int8 (uint8 I/O)"  # int8 inside: named as edgetl's export names it
     assert report["edgetpu"]["tpu_ops"] == 68
 
 
@@ -560,7 +562,7 @@ def test_converter_outputs_match_the_integer_only_rules(converted):
     modes = {name: ins.infer_mode(info) for name, info in converted.items()}
     assert modes == {
         "int8": "int8",
-        "uint8": "uint8",
+        "uint8": "int8 (uint8 I/O)",
         "float_io": "int8 (float I/O)",
         "float16": "float16",
         "float32": "float32",

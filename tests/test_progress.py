@@ -93,6 +93,8 @@ def test_export_prints_each_mode_as_it_is_verified(logged_run):
     for pattern in order:
         at = _index(lines, pattern, at) + 1
     assert sum(line.startswith("convert ") for line in lines) == 2
+    # The converter's and LiteRT's C++ chatter is filtered out of fd 2.
+    assert not [line for line in lines if line.startswith(("fully_quantize", "INFO: "))], lines
 
 
 def test_export_quiet_prints_the_reports_only(logged_run):
