@@ -1283,7 +1283,7 @@ def train(cfg: TrainConfig, given=None) -> TrainResult:
     if cfg.base_model is None and not cfg.resume:
         backbones.get_backbone(cfg.backbone)  # unknown names fail before any data is read
     if not cfg.resume:
-        _preflight(cfg)
+        _preflight(cfg, given)
         check_layer_names(cfg)  # before the folder scan and the weights
     out = _out_path(cfg)
     if not cfg.resume:
@@ -1308,12 +1308,13 @@ def train(cfg: TrainConfig, given=None) -> TrainResult:
     return result
 
 
-def _preflight(cfg: TrainConfig) -> None:
+def _preflight(cfg: TrainConfig, given=None) -> None:
     """The checks build_model would make, before TensorFlow loads: bad flags fail in one line
-    (TensorFlow prints its own start-up lines to stderr) and before the run directory exists."""
+    (TensorFlow prints its own start-up lines to stderr) and before the run directory exists.
+    ``given``: the fields set on the command line (None: not known)."""
     parse_head(cfg.head)
     if cfg.base_model is not None:
-        _refuse_weights_with_base_model(cfg)
+        _refuse_weights_with_base_model(cfg, explicit="weights" in (given or ()))
         return
     spec = backbones.get_backbone(cfg.backbone)
     _check_sides(spec, resolve_size(cfg, spec), cfg)
@@ -1323,13 +1324,17 @@ def _preflight(cfg: TrainConfig) -> None:
                           "(.h5), 'imagenet' or 'none'")
 
 
-def _refuse_weights_with_base_model(cfg: TrainConfig) -> None:
-    """--weights FILE beside --base-model would be ignored (the base model brings its own
-    weights): refused rather than silently dropped. --weights none re-initialises the base."""
-    if cfg.weights in ("imagenet", "none"):  # the default; none re-initialises the base
+def _refuse_weights_with_base_model(cfg: TrainConfig, explicit: bool = False) -> None:
+    """--weights FILE (or a typed --weights imagenet) beside --base-model would be ignored: the
+    base model brings its own weights. Refused rather than silently dropped. --weights none
+    re-initialises the base; ``explicit``: --weights was typed (imagenet is also the default)."""
+    if cfg.weights == "none" or (cfg.weights == "imagenet" and not explicit):
         return
+    what = ("ImageNet weights are for registry backbones" if cfg.weights == "imagenet"
+            else "pass one of the two")
     raise EdgetlError(f"--weights '{cfg.weights}' with --base-model '{cfg.base_model}': a base "
-                      "model keeps its own weights; pass one of the two")
+                      f"model keeps its own weights ({what}); leave --weights out, or pass "
+                      "--weights none to re-initialise the base")
 
 
 def base_model_record(path: str) -> dict:

@@ -211,6 +211,12 @@ def test_weights_file_with_base_model_is_refused_and_none_reinitialises(qat_run,
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "a base model keeps its own weights" in lines[0], lines
     assert "Traceback" not in r.stderr and not out.exists()
+    # A typed --weights imagenet is refused too (it is also the default, which stays quiet).
+    r = _cli("train", "--data", data, "--base-model", base, "--weights", "imagenet",
+             "--out", out, "--input-size", SIZE)
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "ImageNet weights are for registry backbones" in lines[0] and not out.exists()
     # --weights none: the base's architecture with fresh weights, trained from scratch
     from edgetl.config import TrainConfig
     from edgetl.keras import keras
