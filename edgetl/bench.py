@@ -281,6 +281,7 @@ def bench(
     std: list[float] | None = None,
     raw: bool = False,
     bgr: bool = False,
+    progress=None,
 ) -> list[dict]:
     """Benchmark models one after another, each in a fresh runner process, into one table.
 
@@ -300,6 +301,7 @@ def bench(
             third-party models without metadata (they override a model's own metadata).
         raw: feed pixels unchanged in the input dtype (the runner's ``--raw``).
         bgr: the model wants BGR channel order (the runner's ``--bgr``).
+        progress: an ``edgetl.progress.Progress``: one step per model (None: silent).
 
     Returns:
         One dict per model, in the given order: ``name`` (file name), ``path``, ``format``
@@ -324,21 +326,34 @@ def bench(
     for flag, values in (("--mean", mean), ("--std", std)):
         if values is not None:
             parse_values(",".join(map(str, values)), flag)
+    from edgetl.progress import SILENT
+
+    progress = progress or SILENT
     rows = []
-    for m in models:
+    for i, m in enumerate(models, 1):
         path = Path(m)
-        try:
-            report = run_runner(path, data, runs, warmup, threads, delegate, labels, timeout,
-                                mean=mean, std=std, raw=raw, bgr=bgr)
-            rows.append(_row(path, report, None))
-        except EdgetlError as e:
-            rows.append(_row(path, None, str(e)))
+        with progress.step(f"model {i}/{len(models)} {path.name}") as step:
+            try:
+                report = run_runner(path, data, runs, warmup, threads, delegate, labels,
+                                    timeout, mean=mean, std=std, raw=raw, bgr=bgr)
+                rows.append(_row(path, report, None))
+            except EdgetlError as e:
+                rows.append(_row(path, None, str(e)))
+            step.done(_step_detail(rows[-1]))
     base = rows[0]
     for r in rows:
         r["size_x"] = r["size_bytes"] / base["size_bytes"] if base["size_bytes"] else None
         if r["p50_ms"] and base["p50_ms"]:
             r["speed_x"] = base["p50_ms"] / r["p50_ms"]
     return rows
+
+
+def _step_detail(row: dict) -> str:
+    """One model's progress line: its p50 and top-1, or that it failed (the table says why)."""
+    if row.get("error"):
+        return "could not run (see the table)"
+    top1 = f", top-1 {row['top1']:.4f}" if row.get("top1") is not None else ""
+    return f"p50 {row['p50_ms']:.2f} ms{top1}"
 
 
 def _columns(rows: list[dict]) -> list[tuple]:

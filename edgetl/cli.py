@@ -598,6 +598,7 @@ def bench(
     """Run each model through the device runner; one comparison table (size, accuracy, latency)."""
     from edgetl import bench as b
     from edgetl import runner as r
+    from edgetl.progress import Progress
 
     for out, flag in ((json_out, "--json"), (markdown, "--markdown")):
         if out:  # before the models run, not after
@@ -606,7 +607,8 @@ def bench(
                   runs=runs, warmup=warmup, threads=threads, delegate=delegate,
                   labels=str(labels) if labels else None,
                   mean=_guard(b.parse_values, mean, "--mean"),
-                  std=_guard(b.parse_values, std, "--std"), raw=raw, bgr=bgr)
+                  std=_guard(b.parse_values, std, "--std"), raw=raw, bgr=bgr,
+                  progress=Progress())
     typer.echo(b.format_table(rows))
     if json_out:
         _guard(b.write_json, rows, json_out)
@@ -841,7 +843,9 @@ def sensitivity(
         _guard(r.check_writable, str(json_out), "--json")
     cfg = SensitivityConfig(run=str(run), num_images=num_images,
                             num_calibration=num_calibration, seed=seed, unsafe=unsafe)
-    report = _guard(measure, cfg)
+    from edgetl.progress import Progress
+
+    report = _guard(measure, cfg, Progress())
     if json_out:
         from edgetl.sensitivity import write_json
 

@@ -152,7 +152,7 @@ def _predict(model, images: np.ndarray, batch: int = 32) -> np.ndarray:
         len(images[i:i + batch]), -1).argmax(-1) for i in range(0, len(images), batch)])
 
 
-def _flips_alone(model, rows: list[dict], first: dict, images: np.ndarray) -> None:
+def _flips_alone(model, rows: list[dict], first: dict, images: np.ndarray, step=None) -> None:
     """Sets each row's ``flips_alone``: images whose Keras top-1 changes when only this tensor is
     quantized (its int8 scale/zero point applied to the Keras layer's output; weights and every
     other tensor stay float). Only for rows whose values on the first image equal a Keras layer's
@@ -172,6 +172,8 @@ def _flips_alone(model, rows: list[dict], first: dict, images: np.ndarray) -> No
     outs = outs if isinstance(outs, (list, tuple)) else [outs]
     base = _predict(model, images)
     for name, out in zip(layers, outs):
+        if step is not None:
+            step.advance()
         out = np.asarray(out, dtype=np.float64)
         tol = 1e-4 * float(np.abs(out).max()) + 1e-6
         same = [r for r in by_layer[name] if first[r["tensor"]].shape == out.shape
@@ -194,7 +196,7 @@ def _flips_alone(model, rows: list[dict], first: dict, images: np.ndarray) -> No
 
 
 def measure(model, calib: np.ndarray, images: np.ndarray, labels=None,
-            flips: bool = True) -> dict:
+            flips: bool = True, progress=None) -> dict:
     """Per-tensor float-vs-int8 error of a Keras model on preprocessed images.
 
     Args:
@@ -204,6 +206,7 @@ def measure(model, calib: np.ndarray, images: np.ndarray, labels=None,
         labels: optional (M,) true class indices, for the accuracy of both files.
         flips: also count, per tensor, the top-1 flips of the Keras model when only that
             tensor is quantized (one pass over ``images`` per tensor).
+        progress: an ``edgetl.progress.Progress`` for the steps (None: silent).
 
     Returns:
         The report dict: ``metric``, ``model`` (output agreement, accuracies, tensor counts) and
@@ -216,9 +219,15 @@ def measure(model, calib: np.ndarray, images: np.ndarray, labels=None,
     """
     from edgetl.config import IOType, Quantization
     from edgetl.export import convert
+    from edgetl.progress import SILENT
 
-    float_raw = convert(model, Quantization.float32, IOType.float32, None)
-    int8_raw = convert(model, Quantization.int8, IOType.float32, calib)
+    progress = progress or SILENT
+    with progress.step("convert float32") as step:
+        float_raw = convert(model, Quantization.float32, IOType.float32, None)
+        step.done(f"{len(float_raw) / 1e6:.2f} MB")
+    with progress.step("convert int8") as step:
+        int8_raw = convert(model, Quantization.int8, IOType.float32, calib)
+        step.done(f"{len(int8_raw) / 1e6:.2f} MB, calibrated on {len(calib)} images")
     fl, q8 = _interpreter(float_raw), _interpreter(int8_raw)
     pairs = _pairs(fl, q8)
     if not pairs:
@@ -229,30 +238,33 @@ def measure(model, calib: np.ndarray, images: np.ndarray, labels=None,
     out_f2 = out_err2 = 0.0
     top_f, top_q = [], []
     first = {}  # tensor name -> float32 model's value on the first image
-    for x in images:
-        fl.set_tensor(f_in, x[None])
-        q8.set_tensor(q_in, x[None])
-        fl.invoke()
-        q8.invoke()
-        for p in pairs:
-            f = fl.get_tensor(p["float_index"]).astype(np.float64)
-            qv = q8.get_tensor(p["int8_index"]).astype(np.float64)
-            s, z = p["scale"], p["zero_point"]
-            deq = (qv - z) * s
-            codes = np.round(f / s) + z
-            own = (np.clip(codes, p["qmin"], p["qmax"]) - z) * s
-            p["sum_f2"] += float((f * f).sum())
-            p["sum_err2"] += float(((f - deq) ** 2).sum())
-            p["sum_own2"] += float(((f - own) ** 2).sum())
-            p["clipped"] += int(((codes < p["qmin"]) | (codes > p["qmax"])).sum())
-            p["n"] += f.size
-            first.setdefault(p["tensor"], f)
-        yf = fl.get_tensor(f_out).astype(np.float64).ravel()
-        yq = q8.get_tensor(q_out).astype(np.float64).ravel()
-        out_f2 += float((yf * yf).sum())
-        out_err2 += float(((yf - yq) ** 2).sum())
-        top_f.append(int(yf.argmax()))
-        top_q.append(int(yq.argmax()))
+    with progress.step("compare tensors", total=len(images)) as step:
+        for x in images:
+            step.advance()
+            fl.set_tensor(f_in, x[None])
+            q8.set_tensor(q_in, x[None])
+            fl.invoke()
+            q8.invoke()
+            for p in pairs:
+                f = fl.get_tensor(p["float_index"]).astype(np.float64)
+                qv = q8.get_tensor(p["int8_index"]).astype(np.float64)
+                s, z = p["scale"], p["zero_point"]
+                deq = (qv - z) * s
+                codes = np.round(f / s) + z
+                own = (np.clip(codes, p["qmin"], p["qmax"]) - z) * s
+                p["sum_f2"] += float((f * f).sum())
+                p["sum_err2"] += float(((f - deq) ** 2).sum())
+                p["sum_own2"] += float(((f - own) ** 2).sum())
+                p["clipped"] += int(((codes < p["qmin"]) | (codes > p["qmax"])).sum())
+                p["n"] += f.size
+                first.setdefault(p["tensor"], f)
+            yf = fl.get_tensor(f_out).astype(np.float64).ravel()
+            yq = q8.get_tensor(q_out).astype(np.float64).ravel()
+            out_f2 += float((yf * yf).sum())
+            out_err2 += float(((yf - yq) ** 2).sum())
+            top_f.append(int(yf.argmax()))
+            top_q.append(int(yq.argmax()))
+        step.done(f"{len(pairs)} int8 tensors with a float32 twin on {len(images)} images")
 
     rows = []
     for p in pairs:
@@ -272,7 +284,9 @@ def measure(model, calib: np.ndarray, images: np.ndarray, labels=None,
     for k, r in enumerate(rows, 1):
         r["rank"] = k
     if flips:
-        _flips_alone(model, rows, first, images)
+        with progress.step("flips per tensor") as step:
+            _flips_alone(model, rows, first, images, step)
+            step.done(f"{step.count} layer outputs quantized alone, {len(images)} images each")
     top_f, top_q = np.array(top_f), np.array(top_q)
     summary = {
         "images": int(len(images)), "calibration_images": int(len(calib)),
@@ -291,8 +305,10 @@ def measure(model, calib: np.ndarray, images: np.ndarray, labels=None,
     return {"metric": METRIC, "model": summary, "tensors": rows}
 
 
-def sensitivity(cfg: SensitivityConfig) -> dict:
+def sensitivity(cfg: SensitivityConfig, progress=None) -> dict:
     """Measures a run's per-tensor int8 sensitivity on its validation images.
+
+    ``progress``: an ``edgetl.progress.Progress`` for the steps (None: silent).
 
     Returns:
         The ``measure`` report plus ``run``, ``settings`` and ``interpreter``.
@@ -326,10 +342,17 @@ def sensitivity(cfg: SensitivityConfig) -> dict:
         raise EdgetlError(f"run '{run}' has no validation image outside the calibration set: "
                           "sensitivity needs images the ranges were not fitted on")
     chosen = sample(val, cfg.num_images, cfg.seed)
-    calib = load_batch(calib_paths, size, prep)
-    images = load_batch([p for p, _ in chosen], size, prep)
-    model = load_model(run / "model.keras", cfg.unsafe)
-    report = measure(model, calib, images, [label for _, label in chosen])
+    from edgetl.progress import SILENT
+
+    progress = progress or SILENT
+    with progress.step("load images") as step:
+        calib = load_batch(calib_paths, size, prep)
+        images = load_batch([p for p, _ in chosen], size, prep)
+        step.done(f"{len(calib)} calibration, {len(images)} validation")
+    with progress.step("load model.keras") as step:
+        model = load_model(run / "model.keras", cfg.unsafe)
+        step.done(f"{model.count_params():,} parameters")
+    report = measure(model, calib, images, [label for _, label in chosen], progress=progress)
     return {"run": str(run), "settings": {"num_images": cfg.num_images,
                                           "num_calibration": cfg.num_calibration,
                                           "seed": cfg.seed, "calibration_source": source,

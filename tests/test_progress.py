@@ -268,3 +268,28 @@ def test_few_steps_from_scratch_are_warned_before_training(logged_run):
     assert "--epochs 38" in few_steps_warning(lfw, 128)
     assert few_steps_warning(lfw, 4000) is None  # MNIST 5k: 1,250 steps
     assert few_steps_warning(TrainConfig(data="d").with_defaults()[0], 128) is None  # pretrained: not from scratch
+
+
+def test_sensitivity_reports_each_step(logged_run):
+    run, _ = logged_run
+    lines = _run("sensitivity", run, "--num-images", "6", "--top", "2")
+    order = [r"^load images: \d+ calibration, 6 validation \(", r"^load model\.keras: ",
+             r"^convert float32: .* MB \(", r"^convert int8: .* MB, calibrated on \d+ images",
+             r"^compare tensors: \d+ int8 tensors with a float32 twin on 6 images \(",
+             r"^flips per tensor: \d+ layer outputs quantized alone, 6 images each \(",
+             r"^per-tensor int8 sensitivity of "]
+    at = 0
+    for pattern in order:
+        at = _index(lines, pattern, at) + 1
+    assert not [line for line in lines if line.startswith(("fully_quantize", "INFO: "))], lines
+
+
+def test_bench_reports_each_model_as_it_is_measured():
+    from conftest import realdata
+
+    coral = realdata("coral")
+    v1, v2 = coral / "mobilenet_v1_0.25_128_quant.tflite", coral / "tf2_mobilenet_v2_1.0_224_ptq.tflite"
+    lines = _run("bench", v1, v2, "--runs", "3", "--warmup", "1")
+    first = _index(lines, rf"^model 1/2 {re.escape(v1.name)}: p50 \d+\.\d\d ms \(\d+\.\d s\)$")
+    second = _index(lines, rf"^model 2/2 {re.escape(v2.name)}: p50 \d+\.\d\d ms \(", first + 1)
+    _index(lines, r"^model +format +size MB", second + 1)  # the table comes after
