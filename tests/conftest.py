@@ -26,6 +26,12 @@ def realdata(sub: str = "") -> Path:
     return path
 
 
+def coral(name: str) -> Path:
+    """A file of the real Coral data (Google's models, labels, photos): skip when missing, fail
+    in CI."""
+    return realdata(f"coral/{name}")
+
+
 TINY = dict(backbone="mobilenetv2", alpha=0.35, input_size=32, weights="none", batch_size=8,
             augment=False, quiet=True)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -11,22 +10,13 @@ import pytest
 
 from edgetl import bench as B
 from edgetl.errors import EdgetlError
+from conftest import coral
 
-REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
-CORAL = REALDATA / "coral"
 V1 = "mobilenet_v1_0.25_128_quant.tflite"
 V2 = "tf2_mobilenet_v2_1.0_224_ptq.tflite"
 # photo -> the ImageNet class folder it belongs in (names as in imagenet_labels.txt)
 PHOTOS = {"bird.bmp": "chickadee", "cat.bmp": "Egyptian cat", "grace_hopper.bmp": "military uniform"}
 
-
-def coral(name: str) -> Path:
-    path = CORAL / name
-    if not path.is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"real data missing on CI: {path}")
-        pytest.skip(f"real data not available: {path}")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -16,19 +16,10 @@ import pytest
 from edgetl import bundle as Bu
 from edgetl import runner
 from edgetl.errors import EdgetlError
+from conftest import coral
 
-REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
-CORAL = REALDATA / "coral"
 V1 = "mobilenet_v1_0.25_128_quant.tflite"
 
-
-def coral(name: str) -> Path:
-    path = CORAL / name
-    if not path.is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"real data missing on CI: {path}")
-        pytest.skip(f"real data not available: {path}")
-    return path
 
 
 @pytest.fixture(scope="module")

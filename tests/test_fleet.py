@@ -26,24 +26,15 @@ import pytest
 from edgetl import bench as B
 from edgetl import fleet as F
 from edgetl.errors import EdgetlError
+from conftest import coral
 
 
 ROOT = Path(__file__).resolve().parents[1]
-REALDATA = ROOT.parent / "shared" / "realdata"
-CORAL = REALDATA / "coral"
 V1 = "mobilenet_v1_0.25_128_quant.tflite"
 PHOTOS = {"bird.bmp": "chickadee", "cat.bmp": "Egyptian cat",
           "grace_hopper.bmp": "military uniform"}
 COMMAND_TIMEOUT = 300  # seconds a served command may run before the server kills it
 
-
-def coral(name: str) -> Path:
-    path = CORAL / name
-    if not path.is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"real data missing on CI: {path}")
-        pytest.skip(f"real data not available: {path}")
-    return path
 
 
 # --------------------------------------------------------------------------------------------

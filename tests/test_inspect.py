@@ -14,20 +14,10 @@ import pytest
 
 from edgetl import inspect as ins
 from edgetl.errors import EdgetlError
+from conftest import coral
 
-REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
-CORAL = REALDATA / "coral"
 REPO = Path(__file__).resolve().parents[1]
 
-
-def coral(name: str) -> Path:
-    """A file of the real Coral test data; skip (fail on CI) when the data is missing."""
-    path = CORAL / name
-    if not path.is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"real data missing on CI: {path}")
-        pytest.skip(f"real data not available: {path}")
-    return path
 
 
 # ------------------------------------------------------------------------------------------

@@ -21,11 +21,10 @@ import numpy as np
 import pytest
 
 from edgetl import runner as r
+from conftest import coral
 
 REPO = Path(__file__).resolve().parents[1]
 RUNNER = REPO / "devices" / "edgetl_runner.py"
-REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
-CORAL = REALDATA / "coral"
 
 SMALL = "mobilenet_v1_0.25_128_quant.tflite"
 V2 = "tf2_mobilenet_v2_1.0_224_ptq.tflite"
@@ -34,15 +33,6 @@ BROKEN = "model_invoking_error.tflite"
 PHOTOS = {"cat.bmp": "Egyptian cat", "bird.bmp": "chickadee", "grace_hopper.bmp": "military uniform"}
 ACADEMIC_GOWN = "academic gown, academic robe, judge's robe"
 
-
-def coral(name: str) -> Path:
-    """A file of the real Coral data; skip when missing, fail on CI (CI=true)."""
-    path = CORAL / name
-    if not path.is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"real data missing on CI: {path}")
-        pytest.skip(f"real third-party data not available: {path}")
-    return path
 
 
 @pytest.fixture(scope="module")
