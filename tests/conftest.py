@@ -71,3 +71,33 @@ def pytest_terminal_summary(terminalreporter):
         failed = sum(r.failed for r in reports)
         terminalreporter.write_line(f"bad-input catalogue: {len(reports)} cases, "
                                     f"{len(reports) - failed} passed, {failed} failed")
+
+
+def small_trained_net(data: Path, size: int, filters: tuple, epochs: int):
+    """A small conv net (strided 3x3 convs named c1, c2, ..., then pool, pred) trained on the
+    class folders in ``data``: a stand-in for a pretrained base, which cannot be downloaded here.
+
+    Returns ``(model, x, y)``: the tf_keras model and the images (pixels scaled to -1..1) and
+    class indices it was fitted on.
+    """
+    import numpy as np
+
+    from edgetl import calibrate
+    from edgetl.data import scan_folder
+    from edgetl.keras import keras, tf
+
+    tf.keras.utils.set_random_seed(0)
+    items = scan_folder(data, (size, size)).items
+    prep = {"name": "tf", "mean": [127.5] * 3, "std": [127.5] * 3, "channel_order": "RGB"}
+    x = calibrate.load_images([p for p, _ in items], size, prep)
+    y = np.asarray([c for _, c in items])
+    inp = h = keras.Input((size, size, 3))
+    for i, f in enumerate(filters, 1):
+        h = keras.layers.Conv2D(f, 3, strides=2 if i <= 2 else 1, activation="relu",
+                                name=f"c{i}")(h)
+    h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
+    out = keras.layers.Dense(int(y.max()) + 1, activation="softmax", name="pred")(h)
+    model = keras.Model(inp, out)
+    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=epochs, batch_size=16, verbose=0)
+    return model, x, y

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import small_trained_net
+
 from tests.conftest import realdata
 
 # A frozen layer's fake-quant range may clip at most this fraction of the values the
@@ -29,27 +31,13 @@ PREP = {"name": "tf", "mean": [127.5] * 3, "std": [127.5] * 3, "channel_order": 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     """(train folder, held-out test folder, pretrained-like base .h5)."""
-    from edgetl import calibrate
-    from edgetl.data import make_synth, scan_folder
+    from edgetl.data import make_synth
+    from edgetl.keras import keras
 
     root = tmp_path_factory.mktemp("qatranges")
     make_synth(root / "train", classes=4, per_class=50, size=SIZE, seed=3)
     make_synth(root / "test", classes=4, per_class=25, size=SIZE, seed=11)
-    from edgetl.keras import keras, tf
-
-    tf.keras.utils.set_random_seed(0)
-    items = scan_folder(root / "train", (SIZE, SIZE)).items
-    x = calibrate.load_images([p for p, _ in items], SIZE, PREP)
-    y = np.asarray([c for _, c in items])
-    inp = keras.Input((SIZE, SIZE, 3))
-    h = keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="c1")(inp)
-    h = keras.layers.Conv2D(16, 3, strides=2, activation="relu", name="c2")(h)
-    h = keras.layers.Conv2D(16, 3, activation="relu", name="c3")(h)
-    h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
-    out = keras.layers.Dense(4, activation="softmax", name="pred")(h)
-    model = keras.Model(inp, out)
-    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
-    model.fit(x, y, epochs=15, batch_size=16, verbose=0)
+    model, x, _ = small_trained_net(root / "train", SIZE, (8, 16, 16), epochs=15)
     before = model.predict(x, verbose=0)
     k1, b1 = model.get_layer("c1").get_weights()
     model.get_layer("c1").set_weights([k1 * 8, b1 * 8])

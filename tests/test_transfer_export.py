@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import small_trained_net
+
 SIZE = 32
-PREP = {"name": "tf", "mean": [127.5] * 3, "std": [127.5] * 3, "channel_order": "RGB"}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,26 +33,14 @@ def _cli(*args, cwd=None):
 @pytest.fixture(scope="module")
 def qat_run(tmp_path_factory):
     """(run directory, base model file, data folder) of a --base-model two-phase --qat run."""
-    from edgetl import calibrate
     from edgetl.config import Strategy, TrainConfig
-    from edgetl.data import make_synth, scan_folder
-    from edgetl.keras import keras, tf
+    from edgetl.data import make_synth
+    from edgetl.keras import keras
     from edgetl.train import train
 
     root = tmp_path_factory.mktemp("transfer_export")
     make_synth(root / "data", classes=3, per_class=30, size=SIZE, seed=5)
-    tf.keras.utils.set_random_seed(0)
-    items = scan_folder(root / "data", (SIZE, SIZE)).items
-    x = calibrate.load_images([p for p, _ in items], SIZE, PREP)
-    y = np.asarray([c for _, c in items])
-    inp = keras.Input((SIZE, SIZE, 3))
-    h = keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="c1")(inp)
-    h = keras.layers.Conv2D(16, 3, strides=2, activation="relu", name="c2")(h)
-    h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
-    out = keras.layers.Dense(3, activation="softmax", name="pred")(h)
-    model = keras.Model(inp, out)
-    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
-    model.fit(x, y, epochs=8, batch_size=16, verbose=0)
+    model, _, _ = small_trained_net(root / "data", SIZE, (8, 16), epochs=8)
     base = root / "base.h5"
     model.save(str(base), save_format="h5")
     keras.backend.clear_session()
