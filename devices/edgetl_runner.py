@@ -246,25 +246,7 @@ _BUILTIN_OPS = """
 """.split()
 _CUSTOM_CODE = 32  # BuiltinOperator.CUSTOM
 
-# Field (slot) of fused_activation_function in each op's builtin options table.
-_FUSED_ACTIVATION_SLOT = {
-    "CONV_2D": 3,
-    "DEPTHWISE_CONV_2D": 4,
-    "AVERAGE_POOL_2D": 5,
-    "MAX_POOL_2D": 5,
-    "L2_POOL_2D": 5,
-    "CONCATENATION": 1,
-    "FULLY_CONNECTED": 0,
-    "ADD": 0,
-    "SUB": 0,
-    "MUL": 0,
-    "DIV": 0,
-    "TRANSPOSE_CONV": 3,
-    "CONV_3D": 4,
-    "CONV_3D_TRANSPOSE": 4,
-}
 _ACTIVATIONS = ("NONE", "RELU", "RELU_N1_TO_1", "RELU6", "TANH", "SIGN_BIT")
-_PLACEHOLDER_FOR_GREATER_OP_CODES = 127
 
 
 def builtin_op_name(code: int) -> str:
@@ -383,179 +365,177 @@ class ModelInfo:
 
 
 # --------------------------------------------------------------------------------------------
-# A bounds-checked flatbuffer reader
+# Reading the flatbuffer: LiteRT's generated schema module, guarded at the boundary
 # --------------------------------------------------------------------------------------------
 
+# What flatbuffers' generated readers raise on corrupt bytes (they check no bounds): struct.error
+# past the end, TypeError from flatbuffers' range check on a negative offset, ValueError from a
+# numpy view past the end. Each becomes the one-line RunnerError of _guarded().
+_CORRUPT_ERRORS = (struct.error, IndexError, UnicodeDecodeError, ValueError, RecursionError,
+                   OverflowError, TypeError)
+_TABLE_COST = 96  # bytes charged per table visited; real files have 40+ bytes per table
+_SCHEMA = []  # type: list
 
-class _FlatBuffer:
-    """Reads a flatbuffer; every access is bounds-checked and the total work is capped."""
-
-    def __init__(self, data: bytes, name: str):
-        self.data = data
-        self.n = len(data)
-        self.name = name
-        # Work budget in bytes read: a real file reads each byte about once; mutated files whose
-        # offsets all point at one huge vector would otherwise cost O(n^2).
-        self.budget = 4 * self.n + 65536
-
-    def fail(self, what: str) -> RunnerError:
-        return RunnerError(
-            "%s is truncated or corrupt (%s; the file has %d bytes): re-export or re-copy the model"
-            % (self.name, what, self.n)
-        )
-
-    def need(self, pos: int, size: int, what: str) -> None:
-        if pos < 0 or size < 0 or pos + size > self.n:
-            raise self.fail("%s at offset %d points past the end" % (what, pos))
-        self.budget -= size
-        if self.budget < 0:
-            raise self.fail("its tables reference more data than the file holds")
-
-    def unpack(self, fmt: str, pos: int, what: str):
-        self.need(pos, struct.calcsize(fmt), what)
-        return struct.unpack_from(fmt, self.data, pos)
-
-    def u32(self, pos: int, what: str) -> int:
-        return self.unpack("<I", pos, what)[0]
-
-    def table(self, pos: int, what: str) -> "_Table":
-        return _Table(self, pos, what)
-
-    def root(self) -> "_Table":
-        return self.table(self.u32(0, "root offset"), "root table")
+# Options table (class of the generated schema) carrying each op's fused activation.
+_FUSED_ACTIVATION_OPTIONS = {
+    "CONV_2D": "Conv2DOptions",
+    "DEPTHWISE_CONV_2D": "DepthwiseConv2DOptions",
+    "AVERAGE_POOL_2D": "Pool2DOptions",
+    "MAX_POOL_2D": "Pool2DOptions",
+    "L2_POOL_2D": "Pool2DOptions",
+    "CONCATENATION": "ConcatenationOptions",
+    "FULLY_CONNECTED": "FullyConnectedOptions",
+    "ADD": "AddOptions",
+    "SUB": "SubOptions",
+    "MUL": "MulOptions",
+    "DIV": "DivOptions",
+    "TRANSPOSE_CONV": "TransposeConvOptions",
+    "CONV_3D": "Conv3DOptions",
+    "CONV_3D_TRANSPOSE": "Conv3DOptions",
+}
 
 
-class _Table:
-    __slots__ = ("fb", "pos", "what", "vt", "vt_size", "obj_size")
+class _Corrupt(Exception):
+    """A check here found the flatbuffer corrupt; _guarded() turns it into a RunnerError."""
 
-    def __init__(self, fb: _FlatBuffer, pos: int, what: str):
-        self.fb, self.pos, self.what = fb, pos, what
-        soffset = fb.unpack("<i", pos, what)[0]
-        self.vt = pos - soffset
-        self.vt_size, self.obj_size = fb.unpack("<HH", self.vt, what + " vtable")
-        if self.vt_size < 4 or self.vt_size % 2:
-            raise fb.fail("%s has a bad vtable size %d" % (what, self.vt_size))
-        fb.need(self.vt, self.vt_size, what + " vtable")
-        fb.need(pos, max(self.obj_size, 4), what)
 
-    def _field(self, slot: int):
-        at = 4 + 2 * slot
-        if at + 2 > self.vt_size:
-            return None
-        off = struct.unpack_from("<H", self.fb.data, self.vt + at)[0]
-        if off == 0:
-            return None
-        if off >= self.obj_size:
-            raise self.fb.fail("%s field %d lies outside its table" % (self.what, slot))
-        return self.pos + off
+def _schema():
+    """The generated TFLite schema module: LiteRT's own, else the ``tflite`` package's.
 
-    def scalar(self, slot: int, fmt: str, default):
-        p = self._field(slot)
-        if p is None:
-            return default
-        return self.fb.unpack("<" + fmt, p, "%s field %d" % (self.what, slot))[0]
+    tflite-runtime ships no schema module; the ``tflite`` package (PyPI) is the same flatc output.
 
-    def _target(self, slot: int, what: str):
-        p = self._field(slot)
-        if p is None:
-            return None
-        return p + self.fb.u32(p, what)
+    Raises:
+        RunnerError: neither is installed.
+    """
+    if not _SCHEMA:
+        try:
+            from ai_edge_litert import schema_py_generated as schema
+        except ImportError:
+            try:
+                import tflite as schema
+            except ImportError:
+                raise RunnerError(
+                    "reading a .tflite needs LiteRT's schema module or the tflite package: "
+                    "`pip install ai-edge-litert`, or beside tflite-runtime `pip install "
+                    "tflite flatbuffers`"
+                ) from None
+        _SCHEMA.append(schema)
+    return _SCHEMA[0]
 
-    def string(self, slot: int, what: str) -> str:
-        p = self._target(slot, what)
-        if p is None:
-            return ""
-        length = self.fb.u32(p, what)
-        self.fb.need(p + 4, length, what)
-        return self.fb.data[p + 4 : p + 4 + length].decode("utf-8", "replace")
 
-    def _vector(self, slot: int, elem_size: int, what: str):
-        p = self._target(slot, what)
-        if p is None:
-            return None, 0
-        count = self.fb.u32(p, what)
-        if count > (self.fb.n - p - 4) // elem_size:
-            raise self.fb.fail("%s claims %d elements past the end" % (what, count))
-        return p + 4, count
+def _guarded(read, name: str, size: int):
+    """``read()``, with any sign of a corrupt or truncated flatbuffer as one RunnerError line."""
+    try:
+        return read()
+    except _Corrupt as exc:
+        reason = str(exc)
+    except _CORRUPT_ERRORS as exc:
+        text = (str(exc).splitlines() or [""])[0][:160]
+        if isinstance(exc, struct.error):
+            reason = "a field points past the end: " + text
+        elif isinstance(exc, TypeError):  # flatbuffers' own range check on an offset
+            reason = "an offset points outside the file: " + text
+        else:
+            reason = "%s: %s" % (type(exc).__name__, text) if text else type(exc).__name__
+    raise RunnerError(
+        "%s is truncated or corrupt (%s; the file has %d bytes): re-export or re-copy the model"
+        % (name, reason, size)
+    )
 
-    def scalars(self, slot: int, fmt: str, what: str) -> list:
-        size = struct.calcsize("<" + fmt)
-        start, count = self._vector(slot, size, what)
-        if not count:
+
+class _Budget:
+    """Bounds the work of reading one flatbuffer before any loop runs.
+
+    A vector's declared length must fit in the buffer, and the bytes read in all stay under 4x the
+    buffer: a real file is read about once, while corrupt offsets that all point at one large
+    vector would otherwise cost O(n^2).
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.left = 4 * size + 65536
+
+    def _charge(self, nbytes: int) -> None:
+        self.left -= nbytes
+        if self.left < 0:
+            raise _Corrupt("its tables reference more data than the file holds")
+
+    def tables(self, count: int, what: str) -> range:
+        """Indices of a vector of ``count`` tables (4-byte offsets), checked to fit the buffer."""
+        if count * 4 > self.size:
+            raise _Corrupt("%s claims %d elements, more than the file holds" % (what, count))
+        self._charge(count * _TABLE_COST)
+        return range(count)
+
+    def values(self, array) -> list:
+        """A generated ``...AsNumpy()`` vector (a view, bounds-checked by numpy) as a list."""
+        if isinstance(array, int):  # the generated readers' "absent"
             return []
-        self.fb.need(start, size * count, what)
-        return list(struct.unpack_from("<%d%s" % (count, fmt), self.fb.data, start))
-
-    def vector_length(self, slot: int, what: str) -> int:
-        """Length of a byte vector, checking that its bytes lie inside the file (not read)."""
-        start, count = self._vector(slot, 1, what)
-        if start is not None and start + count > self.fb.n:
-            raise self.fb.fail("%s points past the end" % what)
-        return count
-
-    def tables(self, slot: int, what: str) -> list:
-        start, count = self._vector(slot, 4, what)
-        if not count:
-            return []
-        self.fb.need(start, 4 * count, what)
-        out = []
-        for i in range(count):
-            p = start + 4 * i
-            out.append(self.fb.table(p + struct.unpack_from("<I", self.fb.data, p)[0], what))
-        return out
+        self._charge(array.nbytes)
+        return array.tolist()
 
 
-def _parse_model(data: bytes, name: str) -> ModelInfo:
-    """Parse the TFLite schema from ``data`` (identifier already checked)."""
-    fb = _FlatBuffer(data, name)
-    model = fb.root()
-    version = model.scalar(0, "I", 0)
-    description = model.string(3, "model description")
+def _text(raw) -> str:
+    return raw.decode("utf-8", "replace") if raw else ""
 
+
+def _parse_model(data: bytes, name: str, schema=None) -> ModelInfo:
+    """Parse ``data`` (identifier already checked) with ``schema`` (default :func:`_schema`).
+
+    Raises:
+        RunnerError: truncated or corrupt, or no schema module installed.
+    """
+    schema = schema or _schema()
+    return _guarded(lambda: _read_model_tables(data, schema), name, len(data))
+
+
+def _read_model_tables(data: bytes, schema) -> ModelInfo:
+    n = len(data)
+    budget = _Budget(n)
+    model = schema.Model.GetRootAs(data, 0)
     codes = []
     versions = []
-    for t in model.tables(1, "operator codes"):
-        deprecated = t.scalar(0, "b", 0)
-        builtin = t.scalar(3, "i", 0)
-        code = max(deprecated, builtin)
+    for j in budget.tables(model.OperatorCodesLength(), "operator codes"):
+        t = model.OperatorCodes(j)
+        code = max(t.DeprecatedBuiltinCode(), t.BuiltinCode())
         if code == _CUSTOM_CODE:
-            codes.append(t.string(1, "custom op code") or "CUSTOM")
+            codes.append(_text(t.CustomCode()) or "CUSTOM")
         else:
             codes.append(builtin_op_name(code))
-        versions.append(t.scalar(2, "i", 1))
+        versions.append(t.Version())
 
-    subgraphs = model.tables(2, "subgraphs")
+    num_subgraphs = len(budget.tables(model.SubgraphsLength(), "subgraphs"))
     tensors = []
     operators = []
     inputs = []  # type: list
     outputs = []  # type: list
-    if subgraphs:
-        sg = subgraphs[0]
-        for i, t in enumerate(sg.tables(0, "tensors")):
-            type_code = t.scalar(1, "b", 0)
+    if num_subgraphs:
+        sg = model.Subgraphs(0)
+        for i in budget.tables(sg.TensorsLength(), "tensors"):
+            t = sg.Tensors(i)
+            type_code = t.Type()
             dtype = (
                 _TENSOR_TYPES[type_code]
                 if 0 <= type_code < len(_TENSOR_TYPES)
                 else "unknown(%d)" % type_code
             )
             scale, zero_point, qdim = [], [], 0  # type: list, list, int
-            qp = t._target(4, "tensor quantization")
-            if qp is not None:
-                q = fb.table(qp, "tensor quantization")
-                scale = q.scalars(2, "f", "quantization scale")
-                zero_point = q.scalars(3, "q", "quantization zero point")
-                qdim = q.scalar(6, "i", 0)
+            q = t.Quantization()
+            if q is not None:
+                scale = budget.values(q.ScaleAsNumpy())
+                zero_point = budget.values(q.ZeroPointAsNumpy())
+                qdim = q.QuantizedDimension()
             tensors.append(
                 TensorInfo(
                     index=i,
-                    name=t.string(3, "tensor name"),
+                    name=_text(t.Name()),
                     dtype=dtype,
-                    shape=t.scalars(0, "i", "tensor shape"),
+                    shape=budget.values(t.ShapeAsNumpy()),
                     scale=[float(s) for s in scale],
                     zero_point=[int(z) for z in zero_point],
                     quantized_dimension=qdim,
-                    buffer=t.scalar(2, "I", 0),
-                    shape_signature=t.scalars(7, "i", "tensor shape signature"),
+                    buffer=t.Buffer(),
+                    shape_signature=budget.values(t.ShapeSignatureAsNumpy()),
                 )
             )
         n_tensors = len(tensors)
@@ -563,75 +543,80 @@ def _parse_model(data: bytes, name: str) -> ModelInfo:
         def check_indices(indices: list, what: str, optional: bool) -> list:
             for k in indices:
                 if not (0 <= k < n_tensors or (optional and k == -1)):
-                    raise fb.fail("%s refers to tensor %d of %d" % (what, k, n_tensors))
+                    raise _Corrupt("%s refers to tensor %d of %d" % (what, k, n_tensors))
             return indices
 
-        inputs = check_indices(sg.scalars(1, "i", "subgraph inputs"), "subgraph input", False)
-        outputs = check_indices(sg.scalars(2, "i", "subgraph outputs"), "subgraph output", False)
-        for i, o in enumerate(sg.tables(3, "operators")):
-            opcode = o.scalar(0, "I", 0)
+        inputs = check_indices(budget.values(sg.InputsAsNumpy()), "subgraph input", False)
+        outputs = check_indices(budget.values(sg.OutputsAsNumpy()), "subgraph output", False)
+        for i in budget.tables(sg.OperatorsLength(), "operators"):
+            o = sg.Operators(i)
+            opcode = o.OpcodeIndex()
             if opcode >= len(codes):
-                raise fb.fail("operator %d uses operator code %d of %d" % (i, opcode, len(codes)))
+                raise _Corrupt("operator %d uses operator code %d of %d" % (i, opcode, len(codes)))
             fused = ""
-            slot = _FUSED_ACTIVATION_SLOT.get(codes[opcode])
-            if slot is not None:
-                options = o._target(4, "operator options")
+            options_class = _FUSED_ACTIVATION_OPTIONS.get(codes[opcode])
+            if options_class is not None:
+                table = o.BuiltinOptions()
                 code = 0
-                if options is not None:
-                    code = fb.table(options, "operator options").scalar(slot, "b", 0)
+                if table is not None:
+                    options = getattr(schema, options_class)()
+                    options.Init(table.Bytes, table.Pos)
+                    code = options.FusedActivationFunction()
                 fused = _ACTIVATIONS[code] if 0 <= code < len(_ACTIVATIONS) else "ACTIVATION_%d" % code
             operators.append(
                 OpInfo(
                     index=i,
                     op=codes[opcode],
-                    inputs=check_indices(o.scalars(1, "i", "operator inputs"), "operator", True),
-                    outputs=check_indices(o.scalars(2, "i", "operator outputs"), "operator", True),
+                    inputs=check_indices(budget.values(o.InputsAsNumpy()), "operator", True),
+                    outputs=check_indices(budget.values(o.OutputsAsNumpy()), "operator", True),
                     custom=codes[opcode] not in _BUILTIN_OPS,
                     version=versions[opcode],
                     fused_activation=fused,
                 )
             )
 
-    # Buffers: check every data vector (and >2 GB style offset/size) lies inside the file; this
-    # is what catches a truncated copy, whose weights run past the end.
-    buffers = model.tables(4, "buffers")
-    buffer_lengths = []
-    for b in buffers:
-        buffer_lengths.append(b.vector_length(0, "buffer data"))
-        offset = b.scalar(1, "Q", 0)
-        size = b.scalar(2, "Q", 0)
-        if offset > 1 and offset + size > fb.n:
-            raise fb.fail("a buffer at offset %d of %d bytes lies past the end" % (offset, size))
+    # Buffers: every data vector (and >2 GB style offset/size) must lie inside the file; this is
+    # what catches a truncated copy, whose weights run past the end.
+    num_buffers = model.BuffersLength()
+    for j in budget.tables(num_buffers, "buffers"):
+        b = model.Buffers(j)
+        try:
+            b.DataAsNumpy()  # a view, not a copy: numpy checks it lies inside the bytes
+        except ValueError:
+            raise _Corrupt("the data of buffer %d runs past the end" % j) from None
+        offset, size = b.Offset(), b.Size()
+        if offset > 1 and offset + size > n:
+            raise _Corrupt("a buffer at offset %d of %d bytes lies past the end" % (offset, size))
 
     # What the interpreter dereferences without checking (it segfaults on a model without
     # subgraphs, found by tests/test_fuzz_tflite.py): refuse here, in one line.
-    if not subgraphs:
-        raise fb.fail("it has no subgraph")
+    if not num_subgraphs:
+        raise _Corrupt("it has no subgraph")
     metadata_names = []
     min_runtime = ""
-    for m in model.tables(6, "metadata"):
-        meta_name = m.string(0, "metadata name")
+    for j in budget.tables(model.MetadataLength(), "metadata"):
+        m = model.Metadata(j)
+        meta_name = _text(m.Name())
         metadata_names.append(meta_name)
-        index = m.scalar(1, "I", 0)
-        if meta_name == "min_runtime_version" and index < len(buffers):
-            start, count = buffers[index]._vector(0, 1, "buffer data")
-            if start is not None:
-                raw = data[start : start + min(count, 64)]
-                min_runtime = raw.split(b"\0", 1)[0].decode("ascii", "replace")
+        index = m.Buffer()
+        if meta_name == "min_runtime_version" and index < num_buffers:
+            raw = model.Buffers(index).DataAsNumpy()
+            if not isinstance(raw, int):
+                min_runtime = raw[:64].tobytes().split(b"\0", 1)[0].decode("ascii", "replace")
 
     return ModelInfo(
-        version=version,
-        description=description,
+        version=model.Version(),
+        description=_text(model.Description()),
         operator_codes=codes,
         tensors=tensors,
         operators=operators,
         inputs=list(inputs),
         outputs=list(outputs),
         metadata_names=metadata_names,
-        num_subgraphs=len(subgraphs),
-        num_buffers=len(buffers),
+        num_subgraphs=num_subgraphs,
+        num_buffers=num_buffers,
         min_runtime_version=min_runtime,
-        size_bytes=len(data),
+        size_bytes=n,
     )
 
 
@@ -891,6 +876,106 @@ def _metadata_from_members(members, name: str) -> "dict | None":
     return meta
 
 
+def _metadata_entry(data: bytes, name: str, key: str) -> "bytes | None":
+    """The buffer bytes of the model's flatbuffer metadata entry ``key``, or None (unguarded)."""
+    model = _schema().Model.GetRootAs(data, 0)
+    for j in _Budget(len(data)).tables(model.MetadataLength(), "metadata"):
+        m = model.Metadata(j)
+        if _text(m.Name()) == key:
+            index, count = m.Buffer(), model.BuffersLength()
+            if index >= count:
+                raise RunnerError("%s: %s points at buffer %d of %d: re-export the model"
+                                  % (name, key, index, count))
+            raw = model.Buffers(index).DataAsNumpy()
+            return b"" if isinstance(raw, int) else raw.tobytes()
+    return None
+
+
+# The few fields of metadata_schema.fbs (MediaPipe / TFLite Support, file identifier M001) an image
+# classifier needs, read with the flatbuffers runtime: no maintained package ships that schema
+# for a device. Field numbers (vtable slots) are the schema's declaration order.
+def _fb_field(tab, slot: int) -> int:
+    return tab.Offset(4 + 2 * slot)
+
+
+def _fb_string(tab, slot: int) -> str:
+    o = _fb_field(tab, slot)
+    return _text(tab.String(tab.Pos + o)) if o else ""
+
+
+def _fb_scalar(tab, slot: int, flags) -> int:
+    o = _fb_field(tab, slot)
+    return tab.Get(flags, tab.Pos + o) if o else 0
+
+
+def _fb_floats(tab, slot: int, budget: _Budget) -> list:
+    from flatbuffers import number_types
+
+    o = _fb_field(tab, slot)
+    return budget.values(tab.GetVectorAsNumpy(number_types.Float32Flags, o)) if o else []
+
+
+def _fb_table(tab, slot: int):
+    from flatbuffers.table import Table
+
+    o = _fb_field(tab, slot)
+    return Table(tab.Bytes, tab.Indirect(tab.Pos + o)) if o else None
+
+
+def _fb_tables(tab, slot: int, budget: _Budget, what: str):
+    """The tables of a vector field, one at a time (callers stop at the first that fits)."""
+    from flatbuffers.table import Table
+
+    o = _fb_field(tab, slot)
+    if o:
+        start = tab.Vector(o)
+        for i in budget.tables(tab.VectorLen(o), what):
+            yield Table(tab.Bytes, tab.Indirect(start + 4 * i))
+
+
+def _read_metadata_tables(blob: bytes) -> dict:
+    from flatbuffers import number_types as N
+    from flatbuffers.table import Table
+
+    budget = _Budget(len(blob))
+    root = Table(blob, N.UOffsetTFlags.py_type(struct.unpack_from("<I", blob, 0)[0]))
+    out = {
+        "name": _fb_string(root, 0), "description": _fb_string(root, 1),
+        "version": _fb_string(root, 2), "author": _fb_string(root, 4),
+        "min_parser_version": _fb_string(root, 7),
+        "mean": None, "std": None, "input_min": None, "input_max": None, "color_space": None,
+        "labels_file": None, "labels": None,
+    }
+    subgraph = next(_fb_tables(root, 3, budget, "subgraph metadata"), None)
+    if subgraph is None:
+        return out
+    tensor = next(_fb_tables(subgraph, 2, budget, "input tensor metadata"), None)
+    if tensor is not None:
+        content = _fb_table(tensor, 3)
+        if content is not None and _fb_scalar(content, 0, N.Uint8Flags) == 2:  # ImageProperties
+            props = _fb_table(content, 1)
+            if props is not None:
+                space = _fb_scalar(props, 0, N.Int8Flags)
+                out["color_space"] = {1: "RGB", 2: "GRAYSCALE"}.get(space, "UNKNOWN")
+        for unit in _fb_tables(tensor, 4, budget, "process units"):
+            options = _fb_table(unit, 1)
+            if _fb_scalar(unit, 0, N.Uint8Flags) == 1 and options is not None:  # Normalization
+                out["mean"] = _fb_floats(options, 0, budget)
+                out["std"] = _fb_floats(options, 1, budget)
+                break
+        stats = _fb_table(tensor, 5)
+        if stats is not None:
+            out["input_max"] = _fb_floats(stats, 0, budget) or None
+            out["input_min"] = _fb_floats(stats, 1, budget) or None
+    output = next(_fb_tables(subgraph, 3, budget, "output tensor metadata"), None)
+    if output is not None:
+        for f in _fb_tables(output, 6, budget, "associated files"):
+            if _fb_scalar(f, 2, N.Int8Flags) == 2:  # TENSOR_AXIS_LABELS (first: default locale)
+                out["labels_file"] = _fb_string(f, 0)
+                break
+    return out
+
+
 def read_standard_metadata(path_or_bytes, with_labels: bool = True) -> "dict | None":
     """The standard TFLite metadata (``TFLITE_METADATA``, as MediaPipe and Model Maker write it).
 
@@ -908,60 +993,13 @@ def read_standard_metadata(path_or_bytes, with_labels: bool = True) -> "dict | N
         RunnerError: not a TFLite model, or standard metadata present but corrupt.
     """
     data, name = _model_bytes(path_or_bytes)
-    model = _FlatBuffer(data, name).root()
-    blob = None
-    for m in model.tables(6, "metadata"):
-        if m.string(0, "metadata name") == "TFLITE_METADATA":
-            buffers = model.tables(4, "buffers")
-            index = m.scalar(1, "I", 0)
-            if index >= len(buffers):
-                raise RunnerError("%s: TFLITE_METADATA points at buffer %d of %d: re-export the "
-                                  "model" % (name, index, len(buffers)))
-            start, count = buffers[index]._vector(0, 1, "TFLITE_METADATA buffer")
-            blob = data[start : start + count] if start is not None else b""
-            break
+    blob = _guarded(lambda: _metadata_entry(data, name, "TFLITE_METADATA"), name, len(data))
     if blob is None:
         return None
     what = "%s TFLITE_METADATA" % name
     if len(blob) < 8 or blob[4:8] != b"M001":
         raise RunnerError("%s is not a metadata flatbuffer (no M001 identifier)" % what)
-    root = _FlatBuffer(blob, what).root()
-    out = {
-        "name": root.string(0, "name"), "description": root.string(1, "description"),
-        "version": root.string(2, "version"), "author": root.string(4, "author"),
-        "min_parser_version": root.string(7, "min_parser_version"),
-        "mean": None, "std": None, "input_min": None, "input_max": None, "color_space": None,
-        "labels_file": None, "labels": None,
-    }
-    subgraphs = root.tables(3, "subgraph metadata")
-    inputs = subgraphs[0].tables(2, "input tensor metadata") if subgraphs else []
-    outputs = subgraphs[0].tables(3, "output tensor metadata") if subgraphs else []
-    if inputs:
-        tensor = inputs[0]
-        content = tensor._target(3, "input content")
-        if content is not None:
-            content = root.fb.table(content, "input content")
-            props = content._target(1, "image properties")
-            if content.scalar(0, "B", 0) == 2 and props is not None:  # ImageProperties
-                space = root.fb.table(props, "image properties").scalar(0, "b", 0)
-                out["color_space"] = {1: "RGB", 2: "GRAYSCALE"}.get(space, "UNKNOWN")
-        for unit in tensor.tables(4, "process units"):
-            options = unit._target(1, "process unit options")
-            if unit.scalar(0, "B", 0) == 1 and options is not None:  # NormalizationOptions
-                norm = root.fb.table(options, "normalization options")
-                out["mean"] = norm.scalars(0, "f", "normalization mean")
-                out["std"] = norm.scalars(1, "f", "normalization std")
-                break
-        stats = tensor._target(5, "input stats")
-        if stats is not None:
-            stats = root.fb.table(stats, "input stats")
-            out["input_max"] = stats.scalars(0, "f", "stats max") or None
-            out["input_min"] = stats.scalars(1, "f", "stats min") or None
-    if outputs:
-        for f in outputs[0].tables(6, "associated files"):
-            if f.scalar(2, "b", 0) == 2:  # TENSOR_AXIS_LABELS (the first one: default locale)
-                out["labels_file"] = f.string(0, "associated file name")
-                break
+    out = _guarded(lambda: _read_metadata_tables(blob), what, len(blob))
     if out["labels_file"] and with_labels:
         members, _ = _read_zip_members(data)
         if members and out["labels_file"] in members:

@@ -89,7 +89,9 @@ def test_runner_source_stays_compatible_with_python39():
         for alias in node.names
     }
     third_party = imported - set(sys.stdlib_module_names)
-    assert third_party == {"numpy", "PIL", "ai_edge_litert", "tflite_runtime", "tensorflow"}
+    # interpreters, and the schema readers (LiteRT's, else the tflite package; flatbuffers)
+    assert third_party == {"numpy", "PIL", "ai_edge_litert", "tflite_runtime", "tensorflow",
+                           "tflite", "flatbuffers"}
     assert "zip(strict" not in src and "removeprefix" not in src
 
 
