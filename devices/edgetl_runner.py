@@ -200,62 +200,6 @@ def _regular_file_problem(path) -> "str | None":
     return "%s is %s, not a regular file (skipped)" % (path, _file_kind(mode))
 
 
-# --------------------------------------------------------------------------------------------
-# TFLite schema tables (tensorflow/compiler/mlir/lite/schema/schema.fbs)
-# --------------------------------------------------------------------------------------------
-
-# TensorType enum, in value order.
-_TENSOR_TYPES = (
-    "float32 float16 int32 uint8 int64 string bool int16 complex64 int8 float64 complex128 uint64 "
-    "resource variant uint32 uint16 int4 bfloat16 int2 uint4 float8_e4m3fn float8_e5m2"
-).split()
-
-# BuiltinOperator enum, in value order (0..209).
-_BUILTIN_OPS = """
-    ADD AVERAGE_POOL_2D CONCATENATION CONV_2D DEPTHWISE_CONV_2D DEPTH_TO_SPACE DEQUANTIZE
-    EMBEDDING_LOOKUP FLOOR FULLY_CONNECTED HASHTABLE_LOOKUP L2_NORMALIZATION L2_POOL_2D
-    LOCAL_RESPONSE_NORMALIZATION LOGISTIC LSH_PROJECTION LSTM MAX_POOL_2D MUL RELU RELU_N1_TO_1
-    RELU6 RESHAPE RESIZE_BILINEAR RNN SOFTMAX SPACE_TO_DEPTH SVDF TANH CONCAT_EMBEDDINGS
-    SKIP_GRAM CALL CUSTOM EMBEDDING_LOOKUP_SPARSE PAD UNIDIRECTIONAL_SEQUENCE_RNN GATHER
-    BATCH_TO_SPACE_ND SPACE_TO_BATCH_ND TRANSPOSE MEAN SUB DIV SQUEEZE
-    UNIDIRECTIONAL_SEQUENCE_LSTM STRIDED_SLICE BIDIRECTIONAL_SEQUENCE_RNN EXP TOPK_V2 SPLIT
-    LOG_SOFTMAX DELEGATE BIDIRECTIONAL_SEQUENCE_LSTM CAST PRELU MAXIMUM ARG_MAX MINIMUM LESS
-    NEG PADV2 GREATER GREATER_EQUAL LESS_EQUAL SELECT SLICE SIN TRANSPOSE_CONV SPARSE_TO_DENSE
-    TILE EXPAND_DIMS EQUAL NOT_EQUAL LOG SUM SQRT RSQRT SHAPE POW ARG_MIN FAKE_QUANT
-    REDUCE_PROD REDUCE_MAX PACK LOGICAL_OR ONE_HOT LOGICAL_AND LOGICAL_NOT UNPACK REDUCE_MIN
-    FLOOR_DIV REDUCE_ANY SQUARE ZEROS_LIKE FILL FLOOR_MOD RANGE RESIZE_NEAREST_NEIGHBOR
-    LEAKY_RELU SQUARED_DIFFERENCE MIRROR_PAD ABS SPLIT_V UNIQUE CEIL REVERSE_V2 ADD_N GATHER_ND
-    COS WHERE RANK ELU REVERSE_SEQUENCE MATRIX_DIAG QUANTIZE MATRIX_SET_DIAG ROUND HARD_SWISH
-    IF WHILE NON_MAX_SUPPRESSION_V4 NON_MAX_SUPPRESSION_V5 SCATTER_ND SELECT_V2 DENSIFY
-    SEGMENT_SUM BATCH_MATMUL PLACEHOLDER_FOR_GREATER_OP_CODES CUMSUM CALL_ONCE BROADCAST_TO
-    RFFT2D CONV_3D IMAG REAL COMPLEX_ABS HASHTABLE HASHTABLE_FIND HASHTABLE_IMPORT
-    HASHTABLE_SIZE REDUCE_ALL CONV_3D_TRANSPOSE VAR_HANDLE READ_VARIABLE ASSIGN_VARIABLE
-    BROADCAST_ARGS RANDOM_STANDARD_NORMAL BUCKETIZE RANDOM_UNIFORM MULTINOMIAL GELU
-    DYNAMIC_UPDATE_SLICE RELU_0_TO_1 UNSORTED_SEGMENT_PROD UNSORTED_SEGMENT_MAX
-    UNSORTED_SEGMENT_SUM ATAN2 UNSORTED_SEGMENT_MIN SIGN BITCAST BITWISE_XOR RIGHT_SHIFT
-    STABLEHLO_LOGISTIC STABLEHLO_ADD STABLEHLO_DIVIDE STABLEHLO_MULTIPLY STABLEHLO_MAXIMUM
-    STABLEHLO_RESHAPE STABLEHLO_CLAMP STABLEHLO_CONCATENATE STABLEHLO_BROADCAST_IN_DIM
-    STABLEHLO_CONVOLUTION STABLEHLO_SLICE STABLEHLO_CUSTOM_CALL STABLEHLO_REDUCE STABLEHLO_ABS
-    STABLEHLO_AND STABLEHLO_COSINE STABLEHLO_EXPONENTIAL STABLEHLO_FLOOR STABLEHLO_LOG
-    STABLEHLO_MINIMUM STABLEHLO_NEGATE STABLEHLO_OR STABLEHLO_POWER STABLEHLO_REMAINDER
-    STABLEHLO_RSQRT STABLEHLO_SELECT STABLEHLO_SUBTRACT STABLEHLO_TANH STABLEHLO_SCATTER
-    STABLEHLO_COMPARE STABLEHLO_CONVERT STABLEHLO_DYNAMIC_SLICE STABLEHLO_DYNAMIC_UPDATE_SLICE
-    STABLEHLO_PAD STABLEHLO_IOTA STABLEHLO_DOT_GENERAL STABLEHLO_REDUCE_WINDOW STABLEHLO_SORT
-    STABLEHLO_WHILE STABLEHLO_GATHER STABLEHLO_TRANSPOSE DILATE STABLEHLO_RNG_BIT_GENERATOR
-    REDUCE_WINDOW STABLEHLO_COMPOSITE STABLEHLO_SHIFT_LEFT STABLEHLO_CBRT STABLEHLO_CASE
-""".split()
-_CUSTOM_CODE = 32  # BuiltinOperator.CUSTOM
-
-_ACTIVATIONS = ("NONE", "RELU", "RELU_N1_TO_1", "RELU6", "TANH", "SIGN_BIT")
-
-
-def builtin_op_name(code: int) -> str:
-    """Name of a BuiltinOperator value, e.g. 3 -> ``CONV_2D``; unknown values -> ``BUILTIN_<n>``."""
-    if 0 <= code < len(_BUILTIN_OPS):
-        return _BUILTIN_OPS[code]
-    return "BUILTIN_%d" % code
-
-
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
     """One tensor of subgraph 0.
@@ -376,23 +320,35 @@ _CORRUPT_ERRORS = (struct.error, IndexError, UnicodeDecodeError, ValueError, Rec
 _TABLE_COST = 96  # bytes charged per table visited; real files have 40+ bytes per table
 _SCHEMA = []  # type: list
 
-# Options table (class of the generated schema) carrying each op's fused activation.
-_FUSED_ACTIVATION_OPTIONS = {
-    "CONV_2D": "Conv2DOptions",
-    "DEPTHWISE_CONV_2D": "DepthwiseConv2DOptions",
-    "AVERAGE_POOL_2D": "Pool2DOptions",
-    "MAX_POOL_2D": "Pool2DOptions",
-    "L2_POOL_2D": "Pool2DOptions",
-    "CONCATENATION": "ConcatenationOptions",
-    "FULLY_CONNECTED": "FullyConnectedOptions",
-    "ADD": "AddOptions",
-    "SUB": "SubOptions",
-    "MUL": "MulOptions",
-    "DIV": "DivOptions",
-    "TRANSPOSE_CONV": "TransposeConvOptions",
-    "CONV_3D": "Conv3DOptions",
-    "CONV_3D_TRANSPOSE": "Conv3DOptions",
-}
+# Options table (a class of the generated schema) carrying each op's fused activation.
+_FUSED_ACTIVATION_OPTIONS = dict(
+    CONV_2D="Conv2DOptions", DEPTHWISE_CONV_2D="DepthwiseConv2DOptions",
+    AVERAGE_POOL_2D="Pool2DOptions", MAX_POOL_2D="Pool2DOptions", L2_POOL_2D="Pool2DOptions",
+    CONCATENATION="ConcatenationOptions", FULLY_CONNECTED="FullyConnectedOptions",
+    ADD="AddOptions", SUB="SubOptions", MUL="MulOptions", DIV="DivOptions",
+    TRANSPOSE_CONV="TransposeConvOptions", CONV_3D="Conv3DOptions", CONV_3D_TRANSPOSE="Conv3DOptions",
+)
+
+
+_CUSTOM_CODE = 32  # BuiltinOperator.CUSTOM
+_ENUMS = {}  # type: dict
+
+
+def _enum(schema, kind: str) -> dict:
+    """``{value: NAME}`` of an enum of the generated schema, e.g. ``BuiltinOperator``."""
+    key = (schema.__name__, kind)
+    if key not in _ENUMS:
+        _ENUMS[key] = {v: k for k, v in vars(getattr(schema, kind)).items() if k.isupper()}
+    return _ENUMS[key]
+
+
+def builtin_op_name(code: int) -> str:
+    """Name of a BuiltinOperator value, e.g. 3 -> ``CONV_2D``; unknown values -> ``BUILTIN_<n>``.
+
+    Raises:
+        RunnerError: no schema module installed (see ``_schema``).
+    """
+    return _enum(_schema(), "BuiltinOperator").get(code, "BUILTIN_%d" % code)
 
 
 class _Corrupt(Exception):
@@ -430,13 +386,14 @@ def _guarded(read, name: str, size: int):
     except _Corrupt as exc:
         reason = str(exc)
     except _CORRUPT_ERRORS as exc:
-        text = (str(exc).splitlines() or [""])[0][:160]
-        if isinstance(exc, struct.error):
-            reason = "a field points past the end: " + text
+        text = (str(exc).splitlines() or [""])[0]
+        where = re.search(r"at offset (\d+)", text)  # struct's message names the offset
+        if isinstance(exc, struct.error) or "buffer is smaller" in text:  # numpy's
+            reason = "a field%s points past the end" % (" at offset " + where.group(1) if where else "")
         elif isinstance(exc, TypeError):  # flatbuffers' own range check on an offset
-            reason = "an offset points outside the file: " + text
+            reason = "an offset points outside the file (%s)" % text[:80]
         else:
-            reason = "%s: %s" % (type(exc).__name__, text) if text else type(exc).__name__
+            reason = "%s: %s" % (type(exc).__name__, text[:120])
     raise RunnerError(
         "%s is truncated or corrupt (%s; the file has %d bytes): re-export or re-copy the model"
         % (name, reason, size)
@@ -493,6 +450,8 @@ def _read_model_tables(data: bytes, schema) -> ModelInfo:
     n = len(data)
     budget = _Budget(n)
     model = schema.Model.GetRootAs(data, 0)
+    op_names, types = _enum(schema, "BuiltinOperator"), _enum(schema, "TensorType")
+    activations = _enum(schema, "ActivationFunctionType")
     codes = []
     versions = []
     for j in budget.tables(model.OperatorCodesLength(), "operator codes"):
@@ -501,7 +460,7 @@ def _read_model_tables(data: bytes, schema) -> ModelInfo:
         if code == _CUSTOM_CODE:
             codes.append(_text(t.CustomCode()) or "CUSTOM")
         else:
-            codes.append(builtin_op_name(code))
+            codes.append(op_names.get(code, "BUILTIN_%d" % code))
         versions.append(t.Version())
 
     num_subgraphs = len(budget.tables(model.SubgraphsLength(), "subgraphs"))
@@ -513,12 +472,7 @@ def _read_model_tables(data: bytes, schema) -> ModelInfo:
         sg = model.Subgraphs(0)
         for i in budget.tables(sg.TensorsLength(), "tensors"):
             t = sg.Tensors(i)
-            type_code = t.Type()
-            dtype = (
-                _TENSOR_TYPES[type_code]
-                if 0 <= type_code < len(_TENSOR_TYPES)
-                else "unknown(%d)" % type_code
-            )
+            dtype = types.get(t.Type(), "unknown(%d)" % t.Type()).lower()
             scale, zero_point, qdim = [], [], 0  # type: list, list, int
             q = t.Quantization()
             if q is not None:
@@ -539,6 +493,7 @@ def _read_model_tables(data: bytes, schema) -> ModelInfo:
                 )
             )
         n_tensors = len(tensors)
+        builtin_names = set(op_names.values())
 
         def check_indices(indices: list, what: str, optional: bool) -> list:
             for k in indices:
@@ -562,14 +517,14 @@ def _read_model_tables(data: bytes, schema) -> ModelInfo:
                     options = getattr(schema, options_class)()
                     options.Init(table.Bytes, table.Pos)
                     code = options.FusedActivationFunction()
-                fused = _ACTIVATIONS[code] if 0 <= code < len(_ACTIVATIONS) else "ACTIVATION_%d" % code
+                fused = activations.get(code, "ACTIVATION_%d" % code)
             operators.append(
                 OpInfo(
                     index=i,
                     op=codes[opcode],
                     inputs=check_indices(budget.values(o.InputsAsNumpy()), "operator", True),
                     outputs=check_indices(budget.values(o.OutputsAsNumpy()), "operator", True),
-                    custom=codes[opcode] not in _BUILTIN_OPS,
+                    custom=codes[opcode] not in builtin_names,
                     version=versions[opcode],
                     fused_activation=fused,
                 )
