@@ -2,7 +2,8 @@
 """edgetl runner: time and evaluate a .tflite image classifier on the device it runs on.
 
 One standalone file: the Python standard library, numpy and a TFLite interpreter (ai-edge-litert,
-tflite-runtime or, last resort, TensorFlow). Pillow is needed only to decode images (``--data``).
+tflite-runtime or, last resort, TensorFlow). Models are read with LiteRT's generated schema module
+(with tflite-runtime: the ``tflite`` package's). Pillow is needed only to decode images (``--data``).
 The same file is importable as ``edgetl.runner``; training and export verification use it, so the
 device and the workstation see identical pixels and identical quantization.
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import io
 import json
 import math
@@ -356,26 +358,25 @@ class _Corrupt(Exception):
 
 
 def _schema():
-    """The generated TFLite schema module: LiteRT's own, else the ``tflite`` package's.
-
-    tflite-runtime ships no schema module; the ``tflite`` package (PyPI) is the same flatc output.
+    """The generated TFLite schema module: LiteRT's own, else the ``tflite`` package's (PyPI, the
+    same flatc output, for tflite-runtime, which ships none), else TensorFlow's.
 
     Raises:
-        RunnerError: neither is installed.
+        RunnerError: none is installed.
     """
     if not _SCHEMA:
-        try:
-            from ai_edge_litert import schema_py_generated as schema
-        except ImportError:
+        for module in ("ai_edge_litert.schema_py_generated", "tflite",
+                       "tensorflow.lite.python.schema_py_generated"):
             try:
-                import tflite as schema
+                _SCHEMA.append(importlib.import_module(module))
+                break
             except ImportError:
-                raise RunnerError(
-                    "reading a .tflite needs LiteRT's schema module or the tflite package: "
-                    "`pip install ai-edge-litert`, or beside tflite-runtime `pip install "
-                    "tflite flatbuffers`"
-                ) from None
-        _SCHEMA.append(schema)
+                pass
+        else:
+            raise RunnerError(
+                "reading a .tflite needs a TFLite schema module: `pip install ai-edge-litert`, or "
+                "beside tflite-runtime `pip install tflite flatbuffers`"
+            )
     return _SCHEMA[0]
 
 
@@ -631,7 +632,7 @@ def check_tflite(path) -> bytes:
 
 
 def read_model(path_or_bytes) -> ModelInfo:
-    """Read a .tflite's ops, tensors and quantization with a pure-Python flatbuffer reader.
+    """Read a .tflite's ops, tensors and quantization with the generated schema (no interpreter).
 
     Args:
         path_or_bytes: a path or the model bytes (an appended metadata archive is ignored).

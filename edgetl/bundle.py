@@ -25,7 +25,8 @@ REQUIREMENTS = """\
 # What the edgetl runner needs on the device.
 # 64-bit Raspberry Pi OS / Debian 12+ / Python 3.9+: ai-edge-litert (LiteRT, the successor of
 # tflite-runtime). On 32-bit Pi OS (armv7l) ai-edge-litert has no wheels: replace the last line
-# with `tflite-runtime` (which stopped at 2.14, Python <= 3.11).
+# with `tflite-runtime` (which stopped at 2.14, Python <= 3.11), `tflite` and `flatbuffers` (the
+# runner reads .tflite files with tflite's schema module; tflite-runtime has none).
 numpy
 pillow
 ai-edge-litert
@@ -41,7 +42,7 @@ set -eu
 HERE=$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)
 has_deps() {{
   "$1" -c "import numpy, PIL" >/dev/null 2>&1 || return 1
-  "$1" -c "import ai_edge_litert" >/dev/null 2>&1 || "$1" -c "import tflite_runtime" >/dev/null 2>&1
+  "$1" -c "import ai_edge_litert" >/dev/null 2>&1 || "$1" -c "import tflite_runtime, tflite" >/dev/null 2>&1
 }}
 if [ -x "$HERE/.venv/bin/python" ]; then
   PY="$HERE/.venv/bin/python"
@@ -69,7 +70,8 @@ Files
 {extra}  run.sh
       creates .venv on first use when python3 lacks the packages, then runs the runner
   requirements.txt
-      numpy, pillow, ai-edge-litert (32-bit Raspberry Pi OS: tflite-runtime instead)
+      numpy, pillow, ai-edge-litert (32-bit Raspberry Pi OS: tflite-runtime, tflite and
+      flatbuffers instead)
   pyproject.toml
       the edgetl-runner package: `pip install .` here installs the runner as the
       `edgetl-runner` command, with the packages above

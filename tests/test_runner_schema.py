@@ -1,12 +1,13 @@
 """The runner reads .tflite files with a maintained schema module, and hostile files still fail fast.
 
 The model is read with LiteRT's generated schema (``ai_edge_litert.schema_py_generated``) or, on a
-tflite-runtime-only device, the ``tflite`` package's (the same flatc output); the standard metadata
+tflite-runtime-only device, the ``tflite`` package's (the same flatc output; TensorFlow's copy as the
+last resort); the standard metadata
 (``M001``) with the ``flatbuffers`` runtime. Both backends must give the ModelInfo the hand-written
 reader gave (digests below were taken with it on Google's real models), and every corrupt,
 truncated or huge-length file must be refused with one ``RunnerError`` line before any loop runs
-long. The ``tflite`` path is also run for real in a subprocess where LiteRT's schema module cannot
-be imported.
+long. The fallbacks also run for real, in subprocesses where the modules before them cannot be
+imported.
 """
 
 from __future__ import annotations
@@ -168,9 +169,20 @@ def test_without_litert_schema_the_tflite_package_gives_the_same_report(tmp_path
     assert fallback["report"]["labels"]["count"] == 1001
 
 
+@pytest.mark.slow
+def test_with_tensorflow_alone_its_schema_module_reads_the_model(tmp_path):
+    """The last resort, as for the interpreter: TensorFlow's copy of the schema module."""
+    model = _with_standard_metadata(tmp_path)
+    litert = _probe("", model, tmp_path)
+    tf = _probe("ai_edge_litert.schema_py_generated,tflite", model, tmp_path)
+    assert tf["code"] == 0, tf["stderr"]
+    assert tf["schema"] == "tensorflow.lite.python.schema_py_generated"
+    assert tf["digest"] == litert["digest"] and tf["report"] == litert["report"]
+
+
 def test_without_any_schema_module_the_runner_says_what_to_install(tmp_path):
     model = realdata("coral") / "mobilenet_v1_0.25_128_quant.tflite"
-    out = _probe("ai_edge_litert.schema_py_generated,tflite", model, tmp_path)
+    out = _probe("ai_edge_litert.schema_py_generated,tflite,tensorflow", model, tmp_path)
     assert out["code"] == 2
     lines = out["stderr"].strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), lines

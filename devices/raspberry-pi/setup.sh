@@ -8,7 +8,8 @@
 # edgetl-runner package (devices/pyproject.toml: the runner, the `edgetl-runner` command and
 # ai-edge-litert from PyPI) in a venv that sees the system packages (--system-site-packages).
 # 32-bit OS (armhf): ai-edge-litert has no 32-bit ARM wheels; tflite-runtime is installed instead
-# (the runner accepts it) and the package with --no-deps.
+# (the runner accepts it), with the tflite and flatbuffers packages (tflite-runtime ships no
+# .tflite schema module: the runner reads models with tflite's), and the package with --no-deps.
 # Without devices/pyproject.toml beside this script (e.g. copied alone by `edgetl fleet setup`)
 # only the interpreter is installed; run edgetl_runner.py with the venv's python.
 # Safe to run again: it only adds what is missing.
@@ -68,6 +69,10 @@ else
     say "pip install $INTERP (into $VENV)"
     "$VENV/bin/python" -m pip install "$INTERP"
   fi
+  if [ "$INTERP" = "tflite-runtime" ]; then
+    say "pip install tflite flatbuffers (the .tflite schema reader, into $VENV)"
+    "$VENV/bin/python" -m pip install "tflite>=2.18" flatbuffers
+  fi
   if [ -n "$PACKAGE" ]; then
     say "pip install --no-deps $PACKAGE (edgetl-runner, into $VENV)"
     "$VENV/bin/python" -m pip install --no-deps "$PACKAGE"
@@ -88,6 +93,15 @@ for name in ("ai_edge_litert", "tflite_runtime"):
         pass
 else:
     sys.exit("no TFLite interpreter could be imported")
+for name in ("ai_edge_litert.schema_py_generated", "tflite"):
+    try:
+        __import__(name)
+        print("schema reader:", name)
+        break
+    except ImportError:
+        pass
+else:
+    sys.exit("no .tflite schema module could be imported: pip install tflite flatbuffers")
 print("python", sys.version.split()[0], "| numpy", numpy.__version__, "| pillow", PIL.__version__)
 EOF
 
