@@ -295,3 +295,15 @@ def test_corrupt_standard_metadata_is_one_line(tmp_path, capsys):
     assert r.main([str(bad_path), "--runs", "1", "--warmup", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "TFLITE_METADATA" in err[0]
+
+
+def test_tflite_runtime_installs_bring_the_schema_reader():
+    """The Pi set-up (and coral's, which runs it) and a bundle's run.sh, on 32-bit ARM."""
+    from edgetl.bundle import REQUIREMENTS, RUN_SH
+
+    pi = (DEVICES / "raspberry-pi" / "setup.sh").read_text()
+    tflite_branch = pi[pi.index('if [ "$INTERP" = "tflite-runtime" ]; then'):]
+    assert 'pip install "tflite>=2.18" flatbuffers' in tflite_branch.split("fi\n", 1)[0]
+    assert 'import tflite_runtime, tflite"' in RUN_SH  # else run.sh installs requirements.txt
+    assert "`tflite` and `flatbuffers`" in REQUIREMENTS
+    subprocess.run(["bash", "-n", str(DEVICES / "raspberry-pi" / "setup.sh")], check=True)
