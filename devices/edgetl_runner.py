@@ -432,9 +432,10 @@ class _Budget:
         self._charge(array.nbytes)
         return array.tolist()
 
-
-def _text(raw) -> str:
-    return raw.decode("utf-8", "replace") if raw else ""
+    def text(self, raw) -> str:
+        """A generated string (bytes, copied by flatbuffers up to the end of the buffer)."""
+        self._charge(len(raw or b""))
+        return raw.decode("utf-8", "replace") if raw else ""
 
 
 def _parse_model(data: bytes, name: str, schema=None) -> ModelInfo:
@@ -459,7 +460,7 @@ def _read_model_tables(data: bytes, schema) -> ModelInfo:
         t = model.OperatorCodes(j)
         code = max(t.DeprecatedBuiltinCode(), t.BuiltinCode())
         if code == _CUSTOM_CODE:
-            codes.append(_text(t.CustomCode()) or "CUSTOM")
+            codes.append(budget.text(t.CustomCode()) or "CUSTOM")
         else:
             codes.append(op_names.get(code, "BUILTIN_%d" % code))
         versions.append(t.Version())
@@ -483,7 +484,7 @@ def _read_model_tables(data: bytes, schema) -> ModelInfo:
             tensors.append(
                 TensorInfo(
                     index=i,
-                    name=_text(t.Name()),
+                    name=budget.text(t.Name()),
                     dtype=dtype,
                     shape=budget.values(t.ShapeAsNumpy()),
                     scale=[float(s) for s in scale],
@@ -552,7 +553,7 @@ def _read_model_tables(data: bytes, schema) -> ModelInfo:
     min_runtime = ""
     for j in budget.tables(model.MetadataLength(), "metadata"):
         m = model.Metadata(j)
-        meta_name = _text(m.Name())
+        meta_name = budget.text(m.Name())
         metadata_names.append(meta_name)
         index = m.Buffer()
         if meta_name == "min_runtime_version" and index < num_buffers:
@@ -562,7 +563,7 @@ def _read_model_tables(data: bytes, schema) -> ModelInfo:
 
     return ModelInfo(
         version=model.Version(),
-        description=_text(model.Description()),
+        description=budget.text(model.Description()),
         operator_codes=codes,
         tensors=tensors,
         operators=operators,
@@ -835,9 +836,10 @@ def _metadata_from_members(members, name: str) -> "dict | None":
 def _metadata_entry(data: bytes, name: str, key: str) -> "bytes | None":
     """The buffer bytes of the model's flatbuffer metadata entry ``key``, or None (unguarded)."""
     model = _schema().Model.GetRootAs(data, 0)
-    for j in _Budget(len(data)).tables(model.MetadataLength(), "metadata"):
+    budget = _Budget(len(data))
+    for j in budget.tables(model.MetadataLength(), "metadata"):
         m = model.Metadata(j)
-        if _text(m.Name()) == key:
+        if budget.text(m.Name()) == key:
             index, count = m.Buffer(), model.BuffersLength()
             if index >= count:
                 raise RunnerError("%s: %s points at buffer %d of %d: re-export the model"
@@ -854,9 +856,9 @@ def _fb_field(tab, slot: int) -> int:
     return tab.Offset(4 + 2 * slot)
 
 
-def _fb_string(tab, slot: int) -> str:
+def _fb_string(tab, slot: int, budget: _Budget) -> str:
     o = _fb_field(tab, slot)
-    return _text(tab.String(tab.Pos + o)) if o else ""
+    return budget.text(tab.String(tab.Pos + o)) if o else ""
 
 
 def _fb_scalar(tab, slot: int, flags) -> int:
@@ -896,9 +898,9 @@ def _read_metadata_tables(blob: bytes) -> dict:
     budget = _Budget(len(blob))
     root = Table(blob, N.UOffsetTFlags.py_type(struct.unpack_from("<I", blob, 0)[0]))
     out = {
-        "name": _fb_string(root, 0), "description": _fb_string(root, 1),
-        "version": _fb_string(root, 2), "author": _fb_string(root, 4),
-        "min_parser_version": _fb_string(root, 7),
+        "name": _fb_string(root, 0, budget), "description": _fb_string(root, 1, budget),
+        "version": _fb_string(root, 2, budget), "author": _fb_string(root, 4, budget),
+        "min_parser_version": _fb_string(root, 7, budget),
         "mean": None, "std": None, "input_min": None, "input_max": None, "color_space": None,
         "labels_file": None, "labels": None,
     }
@@ -927,7 +929,7 @@ def _read_metadata_tables(blob: bytes) -> dict:
     if output is not None:
         for f in _fb_tables(output, 6, budget, "associated files"):
             if _fb_scalar(f, 2, N.Int8Flags) == 2:  # TENSOR_AXIS_LABELS (first: default locale)
-                out["labels_file"] = _fb_string(f, 0)
+                out["labels_file"] = _fb_string(f, 0, budget)
                 break
     return out
 

@@ -232,18 +232,24 @@ def test_offsets_outside_the_file_are_refused(schema):
     assert "outside the file" in _refused(_put_u32(data, root, root + 1000), schema)
 
 
-def _aliased(count: int) -> bytes:
-    """A model whose tensors vector names one tensor table ``count`` times."""
+def _aliased(count: int, names: int = 0) -> bytes:
+    """A model whose tensors vector names one tensor table ``count`` times; with ``names``, that
+    many distinct tensors share one name whose length says "up to the end of the file"."""
     import flatbuffers
 
     s = _litert()
     b = flatbuffers.Builder(1024)
-    name = b.CreateString("t")
-    s.TensorStart(b)
-    s.TensorAddName(b, name)
-    tensor = s.TensorEnd(b)
-    s.SubGraphStartTensorsVector(b, count)
-    for _ in range(count):
+    if names:
+        b.CreateByteVector(bytes(1_000_000))  # written last: the name runs over it
+    name = b.CreateString("shared-name")
+    tables = []
+    for _ in range(max(names, 1)):
+        s.TensorStart(b)
+        s.TensorAddName(b, name)
+        tables.append(s.TensorEnd(b))
+    refs = tables if names else tables * count
+    s.SubGraphStartTensorsVector(b, len(refs))
+    for tensor in reversed(refs):
         b.PrependUOffsetTRelative(tensor)
     tensors = b.EndVector()
     s.SubGraphStart(b)
@@ -256,13 +262,21 @@ def _aliased(count: int) -> bytes:
     s.ModelAddVersion(b, 3)
     s.ModelAddSubgraphs(b, subgraphs)
     b.Finish(s.ModelEnd(b), b"TFL3")
-    return bytes(b.Output())
+    data = bytes(b.Output())
+    if names:
+        at = data.index(b"shared-name") - 4
+        data = data[:at] + struct.pack("<I", 0xFFFFFFF0) + data[at + 4:]
+    return data
 
 
 def test_tables_repeated_past_the_file_size_are_refused_not_walked(schema):
-    assert r._parse_model(_aliased(3), "m.tflite", schema).tensors[2].name == "t"
+    assert r._parse_model(_aliased(3), "m.tflite", schema).tensors[2].name == "shared-name"
     # 40,000 references to one table in a 160 kB file: refused before the loop
     text = _refused(_aliased(40_000), schema)
+    assert "its tables reference more data than the file holds" in text
+    # 200 names that each claim the rest of a 1 MB file: flatbuffers copies each one; a few copies
+    # exhaust the budget, not 200
+    text = _refused(_aliased(0, names=200), schema)
     assert "its tables reference more data than the file holds" in text
 
 
