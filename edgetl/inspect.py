@@ -1,7 +1,8 @@
 """What is inside a ``.tflite``: ops, dtypes, quantization, Edge TPU compatibility.
 
-Pure Python over the runner's flatbuffer reader (``edgetl.runner.read_model``): no TensorFlow, no
-interpreter, so it also answers for files the interpreter refuses (custom ops, broken models).
+Pure Python over the runner's reader (``edgetl.runner.read_model``, LiteRT's generated schema
+module): no TensorFlow, no interpreter, so it also answers for files the interpreter refuses
+(custom ops, broken models).
 
 Two questions get a precise answer here:
 
@@ -115,7 +116,7 @@ def _runner():
 
 
 def load_info(path: str | os.PathLike) -> Any:
-    """Read a ``.tflite`` file's structure with the runner's pure-Python reader.
+    """Read a ``.tflite`` file's structure with the runner's reader (no interpreter).
 
     Args:
         path: the model file.
