@@ -2,8 +2,8 @@
 """edgetl runner: time and evaluate a .tflite image classifier on the device it runs on.
 
 One standalone file: the Python standard library, numpy and a TFLite interpreter (ai-edge-litert,
-tflite-runtime or, last resort, TensorFlow). Models are read with LiteRT's generated schema module
-(with tflite-runtime: the ``tflite`` package's). Pillow is needed only to decode images (``--data``).
+tflite-runtime or, last resort, TensorFlow); models are read with LiteRT's generated schema module
+(with tflite-runtime: the ``tflite`` package's). Pillow is needed only to decode images.
 The same file is importable as ``edgetl.runner``; training and export verification use it, so the
 device and the workstation see identical pixels and identical quantization.
 
@@ -328,7 +328,8 @@ _FUSED_ACTIVATION_OPTIONS = dict(
     AVERAGE_POOL_2D="Pool2DOptions", MAX_POOL_2D="Pool2DOptions", L2_POOL_2D="Pool2DOptions",
     CONCATENATION="ConcatenationOptions", FULLY_CONNECTED="FullyConnectedOptions",
     ADD="AddOptions", SUB="SubOptions", MUL="MulOptions", DIV="DivOptions",
-    TRANSPOSE_CONV="TransposeConvOptions", CONV_3D="Conv3DOptions", CONV_3D_TRANSPOSE="Conv3DOptions",
+    TRANSPOSE_CONV="TransposeConvOptions", CONV_3D="Conv3DOptions",
+    CONV_3D_TRANSPOSE="Conv3DOptions",
 )
 
 
@@ -390,7 +391,7 @@ def _guarded(read, name: str, size: int):
         text = (str(exc).splitlines() or [""])[0]
         where = re.search(r"at offset (\d+)", text)  # struct's message names the offset
         if isinstance(exc, struct.error) or "buffer is smaller" in text:  # numpy's
-            reason = "a field%s points past the end" % (" at offset " + where.group(1) if where else "")
+            reason = "a field%s points past the end" % (" at offset %s" % where[1] if where else "")
         elif isinstance(exc, TypeError):  # flatbuffers' own range check on an offset
             reason = "an offset points outside the file (%s)" % text[:80]
         else:
@@ -849,88 +850,68 @@ def _metadata_entry(data: bytes, name: str, key: str) -> "bytes | None":
     return None
 
 
-# The few fields of metadata_schema.fbs (MediaPipe / TFLite Support, file identifier M001) an image
-# classifier needs, read with the flatbuffers runtime: no maintained package ships that schema
-# for a device. Field numbers (vtable slots) are the schema's declaration order.
-def _fb_field(tab, slot: int) -> int:
-    return tab.Offset(4 + 2 * slot)
-
-
-def _fb_string(tab, slot: int, budget: _Budget) -> str:
-    o = _fb_field(tab, slot)
-    return budget.text(tab.String(tab.Pos + o)) if o else ""
-
-
-def _fb_scalar(tab, slot: int, flags) -> int:
-    o = _fb_field(tab, slot)
-    return tab.Get(flags, tab.Pos + o) if o else 0
-
-
-def _fb_floats(tab, slot: int, budget: _Budget) -> list:
-    from flatbuffers import number_types
-
-    o = _fb_field(tab, slot)
-    return budget.values(tab.GetVectorAsNumpy(number_types.Float32Flags, o)) if o else []
-
-
-def _fb_table(tab, slot: int):
-    from flatbuffers.table import Table
-
-    o = _fb_field(tab, slot)
-    return Table(tab.Bytes, tab.Indirect(tab.Pos + o)) if o else None
-
-
-def _fb_tables(tab, slot: int, budget: _Budget, what: str):
-    """The tables of a vector field, one at a time (callers stop at the first that fits)."""
-    from flatbuffers.table import Table
-
-    o = _fb_field(tab, slot)
-    if o:
-        start = tab.Vector(o)
-        for i in budget.tables(tab.VectorLen(o), what):
-            yield Table(tab.Bytes, tab.Indirect(start + 4 * i))
-
-
 def _read_metadata_tables(blob: bytes) -> dict:
+    """The few fields of metadata_schema.fbs (MediaPipe / TFLite Support, identifier M001) that an
+    image classifier needs, read with the flatbuffers runtime: no maintained package ships that
+    schema for a device. Fields are numbered (vtable slots) in the schema's declaration order."""
     from flatbuffers import number_types as N
     from flatbuffers.table import Table
 
     budget = _Budget(len(blob))
-    root = Table(blob, N.UOffsetTFlags.py_type(struct.unpack_from("<I", blob, 0)[0]))
+
+    def field(tab, slot):  # offset of the field in its table, 0 when absent
+        return tab.Offset(4 + 2 * slot)
+
+    def string(tab, slot):
+        return budget.text(tab.String(tab.Pos + field(tab, slot))) if field(tab, slot) else ""
+
+    def scalar(tab, slot, flags):
+        return tab.Get(flags, tab.Pos + field(tab, slot)) if field(tab, slot) else 0
+
+    def floats(tab, slot):
+        o = field(tab, slot)
+        return budget.values(tab.GetVectorAsNumpy(N.Float32Flags, o)) if o else []
+
+    def table(tab, slot):
+        o = field(tab, slot)
+        return Table(tab.Bytes, tab.Indirect(tab.Pos + o)) if o else None
+
+    def tables(tab, slot, what):  # one at a time: callers stop at the first that fits
+        o = field(tab, slot)
+        for i in budget.tables(tab.VectorLen(o), what) if o else ():
+            yield Table(tab.Bytes, tab.Indirect(tab.Vector(o) + 4 * i))
+
+    root = Table(blob, struct.unpack_from("<I", blob, 0)[0])
     out = {
-        "name": _fb_string(root, 0, budget), "description": _fb_string(root, 1, budget),
-        "version": _fb_string(root, 2, budget), "author": _fb_string(root, 4, budget),
-        "min_parser_version": _fb_string(root, 7, budget),
+        "name": string(root, 0), "description": string(root, 1), "version": string(root, 2),
+        "author": string(root, 4), "min_parser_version": string(root, 7),
         "mean": None, "std": None, "input_min": None, "input_max": None, "color_space": None,
         "labels_file": None, "labels": None,
     }
-    subgraph = next(_fb_tables(root, 3, budget, "subgraph metadata"), None)
+    subgraph = next(tables(root, 3, "subgraph metadata"), None)
     if subgraph is None:
         return out
-    tensor = next(_fb_tables(subgraph, 2, budget, "input tensor metadata"), None)
+    tensor = next(tables(subgraph, 2, "input tensor metadata"), None)
     if tensor is not None:
-        content = _fb_table(tensor, 3)
-        if content is not None and _fb_scalar(content, 0, N.Uint8Flags) == 2:  # ImageProperties
-            props = _fb_table(content, 1)
+        content = table(tensor, 3)
+        if content is not None and scalar(content, 0, N.Uint8Flags) == 2:  # ImageProperties
+            props = table(content, 1)
             if props is not None:
-                space = _fb_scalar(props, 0, N.Int8Flags)
+                space = scalar(props, 0, N.Int8Flags)
                 out["color_space"] = {1: "RGB", 2: "GRAYSCALE"}.get(space, "UNKNOWN")
-        for unit in _fb_tables(tensor, 4, budget, "process units"):
-            options = _fb_table(unit, 1)
-            if _fb_scalar(unit, 0, N.Uint8Flags) == 1 and options is not None:  # Normalization
-                out["mean"] = _fb_floats(options, 0, budget)
-                out["std"] = _fb_floats(options, 1, budget)
+        for unit in tables(tensor, 4, "process units"):
+            options = table(unit, 1)
+            if scalar(unit, 0, N.Uint8Flags) == 1 and options is not None:  # Normalization
+                out["mean"], out["std"] = floats(options, 0), floats(options, 1)
                 break
-        stats = _fb_table(tensor, 5)
+        stats = table(tensor, 5)
         if stats is not None:
-            out["input_max"] = _fb_floats(stats, 0, budget) or None
-            out["input_min"] = _fb_floats(stats, 1, budget) or None
-    output = next(_fb_tables(subgraph, 3, budget, "output tensor metadata"), None)
-    if output is not None:
-        for f in _fb_tables(output, 6, budget, "associated files"):
-            if _fb_scalar(f, 2, N.Int8Flags) == 2:  # TENSOR_AXIS_LABELS (first: default locale)
-                out["labels_file"] = _fb_string(f, 0, budget)
-                break
+            out["input_max"], out["input_min"] = floats(stats, 0) or None, floats(stats, 1) or None
+    output = next(tables(subgraph, 3, "output tensor metadata"), None)
+    for f in tables(output, 6, "associated files") if output is not None else ():
+        if scalar(f, 2, N.Int8Flags) == 2:  # TENSOR_AXIS_LABELS (the first: default locale)
+            out["labels_file"] = string(f, 0)
+            break
     return out
 
 

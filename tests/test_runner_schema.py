@@ -1,13 +1,12 @@
-"""The runner reads .tflite files with a maintained schema module, and hostile files still fail fast.
+"""The runner reads .tflite files with a maintained schema module; hostile files still fail fast.
 
-The model is read with LiteRT's generated schema (``ai_edge_litert.schema_py_generated``) or, on a
-tflite-runtime-only device, the ``tflite`` package's (the same flatc output; TensorFlow's copy as the
-last resort); the standard metadata
-(``M001``) with the ``flatbuffers`` runtime. Both backends must give the ModelInfo the hand-written
-reader gave (digests below were taken with it on Google's real models), and every corrupt,
-truncated or huge-length file must be refused with one ``RunnerError`` line before any loop runs
-long. The fallbacks also run for real, in subprocesses where the modules before them cannot be
-imported.
+The model is read with LiteRT's generated schema (``ai_edge_litert.schema_py_generated``) or, on
+a tflite-runtime-only device, the ``tflite`` package's (the same flatc output; TensorFlow's copy as
+the last resort); the standard metadata (``M001``) with the ``flatbuffers`` runtime. Both backends
+must give the ModelInfo the hand-written reader gave (digests below were taken with it on Google's
+real models), and every corrupt, truncated or huge-length file must be refused with one
+``RunnerError`` line before any loop runs long. The fallbacks also run for real, in subprocesses
+where the modules before them cannot be imported.
 """
 
 from __future__ import annotations
