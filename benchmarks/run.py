@@ -70,6 +70,8 @@ MARK_BEGIN, MARK_END = "<!-- performance -->", "<!-- /performance -->"
 
 import numpy as np  # noqa: E402
 
+# Section 6 set-ups (section_training), all run by default; --train-setups picks some.
+TRAIN_SETUPS = ("fine_tune_top", "whole_model", "fine_tune_top_224")
 # Sizes of each run. The full run reproduces the issue's set-up; --quick only proves the code
 # paths work (tiny models: its ratios are not comparable with the anchors).
 FULL = dict(
@@ -78,7 +80,7 @@ FULL = dict(
     overhead_rounds=15, overhead_runs=60, memory_repeats=3, memory_runs=50,
     notop_alpha=1.0, notop_size=224,
     train_alpha=0.5, train_size=48, train_batch=64, step_rounds=12, step_steps=3,
-    train_setups=("fine_tune_top", "whole_model", "fine_tune_top_224"),
+    train_setups=TRAIN_SETUPS,
     pipeline_images=6000,
     fm_train_per_class=2000, fm_test_per_class=None, fm_val_split=0.1,
     pretrain_epochs=6, pretrain_lr=3e-3, finetune_epochs=3, finetune_lr=1e-3,
@@ -1596,10 +1598,25 @@ def main(argv=None) -> int:
                     f"(of {', '.join(TRANSFER['runs'])})")
     ap.add_argument("--transfer-seed", type=int, default=0,
                     help="section transfer: the training seed of every run (default 0)")
+    ap.add_argument("--speed-size", type=int, help=f"section speed: image size in px (default "
+                    f"{SPEED['size']}; 224 is issue 17's own set-up)")
+    ap.add_argument("--speed-epochs", type=int, nargs=2, metavar=("HEAD", "FINE_TUNE"),
+                    help=f"section speed: head and fine-tune epochs (default {SPEED['epochs']} "
+                    f"{SPEED['fine_tune_epochs']})")
+    ap.add_argument("--speed-per-class", type=int,
+                    help=f"section speed: images per class (default {SPEED['per_class']})")
+    ap.add_argument("--speed-rounds", type=int,
+                    help=f"section speed: interleaved rounds (default {SPEED['rounds']})")
+    ap.add_argument("--speed-backbones", nargs="+", choices=SPEED["backbones"],
+                    help="section speed: only these backbones")
+    ap.add_argument("--train-setups", nargs="+", choices=TRAIN_SETUPS,
+                    help="section training: only these set-ups (default: all)")
     ap.add_argument("--update-readme", action="store_true",
                     help="put the Markdown into docs/performance.md's Performance section")
     args = ap.parse_args(argv)
     P = dict(QUICK if args.quick else FULL)
+    if args.train_setups:
+        P["train_setups"] = tuple(args.train_setups)
     # The transfer, datasets, auto and speed sections are long: they run when asked for by
     # --only.
     sections = args.only or tuple(s for s in SECTIONS if s not in ON_REQUEST)
@@ -1672,7 +1689,16 @@ def main(argv=None) -> int:
                 R.setdefault("notes", []).append(f"{FASHION} not found: no auto section")
         if "speed" in sections:
             if FASHION.is_dir():
-                P["speed"] = SPEED_QUICK if args.quick else SPEED
+                S = dict(SPEED_QUICK if args.quick else SPEED)
+                for key, value in (("size", args.speed_size), ("per_class", args.speed_per_class),
+                                   ("rounds", args.speed_rounds),
+                                   ("backbones", args.speed_backbones and
+                                    tuple(args.speed_backbones))):
+                    if value:
+                        S[key] = value
+                if args.speed_epochs:
+                    S["epochs"], S["fine_tune_epochs"] = args.speed_epochs
+                P["speed"] = S
                 timed("speed", section_speed, P, work)
             else:
                 R.setdefault("notes", []).append(f"{FASHION} not found: no speed section")
