@@ -24,7 +24,7 @@ from edgetl.errors import EdgetlError
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}  # the common ones; see image_extensions
 # Pillow formats never read from a data folder: EPS runs Ghostscript (an external program).
 NOT_READ_FORMATS = {"EPS"}
-DECODE_CHUNK = 32  # images decoded per Python call in make_dataset
+DECODE_CHUNK = 32  # images decoded per Python call by the decoding pool (make_dataset)
 # scan_folder keeps the pixels it decodes when they fit in this, so that training does not decode
 # every image a second time in its first epoch (benchmarks/run.py, section 6).
 KEEP_PIXELS_BYTES = 1 << 30
@@ -376,19 +376,10 @@ def make_dataset(items, size: tuple[int, int], prep: dict, batch_size: int, trai
     paths = [p for p, _ in items]
     labels = np.array([label for _, label in items], np.int32)
 
-    def decode(chunk):
-        return np.stack([load_pixels(p.decode() if isinstance(p, bytes) else str(p), (h, w),
-                                     channels) for p in chunk])
-
-    def load(chunk, label):
-        img = tf.numpy_function(decode, [chunk], tf.uint8, stateful=False)
-        img.set_shape((None, h, w, channels))
-        return img, label
-
     # Decoding runs in Python (the runner's load_image, for identical pixels), so it is done
-    # DECODE_CHUNK images per call: one call per image spent more time in tf.data and the GIL
-    # than in Pillow (benchmarks/run.py, section 6). Per-image and per-stage maps are likewise
-    # folded into one map per batch.
+    # a batch per call: one call per image spent more time in tf.data and the GIL than in
+    # Pillow (benchmarks/run.py, section 6). Per-image and per-stage maps are likewise folded
+    # into one map per batch.
     if channels == 3 and pixels is not None and all(
             p in pixels and pixels[p].shape == (h, w, 3) for p in paths):
         ds = tf.data.Dataset.from_tensor_slices((np.stack([pixels[p] for p in paths]), labels))
@@ -413,14 +404,23 @@ def make_dataset(items, size: tuple[int, int], prep: dict, batch_size: int, trai
         if cache:
             ds = ds.cache()
     else:
-        ds = tf.data.Dataset.from_tensor_slices((paths, labels)).batch(DECODE_CHUNK)
-        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
-        if cache:
-            ds = ds.cache()
+        # Decoded in this process, in the epoch's shuffled order, a batch per call: the first
+        # batches leave while the rest still decode (shuffling decoded images waited for all
+        # of them, so augmentation and training could not overlap decoding). Range(n) shuffled
+        # with the same seed and buffer gives the same order as the images shuffled, so the
+        # batches are those of the paths above. Decoded pixels are kept for later epochs.
+        return _decode_in_order(paths, labels, (h, w), channels, prep, batch_size, training,
+                                augment, seed, cache)
     if training:
         ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
-    ops = augment_ops(augment) if training else ()
+    return _finish(ds, prep, augment_ops(augment) if training else (), seed)
+
+
+def _finish(ds, prep: dict, ops: tuple, seed: int):
+    """Batches of uint8 images -> normalized floats, augmented by ``ops``, prefetched."""
+    from edgetl.keras import tf
+
     if not ops:
         ds = ds.map(lambda x, y: (normalize(tf.cast(x, tf.float32), prep), y),
                     num_parallel_calls=tf.data.AUTOTUNE)
@@ -445,6 +445,41 @@ def make_dataset(items, size: tuple[int, int], prep: dict, batch_size: int, trai
 
     ds = tf.data.Dataset.zip((ds, seeds)).map(augmented, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _decode_in_order(paths, labels, size, channels, prep, batch_size, training, augment,
+                     seed, keep: bool):
+    """make_dataset's in-process decode: batches of indices (shuffled as make_dataset shuffles
+    images) whose images are decoded when first asked for and, with ``keep``, kept in one
+    uint8 array (n, height, width, channels) for the next epochs."""
+    from edgetl.keras import tf
+
+    h, w = size
+    n = len(paths)
+    store = np.empty((n, h, w, channels), np.uint8) if keep else None  # pages filled as decoded
+    done = np.zeros(n, bool)
+
+    def get(idx):
+        if store is None:
+            return np.stack([load_pixels(paths[i], size, channels) for i in idx]) if len(
+                idx) else np.zeros((0, h, w, channels), np.uint8)
+        for i in idx[~done[idx]]:  # an epoch's batches hold distinct indices: no two threads
+            store[i] = load_pixels(paths[i], size, channels)  # write one image
+            done[i] = True
+        return store[idx]
+
+    tf_labels = tf.constant(labels)
+
+    def load(idx):
+        img = tf.numpy_function(get, [idx], tf.uint8, stateful=False)
+        img.set_shape((None, h, w, channels))
+        return img, tf.gather(tf_labels, idx)
+
+    ds = tf.data.Dataset.range(n)
+    if training:
+        ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return _finish(ds, prep, augment_ops(augment) if training else (), seed)
 
 
 def contrast(x, seed, factor: float = 0.1):
