@@ -596,9 +596,18 @@ def section_training(P: dict, fm_train: Path | None, work: Path) -> dict:
                         fn(it)
                     step[k].append((time.perf_counter() - t0) / s["steps"])
                     cpu[k].append((time.process_time() - c0) / s["steps"])
-        del fns
-        del variants, model
-        keras.backend.clear_session()
+        # The float model stays for the pipeline timing below: its training throughput is
+        # measured again around each timed pass, so each ratio compares two things timed
+        # together (the machine's load drifts).
+        float_model, (float_fn, float_it) = variants["float"], fns["float"]
+        del fns, variants, model
+
+        def train_ips_now():
+            with frozen_stay_frozen(float_model):
+                t0 = time.perf_counter()
+                for _ in range(s["steps"]):
+                    float_fn(float_it)
+                return bs * s["steps"] / (time.perf_counter() - t0)
         # The input pipeline alone at this size and batch, with and without augmentation, fed
         # as train feeds it (the pixels scan_folder decoded while checking the folder), and
         # decoding itself (a folder over KEEP_PIXELS_BYTES): epoch 1 decodes and caches, later
@@ -615,26 +624,32 @@ def section_training(P: dict, fm_train: Path | None, work: Path) -> dict:
         scan_ips = len(scanned.items) / (time.perf_counter() - t0)
         items, kept = list(scanned.items), scanned.pixels
         assert kept is not None, "pipeline_images too large for KEEP_PIXELS_BYTES"
-        firsts, cached = {}, {}
+        firsts, cached, r_first, r_cached, local_ips = {}, {}, {}, {}, []
         for r in range(P.get("pipeline_rounds", 1)):  # a new dataset each round: a first epoch
             for augment, fed in rounds_order([(a, f) for a in (False, True)
                                               for f in ("kept", "decode")], r):
                 ds = make_dataset(items, (size, size), prep, bs, True, augment, 0,
                                   pixels=kept if fed == "kept" else None)
                 epochs = []
+                before = train_ips_now()
                 for _ in range(3):
                     t0 = time.perf_counter()
                     n = sum(int(xb.shape[0]) for xb, _ in ds)
                     epochs.append(n / (time.perf_counter() - t0))
+                local = 2 / (1 / before + 1 / train_ips_now())  # steps before and after
+                local_ips.append(local)
                 k = ("augment" if augment else "no_augment") + ("" if fed == "kept"
                                                                 else "_decode")
                 firsts.setdefault(k, []).append(epochs[0])
                 cached.setdefault(k, []).extend(epochs[1:])
+                r_first.setdefault(k, []).append(epochs[0] / local)
+                r_cached.setdefault(k, []).extend(e / local for e in epochs[1:])
                 del ds
         pipe = {k: {"first_epoch_ips": float(np.median(firsts[k])),
                     "first_epoch_rounds": firsts[k], "cached_epoch_ips": stats(cached[k])}
                 for k in firsts}
-        del kept
+        del kept, float_model, float_fn, float_it
+        keras.backend.clear_session()
         train_ips = bs / float(np.median(step["float"]))
         out[key] = {
             "model": f"MobileNetV2 alpha {s['alpha']} {size} px, 10 classes, batch {bs}, "
@@ -653,20 +668,23 @@ def section_training(P: dict, fm_train: Path | None, work: Path) -> dict:
             "pipeline": {
                 "source": source, "images": len(items), "images_per_s": pipe,
                 "float_training_ips": train_ips,
-                "ratio_first_epoch": pipe["augment"]["first_epoch_ips"] / train_ips,
-                "ratio_cached": pipe["augment"]["cached_epoch_ips"]["median"] / train_ips,
-                "ratio_first_epoch_decode": (pipe["augment_decode"]["first_epoch_ips"]
-                                             / train_ips),
-                "ratio_first_epoch_decode_rounds": [
-                    v / train_ips for v in pipe["augment_decode"]["first_epoch_rounds"]],
-                "ratio_first_epoch_rounds": [
-                    v / train_ips for v in pipe["augment"]["first_epoch_rounds"]],
+                # each pass over float training throughput timed around it (interleaved)
+                "ratio_first_epoch": float(np.median(r_first["augment"])),
+                "ratio_cached": float(np.median(r_cached["augment"])),
+                "ratio_first_epoch_decode": float(np.median(r_first["augment_decode"])),
+                "ratio_first_epoch_rounds": r_first["augment"],
+                "ratio_cached_rounds": r_cached["augment"],
+                "ratio_first_epoch_decode_rounds": r_first["augment_decode"],
+                "ratio_first_epoch_no_augment_decode_rounds": r_first["no_augment_decode"],
+                "interleaved_training_ips": local_ips,
                 "scan_ips": scan_ips,
                 "ratio_scan": scan_ips / train_ips,
                 "note": "pipeline (with augmentation) timed alone, fed with the pixels "
                         "scan_folder kept (as train does) or decoding itself; scan_ips: "
                         "scan_folder (check + decode + keep) of the same images, before "
-                        "training; training throughput = batch / median float step"},
+                        "training; float_training_ips = batch / median float step; the "
+                        "ratios divide each pass by the float training throughput timed "
+                        "just before and after it (interleaved_training_ips)"},
         }
     return out
 
@@ -1368,7 +1386,8 @@ def rows_of(R: dict) -> list[tuple]:
                     f"(pixels kept by the folder scan), {label}", ">= 3",
                     many("ratio_first_epoch_rounds", p["ratio_first_epoch"]), "{:.1f}")
                 add("6", f"input pipeline (augmented) / float training, images/s, cached "
-                    f"epochs, {label}", ">= 3", one(p["ratio_cached"]), "{:.1f}")
+                    f"epochs, {label}", ">= 3", many("ratio_cached_rounds", p["ratio_cached"]),
+                    "{:.1f}")
                 if "ratio_first_epoch_decode" in p:
                     add("6", f"input pipeline (augmented) / float training, images/s, first "
                         f"epoch decoding (folders over 1 GiB of pixels), {label}", ">= 3",
