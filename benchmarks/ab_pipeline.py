@@ -6,7 +6,8 @@
 Loads ``edgetl/data.py`` as it was at ``--before`` beside the current one, checks that both
 give the same pixels (no augmentation, no shuffle), then times epochs of each (first epoch:
 decode + cache; later epochs: cached), with and without augmentation, the order reversed every
-other round. Prints and writes a JSON of images/s.
+other round. Prints and writes a JSON of images/s, seconds to the first batch and CPU ms per
+image (this process).
 """
 
 from __future__ import annotations
@@ -64,19 +65,28 @@ def main() -> int:
         for name, md in (order if r % 2 == 0 else order[::-1]):
             for augment in (False, True):
                 ds = md(items, size, prep, args.batch, True, augment, 0)
-                epochs = []
-                for _ in range(3):
-                    t0 = time.perf_counter()
-                    n = sum(int(x.shape[0]) for x, _ in ds)
+                epochs, cpu = [], []
+                for e in range(3):
+                    t0, c0, n = time.perf_counter(), time.process_time(), 0
+                    for x, _ in ds:
+                        if e == 0 and n == 0:
+                            first_batch = time.perf_counter() - t0
+                        n += int(x.shape[0])
                     epochs.append(n / (time.perf_counter() - t0))
+                    cpu.append((time.process_time() - c0) / n * 1e3)
                 key = f"{name}_{'augment' if augment else 'no_augment'}"
                 rates.setdefault(key + "_first_epoch", []).append(epochs[0])
+                # seconds until the first batch, and this process's CPU ms per image
+                rates.setdefault(key + "_first_batch_s", []).append(first_batch)
+                rates.setdefault(key + "_first_epoch_cpu_ms", []).append(cpu[0])
+                rates.setdefault(key + "_cached_cpu_ms", []).append(float(np.median(cpu[1:])))
                 rates.setdefault(key + "_cached", []).append(float(np.median(epochs[1:])))
     summary = {k: {"median": float(np.median(v)), "min": float(min(v)), "max": float(max(v))}
                for k, v in rates.items()}
     for k in sorted(summary):
         s = summary[k]
-        print(f"{k:36s} {s['median']:8.0f} images/s ({s['min']:.0f}-{s['max']:.0f})")
+        unit = "s" if k.endswith("_s") else "ms" if k.endswith("_ms") else "images/s"
+        print(f"{k:36s} {s['median']:8.3g} {unit} ({s['min']:.3g}-{s['max']:.3g})")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"before": args.before, "size": args.size, "batch": args.batch,
