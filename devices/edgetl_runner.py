@@ -2742,6 +2742,18 @@ def check_writable(path: str, flag: str = "--json") -> None:
         pass
 
 
+def shareable(fd: int) -> None:
+    """Gives a file made by ``tempfile.mkstemp`` (mode 0600) the mode a plain ``open`` gives
+    (0666 minus the umask): reports and models are read by other users (a deploy account, a web
+    server) as every other file the user writes."""
+    mask = os.umask(0)
+    os.umask(mask)
+    try:
+        os.fchmod(fd, 0o666 & ~mask)
+    except (AttributeError, OSError):  # no fchmod (Windows) or a file system without modes
+        pass
+
+
 def write_json(path: str, report: dict) -> None:
     """Write ``report`` as JSON to ``path`` (temporary file, then rename; removed on failure).
 
@@ -2756,6 +2768,7 @@ def write_json(path: str, report: dict) -> None:
     except OSError as exc:
         raise RunnerError("cannot write --json %s: %s" % (path, exc.strerror or exc)) from None
     try:
+        shareable(fd)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2, sort_keys=False, default=_json_default)
             f.write("\n")

@@ -515,6 +515,7 @@ def _atomic_write(path: Path, text: str) -> Path:
         raise EdgetlError(f"folder {path.parent} does not exist; create it or choose another path")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        _runner().shareable(fd)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)

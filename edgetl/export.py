@@ -105,10 +105,13 @@ class _Staging:
         Raises:
             EdgetlError: the disk is full or the folder cannot be written (names ``final``).
         """
+        from edgetl.runner import shareable
+
         try:
             fd, name = tempfile.mkstemp(dir=self.dir, prefix=f".{final.name}.", suffix=".tmp")
             tmp = Path(name)
             self.temps.append(tmp)
+            shareable(fd)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
