@@ -120,18 +120,18 @@ def plan(model, *, enabled: bool, augment_ops: tuple, qat: bool, replicas: int) 
         return CachePlan(False, "off (a QAT phase: fake quantization, not cached)")
     if replicas > 1:
         return CachePlan(False, f"off (tf.distribute with {replicas} replicas)")
-    if augment_ops:
-        return CachePlan(False, f"off (augmentation {','.join(augment_ops)} changes the images "
-                                "every epoch; with --augment none the frozen layers' output is "
-                                "computed once per image)")
     try:
         boundary, prefix = frozen_boundary(model)
     except ValueError as e:
         return CachePlan(False, f"off ({e})")
     if any(id(t) in {id(o) for o in model.outputs} for t in boundary):
         return CachePlan(False, "off (no layer trains)")
-    if not any(layer.weights for layer in prefix):
-        return CachePlan(False, "off (nothing frozen below the trained layers)")
+    if not any(layer.weights for layer in prefix):  # before augmentation: --augment none
+        return CachePlan(False, "off (nothing frozen below the trained layers)")  # won't help
+    if augment_ops:
+        return CachePlan(False, f"off (augmentation {','.join(augment_ops)} changes the images "
+                                "every epoch; with --augment none the frozen layers' output is "
+                                "computed once per image)")
     floats = sum(int(np.prod(t.shape[1:])) for t in boundary)
     where = ", ".join(f"'{t._keras_history.layer.name}'" for t in boundary)
     return CachePlan(True, f"on (the output of {where}, {floats:,} floats per image, computed "

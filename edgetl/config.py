@@ -297,8 +297,10 @@ class TrainConfig:
             raise EdgetlError("--val-data and --val-split contradict each other: pick one")
         if self.unfreeze is not None and self.unfreeze_from:
             raise EdgetlError("--unfreeze and --unfreeze-from contradict each other: pick one")
-        if self.strategy in (None, Strategy.feature_extract) and (self.unfreeze
-                                                                  or self.unfreeze_from):
+        # Unset, the strategy is fine-tune from scratch and feature-extract otherwise.
+        strategy = self.strategy or (Strategy.fine_tune if self.from_scratch()
+                                     else Strategy.feature_extract)
+        if strategy == Strategy.feature_extract and (self.unfreeze or self.unfreeze_from):
             raise EdgetlError("--unfreeze/--unfreeze-from need --strategy fine-tune or two-phase "
                               "(feature-extract keeps the whole base frozen)")
         if self.unfreeze is not None:
@@ -366,14 +368,16 @@ class TrainConfig:
         if strategy is None:
             strategy = Strategy.fine_tune if scratch else Strategy.feature_extract
             changes["strategy"] = strategy
-            if scratch:
+            if scratch and not (self.unfreeze or self.unfreeze_from):
                 notes.append("strategy fine-tune of every layer (--weights none: a frozen "
                              "random base learns nothing; pass --strategy to choose)")
-        elif scratch and (Strategy(strategy) != Strategy.fine_tune or self.unfreeze):
+        if scratch and (Strategy(strategy) != Strategy.fine_tune or self.unfreeze
+                        or self.unfreeze_from):
             notes.append(f"warning: --weights none with --strategy {Strategy(strategy).value}"
                          f"{' --unfreeze ' + str(self.unfreeze) if self.unfreeze else ''}"
+                         f"{' --unfreeze-from ' + self.unfreeze_from if self.unfreeze_from else ''}"
                          " keeps random layers frozen; it usually stays near chance. Leave out "
-                         "--strategy/--unfreeze to train every layer")
+                         "--strategy/--unfreeze/--unfreeze-from to train every layer")
         lr = self.lr if self.lr is not None else (SCRATCH_LR if scratch else HEAD_LR)
         ft = self.fine_tune_lr
         if ft is None:

@@ -139,6 +139,10 @@ def test_plan_stops_at_random_and_training_layers():
     assert "QAT" in plan(model, enabled=True, augment_ops=(), qat=True, replicas=1).reason
     assert plan(model, enabled=False, augment_ops=(), qat=False, replicas=1).reason == \
         "off (--no-cache)"
+    # Nothing frozen is said first: --augment none would not turn the cache on (from scratch).
+    assert "nothing frozen" in plan(model, enabled=True, augment_ops=("flip",), qat=False,
+                                    replicas=1).reason
+    model.get_layer("c1").trainable = False
     assert "augmentation flip changes the images every epoch" in plan(
         model, enabled=True, augment_ops=("flip",), qat=False, replicas=1).reason
 

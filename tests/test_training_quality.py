@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from edgetl.errors import EdgetlError
 from typer.testing import CliRunner
 
 from conftest import tiny_config
@@ -92,6 +94,13 @@ def test_defaults_depend_on_whether_the_weights_are_pretrained():
     assert kept.strategy == Strategy.feature_extract
     assert len(notes) == 1 and notes[0].startswith("warning: --weights none with --strategy "
                                                    "feature-extract")
+    # From scratch the unset strategy is fine-tune, so --unfreeze-from is not refused as if it
+    # were feature-extract: it runs, with the warning that random layers stay frozen.
+    top, notes = TrainConfig(data="d", weights="none", unfreeze_from="Conv_1").with_defaults()
+    assert top.strategy == Strategy.fine_tune and len(notes) == 1
+    assert "--unfreeze-from Conv_1 keeps random layers frozen" in notes[0]
+    with pytest.raises(EdgetlError, match="need --strategy fine-tune or two-phase"):
+        TrainConfig(data="d", unfreeze_from="Conv_1").check()  # pretrained: feature-extract
     assert TrainConfig(data="d", augment=False).with_defaults()[0].augmentations == "none"
 
 
