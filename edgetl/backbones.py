@@ -70,8 +70,8 @@ _LITE_WEIGHTS = (
     "unofficial sources. Google's ImageNet checkpoints are in github.com/tensorflow/tpu "
     "(models/official/efficientnet/lite, Apache-2.0): convert one to a Keras 2 .h5 with "
     "keras.applications.EfficientNet layer names (stem_conv, block1a_dwconv, ..., top_conv) "
-    "and pass --weights PATH (the converted Lite0 of ../shared/realdata/pretrained loads this "
-    "way), or pass a whole saved model as --base-model FILE, or use --weights none"
+    "and pass --weights PATH, or pass a whole saved Keras model as --base-model FILE, or use "
+    "--weights none"
 )
 _QAT_NO_BN = (
     "it has BatchNormalization layers that do not follow a convolution (pre-activation / "
@@ -316,7 +316,8 @@ def table() -> list[dict]:
         rows.append({
             "name": s.name,
             "input": s.default_size,
-            "imagenet sizes": ",".join(map(str, s.imagenet_sizes)) if s.imagenet_sizes
+            "imagenet sizes": "none (--weights PATH)" if s.imagenet_note
+            else ",".join(map(str, s.imagenet_sizes)) if s.imagenet_sizes
             else f">={s.min_size}",
             "preprocessing": s.preprocessing,
             "alpha": ",".join(map(str, s.alphas)) if s.alphas else "-",

@@ -273,6 +273,8 @@ def test_backbones_lists_every_name_with_its_qat_column():
     assert set(rows) == set(REGISTRY)
     for name, spec in REGISTRY.items():
         assert rows[name][-1] == ("yes" if spec.qat else "no"), rows[name]
+    # EfficientNet-Lite has no published ImageNet weights: the column says so, not a size.
+    assert "none (--weights PATH)" in next(x for x in lines if x.startswith("efficientnetlite0 "))
 
 
 def test_the_same_seed_trains_the_same_model_in_two_processes(synth, tmp_path):
