@@ -915,6 +915,9 @@ def format_inspect(report: dict, max_rows: int = 12) -> str:
     io = report["integer_only"]
     if io["ok"]:
         lines.append(f"  integer-only yes ({io['io']} I/O)")
+    elif report["mode"] in ("float32", "float16", "dynamic"):  # float on purpose: no list
+        lines.append(f"  integer-only no (a {report['mode']} model: float by design; --json "
+                     f"lists its {len(io['offenders'])} float ops and tensors)")
     else:
         lines.append(f"  integer-only NO ({io['io']} I/O): {len(io['offenders'])} offender(s)")
         lines += [f"    {o}" for o in io["offenders"][:max_rows]]

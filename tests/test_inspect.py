@@ -528,7 +528,21 @@ def converted(tmp_path_factory):
     subprocess.run(
         [sys.executable, "-c", CONVERT, str(out)], check=True, capture_output=True, timeout=300
     )
-    return {p.stem: ins.load_info(p) for p in out.glob("*.tflite")}
+    converted = _Converted({p.stem: ins.load_info(p) for p in out.glob("*.tflite")})
+    converted.dir = out
+    return converted
+
+
+class _Converted(dict):
+    """name -> ModelInfo, with ``dir``: the folder of the .tflite files."""
+
+
+def test_a_float_model_is_one_integer_only_line_not_a_list_of_offenders(converted):
+    text = ins.format_inspect(ins.inspect_model(converted.dir / "float32.tflite",
+                                                compiler=False))
+    line = next(x for x in text.splitlines() if x.lstrip().startswith("integer-only"))
+    assert line.strip().startswith("integer-only no (a float32 model: float by design; --json")
+    assert "offender" not in text.split("Edge TPU")[0]
 
 
 def test_converter_outputs_match_the_integer_only_rules(converted):
