@@ -711,6 +711,18 @@ def _undo(done: _RunDir) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def _interrupted(run: Path, kept: bool) -> EdgetlError:
+    """Ctrl-C or SIGTERM: exit 130, saying whether the run can be resumed."""
+    if kept:
+        text = (f"interrupted; the run keeps its finished epochs: continue it with "
+                f"`edgetl train --out {run} --resume`")
+    else:
+        text = "interrupted before this run finished an epoch: nothing of it was kept"
+    err = EdgetlError(text)
+    err.exit_code = 130
+    return err
+
+
 def _fault(e: BaseException, run: Path, kept: bool) -> EdgetlError | None:
     """A fault of the machine (disk full, read-only, TensorFlow's file and memory errors) as one
     line naming the path; None for anything else."""
@@ -1298,6 +1310,8 @@ def train(cfg: TrainConfig, given=None) -> TrainResult:
             with _signals_deferred():
                 _undo(done)
             kept = (out / "state.json").exists() and not done.set_aside
+            if isinstance(e, KeyboardInterrupt):
+                raise _interrupted(out, kept) from None
             fault = _fault(e, out, kept)
             if fault is not None:
                 raise fault from None

@@ -122,7 +122,8 @@ def test_signal_during_overwrite_puts_the_old_run_back(sig, when, data, finished
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "error: interrupted"
+    assert err.strip().splitlines()[-1] == ("error: interrupted before this run finished an "
+                                            "epoch: nothing of it was kept")
     assert "Traceback" not in err
     assert _tree(run) == before  # the old run, byte for byte (sizes and mtimes)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no .replaced, .lock, .failed
@@ -137,7 +138,9 @@ def test_signal_after_an_epoch_leaves_a_resumable_run_without_temp_files(data, t
     _wait_for(run / "state.json", proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted"
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == (
+        "error: interrupted; the run keeps its finished epochs: continue it with "
+        f"`edgetl train --out {run} --resume`")
     assert _temp_names(run) == []
     assert not (tmp_path / ".run.lock").exists()
     saved = TrainConfig.from_dict(json.loads((run / "config.json").read_text())["train"])
@@ -151,8 +154,10 @@ def test_signal_before_the_first_epoch_leaves_nothing(data, tmp_path):
     _wait_for(run, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted"
+    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith(
+        "error: interrupted")
     if not (run / "state.json").exists():  # else an epoch finished first: resumable, kept
+        assert err.strip().endswith("nothing of it was kept")
         assert not (tmp_path / "sub").exists()
 
 
