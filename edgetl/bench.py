@@ -24,8 +24,8 @@ COLUMNS = (
     ("size_mb", "size MB", "size (MB)", "{:.2f}"),
     ("top1", "top-1", "top-1", "{:.2%}"),
     ("left_out", "left out", "left out", "{}"),
-    ("p50_ms", "p50 ms", "p50 (ms)", "{:.2f}"),
-    ("p90_ms", "p90 ms", "p90 (ms)", "{:.2f}"),
+    ("p50_ms", "p50 ms", "p50 (ms)", "{:.3g}"),
+    ("p90_ms", "p90 ms", "p90 (ms)", "{:.3g}"),
     ("throughput_ips", "img/s", "images/s", "{:.1f}"),
     ("peak_rss_mb", "peak RSS MB", "peak RSS (MB)", "{:.1f}"),
     ("size_x", "size x", "size ×", "{:.2f}x"),
@@ -353,7 +353,7 @@ def _step_detail(row: dict) -> str:
     if row.get("error"):
         return "could not run (see the table)"
     top1 = f", top-1 {row['top1']:.4f}" if row.get("top1") is not None else ""
-    return f"p50 {row['p50_ms']:.2f} ms{top1}"
+    return f"p50 {row['p50_ms']:.3g} ms{top1}"
 
 
 def _columns(rows: list[dict]) -> list[tuple]:

@@ -228,8 +228,8 @@ def cached_fit(model, cache_plan: CachePlan, run: Path, plain_train, train_label
         folder = run / CACHE_DIR
         free = shutil.disk_usage(run).free
         if total + DISK_MARGIN_BYTES > free:
-            log(f"feature cache: off (the features need {total / 2**30:.1f} GiB on disk, "
-                f"{free / 2**30:.1f} GiB free in '{run}')")
+            log(f"feature cache: off (the features need {total / 1e9:.1f} GB on disk, "
+                f"{free / 1e9:.1f} GB free in '{run}')")
             yield model, None, None
             return
         shutil.rmtree(folder, ignore_errors=True)
@@ -238,8 +238,8 @@ def cached_fit(model, cache_plan: CachePlan, run: Path, plain_train, train_label
         train_arrays = _compute(prefix_model, plain_train, n_train, folder, "train")
         val_arrays = _compute(prefix_model, plain_val, n_val, folder, "val")
         where = f"on disk in '{folder}'" if folder else "in memory"
-        log(f"feature cache: {n_train + n_val} images' features ({total / 2**20:.1f} MiB "
-            f"{where}, bound {CACHE_MEMORY_BYTES / 2**30:g} GiB in memory) computed in "
+        log(f"feature cache: {n_train + n_val} images' features ({total / 1e6:.1f} MB "
+            f"{where}, bound {CACHE_MEMORY_BYTES / 1e9:.2f} GB in memory) computed in "
             f"{time.time() - t0:.1f} s")
         yield (top, _dataset(train_arrays, np.asarray(train_labels, np.int32), batch_size,
                              order),

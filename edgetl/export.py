@@ -925,14 +925,14 @@ def _export_one(cfg, mode, model, float_model, qat, calib, run, run_cfg, name, t
             raw, chosen, auto = _auto_convert(cfg, src, calib, split, size, prep, io)
             keep_float, written_mode = tuple(chosen["keep_float"]), Quantization(chosen["mode"])
             io = IOType.float32 if chosen["io"] == "float32" else io
-            step.done(f"chose {chosen['mode']}, {len(raw) / 1e6:.2f} MB")
+            step.done(f"chose {chosen['mode']}, {len(raw) / 1e6:.2f} MB before metadata")
     else:
         with progress.step(f"convert {mode.value}", len(calib) if calibrates else None) as step:
             step.describe("calibrating" if calibrates else "converting")
             raw = convert(src, mode, io, calib, keep_float if mode == Quantization.int8 else (),
                           debug_rows, on_image=step.advance if calibrates else None)
-            step.done(f"{len(raw) / 1e6:.2f} MB" + (f", calibrated on {len(calib)} images"
-                                                     if calibrates else ""))
+            step.done(f"{len(raw) / 1e6:.2f} MB before metadata" + (
+                f", calibrated on {len(calib)} images" if calibrates else ""))
     convert_s = round(time.perf_counter() - t0, 3)
     info = read_model(raw)
     failures, report = [], {"mode": mode.value, "io": io.value, "convert_s": convert_s}
