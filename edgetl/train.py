@@ -1236,7 +1236,9 @@ def _prune_history(run: Path, keep_epochs: int) -> None:
 def _datasets(cfg: TrainConfig, size: tuple, progress: Progress = SILENT):
     from edgetl.runner import printable  # a path must not drive the terminal
 
-    with progress.step(f"scan '{printable(cfg.data)}'") as step:
+    folders = f"'{printable(cfg.data)}'" + (f" + '{printable(cfg.val_data)}'" if cfg.val_data
+                                             else "")
+    with progress.step(f"scan {folders}") as step:
         names, train_items, val_items, skipped, pixels = _scan(cfg, size, step.advance)
         step.done(f"{len(train_items) + len(val_items)} images in {len(names)} classes "
                   f"({len(train_items)} train, {len(val_items)} validation"

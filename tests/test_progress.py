@@ -293,3 +293,18 @@ def test_bench_reports_each_model_as_it_is_measured():
     first = _index(lines, rf"^model 1/2 {re.escape(v1.name)}: p50 [\d.]+ ms \(\d+\.\d s\)$")
     second = _index(lines, rf"^model 2/2 {re.escape(v2.name)}: p50 [\d.]+ ms \(", first + 1)
     _index(lines, r"^model +format +size MB", second + 1)  # the table comes after
+
+
+def test_scan_line_names_both_folders_with_val_data(synth, tmp_path):
+    from edgetl.config import TrainConfig
+    from edgetl.data import make_synth
+    from edgetl.progress import Progress
+    from edgetl.train import _datasets
+
+    val = tmp_path / "val"
+    make_synth(val, classes=3, per_class=4, size=32, seed=9)
+    buf = io.StringIO()
+    _datasets(TrainConfig(data=str(synth), val_data=str(val)), (32, 32),
+              Progress(stream=buf, live=False))
+    assert re.match(rf"scan '{re.escape(str(synth))}' \+ '{re.escape(str(val))}': 48 images in "
+                    r"3 classes \(36 train, 12 validation\)", buf.getvalue()), buf.getvalue()
