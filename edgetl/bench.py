@@ -128,11 +128,11 @@ def _check_args(models: list, data, labels, runs: int, warmup: int, threads, del
         except runner.RunnerError as e:
             raise EdgetlError(str(e)) from e
     if not isinstance(runs, int) or runs < 1:
-        raise EdgetlError(f"runs must be at least 1, got {runs!r}")
+        raise EdgetlError(f"--runs must be at least 1, got {runs!r}")
     if not isinstance(warmup, int) or warmup < 0:
-        raise EdgetlError(f"warmup must be 0 or more, got {warmup!r}")
+        raise EdgetlError(f"--warmup must be 0 or more, got {warmup!r}")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise EdgetlError(f"threads must be at least 1, got {threads!r}")
+        raise EdgetlError(f"--threads must be at least 1, got {threads!r}")
     if delegate not in runner.DELEGATES:
         choices = ", ".join(runner.DELEGATES)
         raise EdgetlError(f"unknown delegate {delegate!r}; use one of {choices}")
