@@ -659,9 +659,13 @@ def idx_to_folders(images: str, labels: str, out: str | os.PathLike, names: str 
     from PIL import Image
 
     x, y = read_idx(images), read_idx(labels)
+    if x.ndim == 1 and y.ndim == 3:
+        raise EdgetlError(f"'{images}' holds labels and '{labels}' images: give the images file "
+                          "first, then the labels file")
     if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-        raise EdgetlError(f"'{images}' ({x.shape}) and '{labels}' ({y.shape}) do not match: "
-                          "need N images of HxW and N labels")
+        shapes = "x".join(map(str, x.shape)), "x".join(map(str, y.shape))
+        raise EdgetlError(f"'{images}' (shape {shapes[0]}) and '{labels}' (shape {shapes[1]}) do "
+                          "not match: need N images of HxW and N labels")
     if names == "fashion-mnist":
         class_names = FASHION_MNIST
     elif names == "mnist":

@@ -392,7 +392,10 @@ def test_idx_errors_name_the_file(tmp_path):
         (lambda: read_idx(truncated), "truncated"),
         (lambda: read_idx(not_idx), "not an unsigned-byte IDX"),
         (lambda: read_idx(tmp_path / "nope"), "does not exist"),
-        (lambda: idx_to_folders(str(images), str(short), tmp_path / "o1"), "do not match"),
+        (lambda: idx_to_folders(str(images), str(short), tmp_path / "o1"),
+         r"\(shape 3x4x4\) and .* \(shape 2\) do not match"),
+        (lambda: idx_to_folders(str(labels), str(images), tmp_path / "o3"),
+         "holds labels and .* images: give the images file first"),
         (lambda: idx_to_folders(str(images), str(labels), tmp_path / "o2", names="mnist2"),
          "--names 'mnist2'"),
     ]
