@@ -1184,8 +1184,9 @@ def load_image(
         raise RunnerError("%s is too large to decode in memory" % name) from None
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, ...
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if isinstance(exc, Image.UnidentifiedImageError):
-            reason = "not an image Pillow can decode"  # its text names a file object, not ours
+        if isinstance(exc, Image.UnidentifiedImageError):  # its text names a file object
+            empty = os.path.isfile(name) and os.path.getsize(name) == 0
+            reason = "the file is empty (0 bytes)" if empty else "not an image Pillow can decode"
         raise RunnerError("cannot read image %s: %s" % (name, reason)) from None
     if pixels.shape != (height, width, channels):
         raise RunnerError("cannot read image %s: decoded to shape %s" % (name, pixels.shape))
