@@ -1192,6 +1192,13 @@ def load_image(
     return pixels
 
 
+# Upper bounds of the counting flags: a million timed runs is days on a Pi; more threads or a
+# bigger decode batch than these only exhaust the machine (the interpreter takes a C int).
+MAX_RUNS = 1_000_000
+MAX_THREADS = 1024
+MAX_BATCH = 4096
+
+
 def _check_prep(prep: dict, source: str) -> None:
     for key in ("mean", "std"):
         values = prep.get(key)
@@ -2366,6 +2373,11 @@ def filtered_native_stderr(noise: tuple = NATIVE_NOISE):
 def _resolve_prep(args, model: Model) -> "tuple[dict, str]":
     if args.raw and (args.mean or args.std):
         raise RunnerError("--raw feeds pixels unchanged: leave out --mean/--std, or drop --raw")
+    for flag, values in (("--mean", args.mean), ("--std", args.std)):
+        # flags apply to pixels 0..255 (NaN and a model's own metadata: _check_prep)
+        if values and any(math.isfinite(v) and not 0 <= v <= 255 for v in values):
+            raise RunnerError("%s %s: the values apply to pixels 0..255, give numbers from 0 "
+                              "to 255" % (flag, " ".join("%g" % v for v in values)))
     if args.raw:
         prep, source = model.raw_prep(), "raw pixels (--raw)"
     elif model.metadata is not None and "input" in model.metadata:
@@ -2410,6 +2422,11 @@ def run(options) -> dict:
         raise RunnerError("--threads must be at least 1, got %d" % args.threads)
     if args.batch_size < 1:
         raise RunnerError("--batch-size must be at least 1, got %d" % args.batch_size)
+    for flag, value, most in (("--runs", runs, MAX_RUNS), ("--warmup", args.warmup, MAX_RUNS),
+                              ("--threads", args.threads, MAX_THREADS),
+                              ("--batch-size", args.batch_size, MAX_BATCH)):
+        if value is not None and value > most:
+            raise RunnerError("%s %d is too many: give at most %d" % (flag, value, most))
     for flag in ("mean", "std"):
         values = getattr(args, flag)
         if values is not None and len(values) not in (1, 3):

@@ -58,12 +58,24 @@ class SensitivityConfig:
 
 
 def _check(cfg: SensitivityConfig) -> None:
+    from edgetl.config import MAX_SEED
+    from edgetl.export import MAX_CALIBRATION
+
     if cfg.num_images < 1:
         raise EdgetlError(f"--num-images {cfg.num_images} must be at least 1 (the default is "
                           "50)")
+    if cfg.num_images > MAX_CALIBRATION:
+        raise EdgetlError(f"--num-images {cfg.num_images} must be at most {MAX_CALIBRATION} "
+                          "(the default is 50)")
     if cfg.num_calibration < 1:
         raise EdgetlError(f"--num-calibration {cfg.num_calibration} must be at least 1 (the "
                           "default is 200)")
+    if cfg.num_calibration > MAX_CALIBRATION:
+        raise EdgetlError(f"--num-calibration {cfg.num_calibration} must be at most "
+                          f"{MAX_CALIBRATION} (the default is 200)")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not (
+            0 <= cfg.seed <= MAX_SEED):
+        raise EdgetlError(f"--seed {cfg.seed} must be an integer from 0 to {MAX_SEED}")
 
 
 def _interpreter_module():

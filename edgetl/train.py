@@ -85,6 +85,11 @@ def phases(cfg: TrainConfig) -> list[Phase]:
 
 # --- model building -----------------------------------------------------------------------------
 
+# Widest --head layer: far above any classifier head, low enough that a typo (dense:1e9)
+# cannot ask for terabytes of weights.
+MAX_HEAD_UNITS = 65_536
+
+
 def parse_head(spec: str) -> list[tuple[str, float]]:
     """'conv:64,dense:128,dropout:0.2' -> [('conv', 64), ('dense', 128), ('dropout', 0.2)]."""
     items = []
@@ -98,8 +103,9 @@ def parse_head(spec: str) -> list[tuple[str, float]]:
         if kind not in ("conv", "dense", "dropout") or num is None:
             raise EdgetlError(f"--head item '{part}': use conv:FILTERS, dense:UNITS or "
                               "dropout:RATE, comma-separated (e.g. 'conv:64,dense:128,dropout:0.2')")
-        if kind in ("conv", "dense") and (num < 1 or num != int(num)):
-            raise EdgetlError(f"--head item '{part}': {kind} needs a whole number >= 1")
+        if kind in ("conv", "dense") and not (1 <= num <= MAX_HEAD_UNITS and num == int(num)):
+            raise EdgetlError(f"--head item '{part}': {kind} needs a whole number from 1 to "
+                              f"{MAX_HEAD_UNITS}")
         if kind == "dropout" and not 0 <= num < 1:
             raise EdgetlError(f"--head item '{part}': dropout rate must be in [0, 1)")
         if kind == "conv" and any(k != "conv" for k, _ in items):
