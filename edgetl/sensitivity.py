@@ -331,13 +331,13 @@ def sensitivity(cfg: SensitivityConfig, progress=None) -> dict:
     from edgetl.calibrate import sample
     from edgetl.config import ExportConfig
     from edgetl.export import calibration_items, load_batch
-    from edgetl.train import load_model, load_run
+    from edgetl.train import load_model, load_run, load_split
 
     _check(cfg)
     run = Path(cfg.run)
     run_cfg = load_run(run)
+    split = load_split(run, len(run_cfg["class_names"]))
     try:
-        split = json.loads((run / "split.json").read_text())
         size, prep = run_cfg["input_size"], run_cfg["preprocessing"]
         val = [tuple(x) for x in split["val"]]
         split["train"]
