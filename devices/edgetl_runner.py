@@ -2671,7 +2671,8 @@ def format_report(report: dict) -> str:
     lines += ["%-*s  %s" % (width, k, v) for k, v in rows]
 
     if report.get("predictions"):
-        lines += ["", format_predictions(report["predictions"])]
+        # one entry per line: the escaping below would turn the block's newlines into \x0a
+        lines += ["", *format_predictions(report["predictions"]).split("\n")]
         if report.get("images_skipped"):
             lines.append("%d file(s) skipped (see above)" % report["images_skipped"])
 
