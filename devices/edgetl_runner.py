@@ -66,6 +66,7 @@ __all__ = [
     "IOInfo",
     "Model",
     "check_tflite",
+    "check_outputs",
     "check_writable",
     "read_model_metadata",
     "classify",
@@ -2760,6 +2761,38 @@ def check_writable(path: str, flag: str = "--json") -> None:
         pass
 
 
+def check_outputs(outputs, inputs=(), folders=()) -> None:
+    """Refuse, before any work, output files that would destroy an input or each other.
+
+    Args:
+        outputs: ``(path, flag)`` pairs of the files a command will write (None: not given).
+        inputs: files the command reads (model, images, labels, inventory): never overwritten.
+        folders: ``(path, flag)`` pairs of folders the command reads (``--data``): a report
+            written inside would join the data.
+
+    Raises:
+        RunnerError: naming the flag, the path and what it collides with.
+    """
+    outs = [(str(p), f) for p, f in outputs if p]
+    real = [os.path.realpath(p) for p, _ in outs]
+    for i, (path, flag) in enumerate(outs):
+        for j in range(i):
+            if real[i] == real[j]:
+                raise RunnerError("%s and %s name the same file %s: give each its own file"
+                                  % (outs[j][1], flag, path))
+        for item in inputs:
+            if item and os.path.realpath(str(item)) == real[i]:
+                raise RunnerError("cannot write %s %s: it is an input of this command (%s); "
+                                  "give another file name" % (flag, path, item))
+        for folder, folder_flag in folders:
+            if not folder:
+                continue
+            top = os.path.realpath(str(folder))
+            if real[i] == top or real[i].startswith(top.rstrip(os.sep) + os.sep):
+                raise RunnerError("cannot write %s %s: it is inside the %s folder %s; write it "
+                                  "elsewhere" % (flag, path, folder_flag, folder))
+
+
 def write_json(path: str, report: dict) -> None:
     """Write ``report`` as JSON to ``path`` (temporary file, then rename; removed on failure).
 
@@ -2812,6 +2845,8 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.json:
+            check_outputs([(args.json, "--json")], [args.model, args.labels, *(args.image or [])],
+                          [(args.data, "--data")])
             check_writable(args.json)
         report = finite(run(args))
         if args.json:
