@@ -819,6 +819,11 @@ def validate_run_config(config, file: Path, todo: str) -> dict:
                                todo)
         if any(x == 0 for x in prep["std"]):
             raise _damaged(file, "preprocessing.std", "has a zero", todo)
+        # pixels are 0..255: a mean or std far outside (1e30, a negative std) is no model's
+        # preprocessing, and fails only after the conversion
+        if any(x < 0 for x in prep["std"]) or any(abs(x) > 1e4 for x in prep["mean"] + prep["std"]):
+            raise _damaged(file, "preprocessing", f"mean {prep['mean']} std {prep['std']} is not "
+                           "a normalisation of pixels 0..255", todo)
         if prep.get("channel_order") not in ("RGB", "BGR"):
             raise _damaged(file, "preprocessing.channel_order",
                            f"is {prep.get('channel_order')!r}, not 'RGB' or 'BGR'", todo)
@@ -829,6 +834,16 @@ def validate_run_config(config, file: Path, todo: str) -> dict:
             raise _damaged(file, "class_names", "is not a list of at least 2 names", todo)
         if len(set(names)) != len(names):
             raise _damaged(file, "class_names", "repeats a name", todo)
+        import unicodedata
+
+        from edgetl.runner import printable
+
+        bad = [n for n in names if any(unicodedata.category(c) in ("Cc", "Zl", "Zp")
+                                       or "\u202a" <= c <= "\u202e" or "\u2066" <= c <= "\u2069"
+                                       for c in n)]
+        if bad:  # the same rule as class folder names: labels are printed and written a line each
+            raise _damaged(file, "class_names", f"has control characters in "
+                           f"'{printable(bad[0])}'", todo)
     for key in ("n_base_layers",):
         v = config.get(key)
         if key in config and (isinstance(v, bool) or not isinstance(v, int) or v < 1):

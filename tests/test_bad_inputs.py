@@ -767,6 +767,15 @@ def _run_with(e: Env, name: str, text: str | None) -> Path:
     return run
 
 
+def _tampered_config(e: Env, change) -> Path:
+    run = e.run_copy()
+    cfg = json.loads((run / "config.json").read_text())
+    change(cfg)
+    (run / "config.json").write_text(json.dumps(cfg))
+    e.watched.append(run)
+    return run
+
+
 def _resume_same_data(e: Env, run: Path) -> list:
     data = json.loads((run / "config.json").read_text())["train"]["data"]
     return ["edgetl", "train", "--data", data, "--out", run, "--resume"]
@@ -872,6 +881,14 @@ HUNT5 = [
     Case("sensitivity-json-is-a-run-file",
          lambda e: ["edgetl", "sensitivity", e.run, "--json", e.run / "config.json"], 2,
          r"cannot write --json .*config\.json: it is an input of this command"),
+    Case("export-config-mean-huge",
+         lambda e: _export(_tampered_config(e, lambda c: c["preprocessing"].update(
+             mean=[1e30] * 3)), "--name", "x"), 2,
+         r"config\.json' field 'preprocessing' mean \[1e\+30.*is not a normalisation of pixels"),
+    Case("export-config-class-name-escape",
+         lambda e: _export(_tampered_config(e, lambda c: c.update(
+             class_names=["a\x1b]0;X\x07", "b", "c"])), "--name", "x"), 2,
+         r"config\.json' field 'class_names' has control characters in 'a\\x1b\]0;X\\x07'"),
     Case("fleet-json-is-the-inventory",
          lambda e: ["edgetl", "fleet", "check", "--hosts", _inventory(e), "--json",
                     e.tmp / "fleet.toml"], 2,
