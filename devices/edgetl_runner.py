@@ -66,6 +66,7 @@ __all__ = [
     "IOInfo",
     "Model",
     "check_tflite",
+    "check_outputs",
     "check_writable",
     "read_model_metadata",
     "classify",
@@ -1191,6 +1192,13 @@ def load_image(
     if pixels.shape != (height, width, channels):
         raise RunnerError("cannot read image %s: decoded to shape %s" % (name, pixels.shape))
     return pixels
+
+
+# Upper bounds of the counting flags: a million timed runs is days on a Pi; more threads or a
+# bigger decode batch than these only exhaust the machine (the interpreter takes a C int).
+MAX_RUNS = 1_000_000
+MAX_THREADS = 1024
+MAX_BATCH = 4096
 
 
 def _check_prep(prep: dict, source: str) -> None:
@@ -2367,6 +2375,11 @@ def filtered_native_stderr(noise: tuple = NATIVE_NOISE):
 def _resolve_prep(args, model: Model) -> "tuple[dict, str]":
     if args.raw and (args.mean or args.std):
         raise RunnerError("--raw feeds pixels unchanged: leave out --mean/--std, or drop --raw")
+    for flag, values in (("--mean", args.mean), ("--std", args.std)):
+        # flags apply to pixels 0..255 (NaN and a model's own metadata: _check_prep)
+        if values and any(math.isfinite(v) and not 0 <= v <= 255 for v in values):
+            raise RunnerError("%s %s: the values apply to pixels 0..255, give numbers from 0 "
+                              "to 255" % (flag, " ".join("%g" % v for v in values)))
     if args.raw:
         prep, source = model.raw_prep(), "raw pixels (--raw)"
     elif model.metadata is not None and "input" in model.metadata:
@@ -2411,6 +2424,11 @@ def run(options) -> dict:
         raise RunnerError("--threads must be at least 1, got %d" % args.threads)
     if args.batch_size < 1:
         raise RunnerError("--batch-size must be at least 1, got %d" % args.batch_size)
+    for flag, value, most in (("--runs", runs, MAX_RUNS), ("--warmup", args.warmup, MAX_RUNS),
+                              ("--threads", args.threads, MAX_THREADS),
+                              ("--batch-size", args.batch_size, MAX_BATCH)):
+        if value is not None and value > most:
+            raise RunnerError("%s %d is too many: give at most %d" % (flag, value, most))
     for flag in ("mean", "std"):
         values = getattr(args, flag)
         if values is not None and len(values) not in (1, 3):
@@ -2655,7 +2673,8 @@ def format_report(report: dict) -> str:
     lines += ["%-*s  %s" % (width, k, v) for k, v in rows]
 
     if report.get("predictions"):
-        lines += ["", format_predictions(report["predictions"])]
+        # one entry per line: the escaping below would turn the block's newlines into \x0a
+        lines += ["", *format_predictions(report["predictions"]).split("\n")]
         if report.get("images_skipped"):
             lines.append("%d file(s) skipped (see above)" % report["images_skipped"])
 
@@ -2755,6 +2774,38 @@ def shareable(fd: int) -> None:
         pass
 
 
+def check_outputs(outputs, inputs=(), folders=()) -> None:
+    """Refuse, before any work, output files that would destroy an input or each other.
+
+    Args:
+        outputs: ``(path, flag)`` pairs of the files a command will write (None: not given).
+        inputs: files the command reads (model, images, labels, inventory): never overwritten.
+        folders: ``(path, flag)`` pairs of folders the command reads (``--data``): a report
+            written inside would join the data.
+
+    Raises:
+        RunnerError: naming the flag, the path and what it collides with.
+    """
+    outs = [(str(p), f) for p, f in outputs if p]
+    real = [os.path.realpath(p) for p, _ in outs]
+    for i, (path, flag) in enumerate(outs):
+        for j in range(i):
+            if real[i] == real[j]:
+                raise RunnerError("%s and %s name the same file %s: give each its own file"
+                                  % (outs[j][1], flag, path))
+        for item in inputs:
+            if item and os.path.realpath(str(item)) == real[i]:
+                raise RunnerError("cannot write %s %s: it is an input of this command (%s); "
+                                  "give another file name" % (flag, path, item))
+        for folder, folder_flag in folders:
+            if not folder:
+                continue
+            top = os.path.realpath(str(folder))
+            if real[i] == top or real[i].startswith(top.rstrip(os.sep) + os.sep):
+                raise RunnerError("cannot write %s %s: it is inside the %s folder %s; write it "
+                                  "elsewhere" % (flag, path, folder_flag, folder))
+
+
 def write_json(path: str, report: dict) -> None:
     """Write ``report`` as JSON to ``path`` (temporary file, then rename; removed on failure).
 
@@ -2808,6 +2859,8 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.json:
+            check_outputs([(args.json, "--json")], [args.model, args.labels, *(args.image or [])],
+                          [(args.data, "--data")])
             check_writable(args.json)
         report = finite(run(args))
         if args.json:

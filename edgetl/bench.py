@@ -63,6 +63,9 @@ def parse_values(text: str | None, flag: str) -> list[float] | None:
                           "123.7,116.3,103.5")
     if flag == "--std" and any(v == 0 for v in values):
         raise EdgetlError(f"--std {text!r} contains 0; a standard deviation divides the pixels")
+    if any(not 0 <= v <= 255 for v in values):
+        raise EdgetlError(f"{flag} {text!r}: the values apply to pixels 0..255, give numbers "
+                          "from 0 to 255")
     return values
 
 
@@ -129,10 +132,16 @@ def _check_args(models: list, data, labels, runs: int, warmup: int, threads, del
             raise EdgetlError(str(e)) from e
     if not isinstance(runs, int) or runs < 1:
         raise EdgetlError(f"--runs must be at least 1, got {runs!r}")
+    if runs > runner.MAX_RUNS:
+        raise EdgetlError(f"--runs {runs} is too many: give at most {runner.MAX_RUNS}")
     if not isinstance(warmup, int) or warmup < 0:
         raise EdgetlError(f"--warmup must be 0 or more, got {warmup!r}")
+    if warmup > runner.MAX_RUNS:
+        raise EdgetlError(f"--warmup {warmup} is too many: give at most {runner.MAX_RUNS}")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise EdgetlError(f"--threads must be at least 1, got {threads!r}")
+    if threads is not None and threads > runner.MAX_THREADS:
+        raise EdgetlError(f"--threads {threads} is too many: give at most {runner.MAX_THREADS}")
     if delegate not in runner.DELEGATES:
         choices = ", ".join(runner.DELEGATES)
         raise EdgetlError(f"unknown delegate {delegate!r}; use one of {choices}")

@@ -7,6 +7,7 @@ the commands so that ``edgetl --help`` loads no TensorFlow.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from dataclasses import replace
@@ -165,6 +166,31 @@ def _numbers(flag: str, text: Optional[str]) -> Optional[tuple]:
     except ValueError:
         _fail(f"{flag} '{text}' is not a number list: give 1 or 3 numbers, e.g. "
               f"{flag} 127.5 or {flag} 123.7,116.3,103.5")
+
+
+def _check_outputs(outputs, inputs=(), folders=(), plots=None) -> None:
+    """Output files refused before any work: unwritable, a folder, one named twice, an input
+    of the command (model, image, labels, run file) or inside a --data folder; --plots: a
+    folder that can be created and written."""
+    from edgetl import runner as r
+
+    files = [(str(p), flag) for p, flag in outputs if p]
+    extra = [(str(plots), "--plots")] if plots else []
+    _guard(r.check_outputs, files + extra, [str(i) for i in inputs if i],
+           [(str(d), flag) for d, flag in folders if d])
+    for path, flag in files:
+        _guard(r.check_writable, path, flag)
+    if plots:
+        plots = Path(plots)
+        if plots.exists() and not plots.is_dir():
+            _fail(f"cannot write --plots {plots}: it is a file; give a folder")
+        top = plots
+        while not top.exists() and top != top.parent:
+            top = top.parent
+        if not top.is_dir() or not os.access(top, os.W_OK | os.X_OK):
+            _fail(f"cannot write --plots {plots}: '{top}' is not a writable folder")
+        if plots.is_dir():
+            _guard(r.check_writable, str(plots / "plot.png"), "--plots")
 
 
 def _reraise(e: BaseException):
@@ -600,9 +626,9 @@ def bench(
     from edgetl import runner as r
     from edgetl.progress import Progress
 
-    for out, flag in ((json_out, "--json"), (markdown, "--markdown")):
-        if out:  # before the models run, not after
-            _guard(r.check_writable, str(out), flag)
+    # before the models run, not after
+    _check_outputs([(json_out, "--json"), (markdown, "--markdown")], [*models, labels],
+                   [(data, "--data")], plots=plots)
     rows = _guard(b.bench, [str(m) for m in models], data=str(data) if data else None,
                   runs=runs, warmup=warmup, threads=threads, delegate=delegate,
                   labels=str(labels) if labels else None,
@@ -645,8 +671,7 @@ def predict(
     """
     from edgetl import runner as r
 
-    if json_out:
-        _guard(r.check_writable, str(json_out))
+    _check_outputs([(json_out, "--json")], [model, labels, *images])
     args = [str(model), "--image", *map(str, images), "--top", str(top)]
     report = _guard(r.run, args + (["--labels", str(labels)] if labels else []))
     typer.echo(r.format_predictions(report["predictions"]))
@@ -777,6 +802,8 @@ def fleet_bench(
     """Run each model on every host through the device runner; one table. Exit 1 if any failed."""
     from edgetl import fleet as f
 
+    _check_outputs([(json_out, "--json"), (markdown, "--markdown")], [hosts, *models, labels],
+                   [(data, "--data")])
     selected = _fleet_hosts(hosts, only)
     job = f.Job(models=tuple(str(m) for m in models), data=str(data) if data else None,
                 labels=str(labels) if labels else None, runs=runs, warmup=warmup,
@@ -799,6 +826,7 @@ def fleet_check(
     """Reachability and environment of each host (arch, OS, Python, interpreter, libedgetpu)."""
     from edgetl import fleet as f
 
+    _check_outputs([(json_out, "--json")], [hosts])
     rows = _guard(f.check, _fleet_hosts(hosts, only), timeout, jobs)
     _fleet_report(rows, f.CHECK_COLUMNS, json_out, None, "hosts")
 
@@ -839,8 +867,9 @@ def sensitivity(
 
     if top < 1:
         _fail(f"--top {top} must be at least 1")
-    if json_out:
-        _guard(r.check_writable, str(json_out), "--json")
+    if json_out:  # the run's own files (config.json, model.keras, ...) are inputs
+        _check_outputs([(json_out, "--json")], [p for p in Path(run).glob("*") if p.is_file()]
+                       + [p for p in Path(run).glob("export/*") if p.is_file()])
     cfg = SensitivityConfig(run=str(run), num_images=num_images,
                             num_calibration=num_calibration, seed=seed, unsafe=unsafe)
     from edgetl.progress import Progress

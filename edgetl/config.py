@@ -93,6 +93,8 @@ class Strategy(str, Enum):
 # measured 1e-4 against 1e-5 for the latter (1e-4: 1.3 points more int8 top-1 on EfficientNet-Lite0,
 # 100 images per class): change it here, nowhere else.
 SCRATCH_LR = 3e-3
+# Largest --lr / --fine-tune-lr: no optimizer here trains above it (1e30 only makes NaN weights).
+MAX_LR = 10.0
 HEAD_LR = 1e-3
 PRETRAINED_FINE_TUNE_LR = 1e-4
 
@@ -312,9 +314,9 @@ class TrainConfig:
                      low=1 if self.strategy == Strategy.two_phase else 0, high=100_000)
         check_number("--batch-size", self.batch_size, integer=True, low=1, high=65_536)
         if self.lr is not None:  # None: by situation (with_defaults)
-            check_number("--lr", self.lr, low=0, low_open=True)
+            check_number("--lr", self.lr, low=0, low_open=True, high=MAX_LR)
         if self.fine_tune_lr is not None:
-            check_number("--fine-tune-lr", self.fine_tune_lr, low=0, low_open=True)
+            check_number("--fine-tune-lr", self.fine_tune_lr, low=0, low_open=True, high=MAX_LR)
         check_number("--dropout", self.dropout, low=0, high=1, high_open=True)
         if self.val_split is not None:
             check_number("--val-split", self.val_split, low=0, high=1, low_open=True,
@@ -326,6 +328,9 @@ class TrainConfig:
             raise EdgetlError(f"--class-weights '{self.class_weights}': use 'none' or 'auto'")
         if self.input_size is not None:
             parse_input_size(self.input_size)
+        if self.patience is not None and self.patience > 100_000:
+            raise EdgetlError(f"--patience {self.patience} must be at most 100000 (leave it out "
+                              "to train every epoch)")
         if self.patience is not None and self.patience < 1:
             raise EdgetlError(f"--patience {self.patience} must be at least 1 (leave it out to "
                               "train every epoch)")
@@ -349,6 +354,10 @@ class TrainConfig:
                                   "or 3 finite numbers (on pixels 0..255)")
         if self.std is not None and any(v <= 0 for v in self.std):
             raise EdgetlError(f"--std {' '.join(map(str, self.std))}: every std must be > 0")
+        for flag, values in (("--mean", self.mean), ("--std", self.std)):
+            if values is not None and any(not 0 <= v <= 255 for v in values):
+                raise EdgetlError(f"{flag} {' '.join(map(str, values))}: the values apply to "
+                                  "pixels 0..255, give numbers from 0 to 255")
 
     def from_scratch(self) -> bool:
         """Random initial weights (a --base-model's too: --weights none re-initialises it):

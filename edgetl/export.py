@@ -655,11 +655,10 @@ def export(cfg: ExportConfig, progress: Progress = SILENT, on_report=None) -> Ex
         check_compare_ptq(run, modes, cfg.verify)
         _refuse_existing({"ptq": out_dir / f"{name}_int8_ptq.tflite"}, cfg.overwrite)
     check_out_dir(out_dir, "export folder")
-    if not (run / "split.json").is_file():
-        raise EdgetlError(f"run '{run}' has no split.json (a run copied in part?): copy the "
-                          "whole run directory again")
+    from edgetl.train import load_split
+
+    split = load_split(run, len(run_cfg["class_names"]))
     try:
-        split = json.loads((run / "split.json").read_text())
         input_shape(run_cfg), run_cfg["preprocessing"], run_cfg["class_names"]
         split["train"], split["val"]
     except (OSError, ValueError, KeyError, TypeError) as e:

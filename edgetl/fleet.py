@@ -578,6 +578,10 @@ def check_job(job: Job) -> None:
     check_limits(job.timeout, job.jobs)
 
 
+MAX_TIMEOUT = 7 * 24 * 3600
+MAX_JOBS = 256
+
+
 def check_limits(timeout: float, jobs: int) -> None:
     """Refuse a per-host ``timeout`` that is not a finite number of seconds above 0, and
     ``jobs`` below 1.
@@ -589,6 +593,12 @@ def check_limits(timeout: float, jobs: int) -> None:
         raise EdgetlError(f"jobs must be at least 1, got {jobs!r}")
     if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
         raise EdgetlError(f"timeout must be a number of seconds above 0, got {timeout!r}")
+    # the OS timers behind subprocess/threading overflow far below 1e30 s
+    if timeout > MAX_TIMEOUT:
+        raise EdgetlError(f"--timeout {timeout:g} is too long: give at most {MAX_TIMEOUT} s "
+                          "(a week)")
+    if jobs > MAX_JOBS:
+        raise EdgetlError(f"--jobs {jobs} is too many: give at most {MAX_JOBS}")
 
 
 # --------------------------------------------------------------------------------------------

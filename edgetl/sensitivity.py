@@ -58,12 +58,24 @@ class SensitivityConfig:
 
 
 def _check(cfg: SensitivityConfig) -> None:
+    from edgetl.config import MAX_SEED
+    from edgetl.export import MAX_CALIBRATION
+
     if cfg.num_images < 1:
         raise EdgetlError(f"--num-images {cfg.num_images} must be at least 1 (the default is "
                           "50)")
+    if cfg.num_images > MAX_CALIBRATION:
+        raise EdgetlError(f"--num-images {cfg.num_images} must be at most {MAX_CALIBRATION} "
+                          "(the default is 50)")
     if cfg.num_calibration < 1:
         raise EdgetlError(f"--num-calibration {cfg.num_calibration} must be at least 1 (the "
                           "default is 200)")
+    if cfg.num_calibration > MAX_CALIBRATION:
+        raise EdgetlError(f"--num-calibration {cfg.num_calibration} must be at most "
+                          f"{MAX_CALIBRATION} (the default is 200)")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not (
+            0 <= cfg.seed <= MAX_SEED):
+        raise EdgetlError(f"--seed {cfg.seed} must be an integer from 0 to {MAX_SEED}")
 
 
 def _interpreter_module():
@@ -319,13 +331,13 @@ def sensitivity(cfg: SensitivityConfig, progress=None) -> dict:
     from edgetl.calibrate import sample
     from edgetl.config import ExportConfig
     from edgetl.export import calibration_items, load_batch
-    from edgetl.train import load_model, load_run
+    from edgetl.train import load_model, load_run, load_split
 
     _check(cfg)
     run = Path(cfg.run)
     run_cfg = load_run(run)
+    split = load_split(run, len(run_cfg["class_names"]))
     try:
-        split = json.loads((run / "split.json").read_text())
         size, prep = run_cfg["input_size"], run_cfg["preprocessing"]
         val = [tuple(x) for x in split["val"]]
         split["train"]

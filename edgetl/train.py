@@ -85,6 +85,11 @@ def phases(cfg: TrainConfig) -> list[Phase]:
 
 # --- model building -----------------------------------------------------------------------------
 
+# Widest --head layer: far above any classifier head, low enough that a typo (dense:1e9)
+# cannot ask for terabytes of weights.
+MAX_HEAD_UNITS = 65_536
+
+
 def parse_head(spec: str) -> list[tuple[str, float]]:
     """'conv:64,dense:128,dropout:0.2' -> [('conv', 64), ('dense', 128), ('dropout', 0.2)]."""
     items = []
@@ -98,8 +103,9 @@ def parse_head(spec: str) -> list[tuple[str, float]]:
         if kind not in ("conv", "dense", "dropout") or num is None:
             raise EdgetlError(f"--head item '{part}': use conv:FILTERS, dense:UNITS or "
                               "dropout:RATE, comma-separated (e.g. 'conv:64,dense:128,dropout:0.2')")
-        if kind in ("conv", "dense") and (num < 1 or num != int(num)):
-            raise EdgetlError(f"--head item '{part}': {kind} needs a whole number >= 1")
+        if kind in ("conv", "dense") and not (1 <= num <= MAX_HEAD_UNITS and num == int(num)):
+            raise EdgetlError(f"--head item '{part}': {kind} needs a whole number from 1 to "
+                              f"{MAX_HEAD_UNITS}")
         if kind == "dropout" and not 0 <= num < 1:
             raise EdgetlError(f"--head item '{part}': dropout rate must be in [0, 1)")
         if kind == "conv" and any(k != "conv" for k, _ in items):
@@ -528,6 +534,7 @@ def _prepare_run_dir(cfg: TrainConfig, out: Path, given, done: _RunDir
         config = _read_run_config(out)
         saved = TrainConfig.from_dict(config["train"])  # validated by _read_run_config
         _refuse_changed_flags(cfg, saved, given, out)
+        _refuse_special_run_files(out)
         resumed = TrainConfig.from_dict(dict(saved.to_dict(), resume=True, quiet=cfg.quiet,
                                              verbose=cfg.verbose, strict=cfg.strict,
                                              unsafe=cfg.unsafe, cache=cfg.cache, out=str(out)))
@@ -824,6 +831,11 @@ def validate_run_config(config, file: Path, todo: str) -> dict:
                                todo)
         if any(x == 0 for x in prep["std"]):
             raise _damaged(file, "preprocessing.std", "has a zero", todo)
+        # pixels are 0..255: a mean or std far outside (1e30, a negative std) is no model's
+        # preprocessing, and fails only after the conversion
+        if any(x < 0 for x in prep["std"]) or any(abs(x) > 1e4 for x in prep["mean"] + prep["std"]):
+            raise _damaged(file, "preprocessing", f"mean {prep['mean']} std {prep['std']} is not "
+                           "a normalisation of pixels 0..255", todo)
         if prep.get("channel_order") not in ("RGB", "BGR"):
             raise _damaged(file, "preprocessing.channel_order",
                            f"is {prep.get('channel_order')!r}, not 'RGB' or 'BGR'", todo)
@@ -834,11 +846,47 @@ def validate_run_config(config, file: Path, todo: str) -> dict:
             raise _damaged(file, "class_names", "is not a list of at least 2 names", todo)
         if len(set(names)) != len(names):
             raise _damaged(file, "class_names", "repeats a name", todo)
+        import unicodedata
+
+        from edgetl.runner import printable
+
+        bad = [n for n in names if any(unicodedata.category(c) in ("Cc", "Zl", "Zp")
+                                       or "\u202a" <= c <= "\u202e" or "\u2066" <= c <= "\u2069"
+                                       for c in n)]
+        if bad:  # the same rule as class folder names: labels are printed and written a line each
+            raise _damaged(file, "class_names", f"has control characters in "
+                           f"'{printable(bad[0])}'", todo)
     for key in ("n_base_layers",):
         v = config.get(key)
         if key in config and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise _damaged(file, key, f"is {v!r}, not a whole number >= 1", todo)
     return config
+
+
+# Files of a run that train --resume reads or appends to: a FIFO or device among them would
+# block or feed garbage (history.csv is opened for appending after each epoch).
+RUN_FILES = ("config.json", "split.json", "state.json", "metrics.json", "history.csv",
+             "labels.txt", "model.keras")
+
+
+def _refuse_special_run_files(out: Path) -> None:
+    import stat
+
+    for name in RUN_FILES:
+        try:
+            mode = os.stat(out / name).st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise EdgetlError(f"cannot read '{out / name}': {e.strerror or e}: the run is "
+                              "damaged; start a new run (--overwrite)") from None
+        if not stat.S_ISREG(mode):
+            raise EdgetlError(f"'{out / name}' is not a regular file: the run is damaged; start "
+                              "a new run (--overwrite)")
+    ckpt = out / "checkpoints"
+    if (ckpt.exists() or ckpt.is_symlink()) and not ckpt.is_dir():
+        raise EdgetlError(f"'{ckpt}' is not a folder: the run is damaged; start a new run "
+                          "(--overwrite)")
 
 
 def _read_run_config(out: Path) -> dict:
@@ -1220,8 +1268,12 @@ def _prune_history(run: Path, keep_epochs: int) -> None:
     hist = run / "history.csv"
     if not hist.exists():
         return
-    with open(hist) as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(hist, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise EdgetlError(f"'{hist}' is corrupt ({e}): the run is damaged; start a new run "
+                          "(--overwrite)") from None
     if len(rows) == keep_epochs:
         return
     rows = rows[:keep_epochs]
@@ -1698,6 +1750,37 @@ def _fit_inputs(current, cache_plan, run, plain_train, train_items, plain_val, v
                 yield top, cached_train, cached_val, counted("cached", order)
                 return
     yield current, train_ds, val_ds, counted("images", train_ds)
+
+
+def load_split(run: str | os.PathLike, n_classes: int) -> dict:
+    """A finished run's split.json for export/sensitivity: a regular file holding "train" and
+    "val" lists of [path, class index 0..n_classes-1] pairs (the files need not exist: the
+    readers skip and count missing images).
+
+    Raises:
+        EdgetlError: naming the file and the damaged field.
+    """
+    from edgetl.runner import printable
+
+    file = Path(run) / "split.json"
+    todo = "the run is damaged; copy the whole run directory again, or re-train it"
+    if not (file.exists() or file.is_symlink()):
+        raise EdgetlError(f"run '{run}' has no split.json (a run copied in part?): copy the "
+                          "whole run directory again")
+    split = _read_json(file, todo)
+    if not isinstance(split, dict):
+        raise EdgetlError(f"'{file}' is not a JSON object: {todo}")
+    for key in ("train", "val"):
+        items = split.get(key)
+        if not isinstance(items, list):
+            raise _damaged(file, key, "is missing" if items is None else "is not a list", todo)
+        for i, item in enumerate(items):
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                    and isinstance(item[1], int) and not isinstance(item[1], bool)
+                    and 0 <= item[1] < n_classes):
+                raise _damaged(file, f"{key}[{i}]", f"is {printable(repr(item)[:80])}, not "
+                               f"[path, class index 0..{n_classes - 1}]", todo)
+    return split
 
 
 def _read_split(run: Path, n_classes: int) -> tuple[list, list]:

@@ -748,6 +748,156 @@ CASES = [
 ]
 
 
+# --- session 5 hunt: hidden variants of the known kinds ---------------------------------------
+
+def _inventory(e: Env) -> Path:
+    inv = e.tmp / "fleet.toml"
+    inv.write_text('[hosts.pi1]\nhost = "127.0.0.9"\n')
+    return inv
+
+
+def _run_with(e: Env, name: str, text: str | None) -> Path:
+    """A copy of the run whose file ``name`` holds ``text`` (None: a FIFO)."""
+    run = e.run_copy()
+    (run / name).unlink()
+    if text is None:
+        os.mkfifo(run / name)
+    else:
+        (run / name).write_text(text)
+    e.watched.append(run)
+    return run
+
+
+def _tampered_config(e: Env, change) -> Path:
+    run = e.run_copy()
+    cfg = json.loads((run / "config.json").read_text())
+    change(cfg)
+    (run / "config.json").write_text(json.dumps(cfg))
+    e.watched.append(run)
+    return run
+
+
+def _resume_same_data(e: Env, run: Path) -> list:
+    data = json.loads((run / "config.json").read_text())["train"]["data"]
+    return ["edgetl", "train", "--data", data, "--out", run, "--resume"]
+
+
+def _model_copy(e: Env) -> Path:
+    return _copy_as(e.int8, e.tmp / "m.tflite")
+
+
+def _image(e: Env) -> Path:
+    return _jpeg(e.tmp / "photo.jpg")
+
+
+HUNT5 = [
+    Case("train-head-conv-inf", lambda e: e.train(e.data(), "--head", "conv:inf"), 2,
+         r"--head item 'conv:inf': conv needs a whole number from 1 to 65536"),
+    Case("train-head-dense-nan", lambda e: e.train(e.data(), "--head", "dense:nan"), 2,
+         r"--head item 'dense:nan': dense needs a whole number from 1 to 65536"),
+    Case("train-head-dense-huge", lambda e: e.train(e.data(), "--head", "dense:1e9"), 2,
+         r"--head item 'dense:1e9': dense needs a whole number from 1 to 65536"),
+    Case("train-lr-huge", lambda e: e.train(e.data(), "--lr", "1e30"), 2,
+         r"--lr 1e\+30 must be a number > 0 and <= 10"),
+    Case("train-fine-tune-lr-huge", lambda e: e.train(e.data(), "--fine-tune-lr", "100"), 2,
+         r"--fine-tune-lr 100\.0 must be a number > 0 and <= 10"),
+    Case("train-mean-negative", lambda e: e.train(e.data(), "--mean", "-1"), 2,
+         r"--mean -1\.0: the values apply to pixels 0\.\.255"),
+    Case("train-std-huge", lambda e: e.train(e.data(), "--std", "1e30"), 2,
+         r"--std 1e\+30: the values apply to pixels 0\.\.255"),
+    Case("train-patience-huge",
+         lambda e: e.train(e.data(), "--patience", "99999999999999999999"), 2,
+         r"--patience 99999999999999999999 must be at most 100000"),
+    Case("bench-runs-huge",
+         lambda e: ["edgetl", "bench", e.int8, "--runs", "99999999999999999999"], 2,
+         r"--runs 99999999999999999999 is too many: give at most 1000000"),
+    Case("bench-warmup-huge",
+         lambda e: ["edgetl", "bench", e.int8, "--warmup", "99999999999999999999"], 2,
+         r"--warmup 99999999999999999999 is too many"),
+    Case("bench-threads-huge",
+         lambda e: ["edgetl", "bench", e.int8, "--threads", "99999999999999999999"], 2,
+         r"--threads 99999999999999999999 is too many: give at most 1024"),
+    Case("bench-std-negative", lambda e: ["edgetl", "bench", e.int8, "--std", "-1"], 2,
+         r"--std '-1': the values apply to pixels 0\.\.255"),
+    Case("runner-warmup-huge", lambda e: ["runner", e.int8, "--warmup", "10000000"], 2,
+         r"--warmup 10000000 is too many: give at most 1000000"),
+    Case("runner-batch-size-huge", lambda e: ["runner", e.int8, "--batch-size", "100000"], 2,
+         r"--batch-size 100000 is too many: give at most 4096"),
+    Case("runner-threads-huge", lambda e: ["runner", e.int8, "--threads", "2147483648"], 2,
+         r"--threads 2147483648 is too many"),
+    Case("runner-mean-out-of-range", lambda e: ["runner", e.int8, "--mean", "1e30"], 2,
+         r"--mean 1e\+30: the values apply to pixels 0\.\.255"),
+    Case("sensitivity-seed-negative", lambda e: ["edgetl", "sensitivity", e.run, "--seed", "-1"],
+         2, r"--seed -1 must be an integer from 0 to 4294967295"),
+    Case("sensitivity-num-images-huge",
+         lambda e: ["edgetl", "sensitivity", e.run, "--num-images", "99999999999999999999"], 2,
+         r"--num-images 99999999999999999999 must be at most 10000"),
+    Case("fleet-timeout-huge",
+         lambda e: ["edgetl", "fleet", "check", "--hosts", _inventory(e), "--timeout", "1e30"],
+         2, r"--timeout 1e\+30 is too long: give at most 604800 s"),
+    Case("fleet-jobs-huge",
+         lambda e: ["edgetl", "fleet", "check", "--hosts", _inventory(e), "--jobs",
+                    "99999999999999999999"], 2, r"--jobs 99999999999999999999 is too many"),
+    Case("export-split-not-a-list",
+         lambda e: _export(_run_with(e, "split.json", '{"train": 5, "val": "x"}'), "--name",
+                           "x"), 2, r"split\.json' field 'train' is not a list"),
+    Case("export-split-class-index-out-of-range",
+         lambda e: _export(_run_with(e, "split.json", '{"train": [["a.png", 7]], "val": []}'),
+                           "--name", "x"), 2,
+         r"split\.json' field 'train\[0\]' is \['a\.png', 7\], not \[path, class index 0\.\.2\]"),
+    Case("export-split-is-fifo",
+         lambda e: _export(_run_with(e, "split.json", None), "--name", "x"), 2,
+         r"split\.json' is not a regular file"),
+    Case("sensitivity-split-is-fifo",
+         lambda e: ["edgetl", "sensitivity", _run_with(e, "split.json", None)], 2,
+         r"split\.json' is not a regular file"),
+    Case("resume-history-is-fifo",
+         lambda e: _resume_same_data(e, _run_with(e, "history.csv", None)), 2,
+         r"history\.csv' is not a regular file: the run is damaged"),
+    Case("bench-json-is-the-model",
+         lambda e: ["edgetl", "bench", _model_copy(e), "--runs", "1", "--json",
+                    e.tmp / "m.tflite"], 2,
+         r"cannot write --json .*m\.tflite: it is an input of this command"),
+    Case("bench-json-and-markdown-same-file",
+         lambda e: ["edgetl", "bench", e.int8, "--runs", "1", "--json", e.tmp / "r",
+                    "--markdown", e.tmp / "r"], 2,
+         r"--json and --markdown name the same file"),
+    Case("bench-plots-onto-a-file",
+         lambda e: ["edgetl", "bench", e.int8, "--runs", "1", "--plots",
+                    _jpeg(e.tmp / "p.jpg")], 2, r"cannot write --plots .*p\.jpg: it is a file"),
+    Case("bench-json-inside-data",
+         lambda e: ["edgetl", "bench", e.int8, "--runs", "1", "--data", e.data(), "--json",
+                    e.tmp / "data" / "circle" / "r.json"], 2,
+         r"cannot write --json .*r\.json: it is inside the --data folder"),
+    Case("predict-json-is-the-image",
+         lambda e: ["edgetl", "predict", e.int8, _image(e), "--json", e.tmp / "photo.jpg"], 2,
+         r"cannot write --json .*photo\.jpg: it is an input of this command"),
+    Case("runner-json-is-the-model",
+         lambda e: ["runner", _model_copy(e), "--runs", "1", "--json", e.tmp / "m.tflite"], 2,
+         r"cannot write --json .*m\.tflite: it is an input of this command"),
+    Case("runner-json-inside-data",
+         lambda e: ["runner", e.int8, "--runs", "1", "--data", e.data(), "--json",
+                    e.tmp / "data" / "r.json"], 2,
+         r"cannot write --json .*r\.json: it is inside the --data folder"),
+    Case("sensitivity-json-is-a-run-file",
+         lambda e: ["edgetl", "sensitivity", e.run, "--json", e.run / "config.json"], 2,
+         r"cannot write --json .*config\.json: it is an input of this command"),
+    Case("export-config-mean-huge",
+         lambda e: _export(_tampered_config(e, lambda c: c["preprocessing"].update(
+             mean=[1e30] * 3)), "--name", "x"), 2,
+         r"config\.json' field 'preprocessing' mean \[1e\+30.*is not a normalisation of pixels"),
+    Case("export-config-class-name-escape",
+         lambda e: _export(_tampered_config(e, lambda c: c.update(
+             class_names=["a\x1b]0;X\x07", "b", "c"])), "--name", "x"), 2,
+         r"config\.json' field 'class_names' has control characters in 'a\\x1b\]0;X\\x07'"),
+    Case("fleet-json-is-the-inventory",
+         lambda e: ["edgetl", "fleet", "check", "--hosts", _inventory(e), "--json",
+                    e.tmp / "fleet.toml"], 2,
+         r"cannot write --json .*fleet\.toml: it is an input of this command"),
+]
+CASES += HUNT5
+
+
 def _fifo(p: Path) -> Path:
     os.mkfifo(p)
     return p
