@@ -623,7 +623,6 @@ def bench(
 ) -> None:
     """Run each model through the device runner; one comparison table (size, accuracy, latency)."""
     from edgetl import bench as b
-    from edgetl import runner as r
     from edgetl.progress import Progress
 
     # before the models run, not after
@@ -862,7 +861,6 @@ def sensitivity(
                                             "model file (only for runs you trust)."),
 ) -> None:
     """Rank the model's tensors by the error int8 quantization adds (float32 vs int8 TFLite)."""
-    from edgetl import runner as r
     from edgetl.sensitivity import SensitivityConfig, format_report, sensitivity as measure
 
     if top < 1:
