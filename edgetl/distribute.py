@@ -197,8 +197,12 @@ def prepare(cfg) -> bool:
         _pending = kind
         global _watchdog
         if _watchdog is None:  # started now, while stderr is still the user's terminal
+            try:  # sys.stderr, not fd 2: fd 2 may be the native-log filter's pipe, which dies
+                err = sys.stderr.fileno()  # with this process before it passes the line on
+            except (AttributeError, OSError, ValueError):
+                err = None
             _watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid())],
-                                         stdin=subprocess.PIPE)
+                                         stdin=subprocess.PIPE, stderr=err)
         if not os.environ.get("EDGETL_TF_LOGS"):
             # TensorFlow logs a lost peer as C++ errors on stderr; edgetl says it in one line.
             os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"

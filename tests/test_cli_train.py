@@ -95,7 +95,7 @@ def _case(tmp_path: Path, synth: Path, name: str):
         extra = ["--val-data", synth, "--val-split", "0.3"]
         needles = ["--val-data", "--val-split"]
     elif name == "unfreeze with feature-extract":
-        extra = ["--unfreeze", "3"]
+        extra = ["--strategy", "feature-extract", "--unfreeze", "3"]
         needles = ["--unfreeze", "feature-extract", "fine-tune"]
     elif name == "qat unsupported":
         extra = ["--backbone", "mobilenetv3small", "--qat", "--qat-scope", "all"]
