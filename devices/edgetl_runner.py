@@ -2306,15 +2306,45 @@ def build_parser() -> argparse.ArgumentParser:
 NATIVE_NOISE = (b"INFO: ", b"fully_quantize: ")
 
 
+# The filter runs in its own small process, so what native code writes just before it aborts
+# still reaches the terminal after this process is gone. It reads the pipe on stdin and writes
+# to stdout (the user's stderr); it leaves when every writer has closed the pipe.
+_FILTER = r"""
+import os, sys
+noise = tuple(a.encode() for a in sys.argv[1:])
+def write(data):
+    while data:
+        data = data[os.write(1, data):]
+def maybe_noise(start):
+    return any(start.startswith(n) or n.startswith(start) for n in noise)
+pending = b""
+while True:
+    chunk = os.read(0, 65536)
+    if not chunk:
+        break
+    pending += chunk
+    *lines, pending = pending.split(b"\n")
+    out = b"".join(ln + b"\n" for ln in lines if not ln.startswith(noise))
+    if pending and not maybe_noise(pending):  # a partial line, e.g. a \r progress bar
+        out, pending = out + pending, b""
+    write(out)
+if not pending.startswith(noise):
+    write(pending)
+"""
+
+
 @contextlib.contextmanager
 def filtered_native_stderr(noise: tuple = NATIVE_NOISE):
     """Drops the lines native code writes to file descriptor 2 that start with one of ``noise``
-    and passes every other byte on as it comes (a crash message is not held back).
+    and passes every other byte on as it comes.
 
     Python's own ``sys.stderr`` is pointed straight at the terminal meanwhile, so progress bars
-    and error lines are untouched. Does nothing when ``sys.stderr`` is not descriptor 2 (a test
-    capturing it) or when EDGETL_TF_LOGS is set.
+    and error lines are untouched. The filter is a separate process: a message written just
+    before a crash still shows. Does nothing when ``sys.stderr`` is not descriptor 2 (a test
+    capturing it), when EDGETL_TF_LOGS is set, or when the filter cannot start.
     """
+    import subprocess
+
     try:
         if os.environ.get("EDGETL_TF_LOGS") or sys.stderr.fileno() != 2:
             raise ValueError("not filtered")
@@ -2323,40 +2353,23 @@ def filtered_native_stderr(noise: tuple = NATIVE_NOISE):
     except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
         yield
         return
-    import threading
-
     read_end, write_end = os.pipe()
+    try:
+        # Its own session: Ctrl-C reaches edgetl, not the filter (it ends on end of input).
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _FILTER] + [n.decode() for n in noise],
+            stdin=read_end, stdout=saved, stderr=saved, start_new_session=True)
+    except OSError:
+        for fd in (read_end, write_end, saved):
+            os.close(fd)
+        yield
+        return
+    os.close(read_end)
     python_side = sys.stderr
     sys.stderr = open(os.dup(saved), "w", buffering=1, errors="backslashreplace",
                       encoding=getattr(python_side, "encoding", None) or "utf-8")
     os.dup2(write_end, 2)
     os.close(write_end)
-
-    def might_be_noise(start: bytes) -> bool:
-        return any(start.startswith(n) or n.startswith(start) for n in noise)
-
-    def write_all(data: bytes):
-        while data:
-            data = data[os.write(saved, data):]
-
-    def forward():
-        pending = b""
-        while True:
-            chunk = os.read(read_end, 65536)
-            if not chunk:
-                break
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            out = b"".join(ln + b"\n" for ln in lines if not ln.startswith(noise))
-            if pending and not might_be_noise(pending):  # a partial line, e.g. a \r bar
-                out, pending = out + pending, b""
-            write_all(out)
-        if not pending.startswith(noise):
-            write_all(pending)
-        os.close(read_end)
-
-    thread = threading.Thread(target=forward, name="native-stderr", daemon=True)
-    thread.start()
     try:
         yield
     finally:
@@ -2366,10 +2379,12 @@ def filtered_native_stderr(noise: tuple = NATIVE_NOISE):
             pass
         sys.stderr.close()
         sys.stderr = python_side
-        os.dup2(saved, 2)  # the pipe's last writer here closes: the thread drains and ends
-        thread.join(timeout=5)
-        if not thread.is_alive():  # else a child still holds the pipe: keep the descriptor
-            os.close(saved)
+        os.dup2(saved, 2)  # this process's last writer closes: the filter drains and ends
+        os.close(saved)
+        try:  # a child still holding the pipe keeps it going; it ends with that child
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def _resolve_prep(args, model: Model) -> "tuple[dict, str]":

@@ -53,3 +53,10 @@ def test_edgetl_tf_logs_keeps_everything():
 
     rc, err = _stderr(env={**os.environ, "EDGETL_TF_LOGS": "1"})
     assert rc == 0 and "INFO: Created" in err and "fully_quantize" in err
+
+
+def test_a_message_written_just_before_a_crash_still_shows():
+    # A C++ CHECK failure writes its line, then aborts: the filter outlives the process.
+    rc, err = _stderr('os.write(2, b"F0000 check failed: native abort\\n"); os.abort()')
+    assert rc != 0
+    assert "F0000 check failed: native abort" in err and "INFO: Created" not in err
