@@ -1760,27 +1760,36 @@ def load_split(run: str | os.PathLike, n_classes: int) -> dict:
     Raises:
         EdgetlError: naming the file and the damaged field.
     """
-    from edgetl.runner import printable
-
     file = Path(run) / "split.json"
     todo = "the run is damaged; copy the whole run directory again, or re-train it"
     if not (file.exists() or file.is_symlink()):
         raise EdgetlError(f"run '{run}' has no split.json (a run copied in part?): copy the "
                           "whole run directory again")
     split = _read_json(file, todo)
+    _check_split(file, split, n_classes, todo)
+    return split
+
+
+def _check_split(file: Path, split, n_classes: int, todo: str, need_val: bool = False) -> None:
+    """split.json's shape: "train" and "val" lists (val not empty with ``need_val``) of
+    [path, class index 0..n_classes-1] pairs; an EdgetlError naming the damaged field."""
+    from edgetl.runner import printable
+
     if not isinstance(split, dict):
         raise EdgetlError(f"'{file}' is not a JSON object: {todo}")
     for key in ("train", "val"):
         items = split.get(key)
-        if not isinstance(items, list):
-            raise _damaged(file, key, "is missing" if items is None else "is not a list", todo)
+        empty = need_val and key == "val" and items == []
+        if not isinstance(items, list) or empty:
+            why = ("is not a list" if items is not None and not empty
+                   else "is missing or empty" if need_val and key == "val" else "is missing")
+            raise _damaged(file, key, why, todo)
         for i, item in enumerate(items):
             if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
                     and isinstance(item[1], int) and not isinstance(item[1], bool)
                     and 0 <= item[1] < n_classes):
                 raise _damaged(file, f"{key}[{i}]", f"is {printable(repr(item)[:80])}, not "
                                f"[path, class index 0..{n_classes - 1}]", todo)
-    return split
 
 
 def _read_split(run: Path, n_classes: int) -> tuple[list, list]:
@@ -1788,25 +1797,13 @@ def _read_split(run: Path, n_classes: int) -> tuple[list, list]:
     file = run / "split.json"
     todo = "the run is damaged; start a new run (--overwrite)"
     split = _read_json(file, todo)
-    if not isinstance(split, dict):
-        raise EdgetlError(f"'{file}' is not a JSON object: {todo}")
-    lists = []
+    _check_split(file, split, n_classes, todo, need_val=True)
     for key in ("train", "val"):
-        items = split.get(key)
-        if not isinstance(items, list) or (key == "val" and not items):
-            raise _damaged(file, key, "is missing or empty" if not items else "is not a list",
-                           todo)
-        for i, item in enumerate(items):
-            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
-                    and isinstance(item[1], int) and not isinstance(item[1], bool)
-                    and 0 <= item[1] < n_classes):
-                raise _damaged(file, f"{key}[{i}]", f"is {item!r}, not [path, class index "
-                               f"0..{n_classes - 1}]", todo)
+        for item in split[key]:
             if not os.path.isfile(item[0]):
                 raise EdgetlError(f"'{file}' lists '{item[0]}', which is no longer a file: "
                                   "restore the data folder, or start a new run (--overwrite)")
-        lists.append([tuple(x) for x in items])
-    return lists[0], lists[1]
+    return [tuple(x) for x in split["train"]], [tuple(x) for x in split["val"]]
 
 
 def _choose_preprocessing(cfg: TrainConfig, spec, model, channels: int, run: Path) -> dict:
