@@ -316,7 +316,7 @@ def test_left_out_files_are_named_in_the_output_and_recorded(data, tmp_path, cap
     ("--alpha", "nan", r"--alpha nan must be a number > 0 and <= 10 \(finite\)"),
     ("--alpha", "-1", r"--alpha -1\.0 must be a number > 0"),
     ("--alpha", "0", r"--alpha 0\.0 must be a number > 0"),
-    ("--lr", "inf", r"--lr inf must be a number > 0 \(finite\)"),
+    ("--lr", "inf", r"--lr inf must be a number > 0 and <= 1000000\.0 \(finite\)"),
     ("--lr", "0", r"--lr 0\.0 must be a number > 0"),
     ("--fine-tune-lr", "nan", r"--fine-tune-lr nan must be a number > 0"),
     ("--dropout", "nan", r"--dropout nan must be a number >= 0 and < 1"),
