@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import shutil
 import unicodedata
 import struct
 from collections import Counter
@@ -62,6 +63,7 @@ class ImageFolder:
         items: (path, class index) of every readable image, sorted.
         skipped: (path, reason) of every file that is not a readable image.
         pixels: path -> decoded uint8 image at the scan size, when kept (see scan_folder).
+        pixels_note: one line for the user about where the pixels are kept, or why not.
     """
 
     root: str
@@ -69,6 +71,7 @@ class ImageFolder:
     items: tuple
     skipped: tuple
     pixels: dict | None = field(default=None, repr=False, compare=False)
+    pixels_note: str | None = field(default=None, repr=False, compare=False)
 
     def counts(self) -> dict:
         c = Counter(label for _, label in self.items)
@@ -176,7 +179,7 @@ def _walk_images(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
 def scan_folder(root: str | os.PathLike, size: tuple[int, int] | None = None,
                 class_names: list[str] | None = None, strict: bool = False,
                 min_classes: int = 2, keep_pixels: bool = False,
-                on_image=None) -> ImageFolder:
+                on_image=None, spill_dir: str | os.PathLike | None = None) -> ImageFolder:
     """Lists and checks a class-folder dataset; every image is decoded once in parallel.
 
     Args:
@@ -185,10 +188,13 @@ def scan_folder(root: str | os.PathLike, size: tuple[int, int] | None = None,
         class_names: expected classes (e.g. from a run); sub-folders must match them.
         strict: unreadable files are an error instead of being skipped.
         min_classes: fewer classes than this is an error.
-        keep_pixels: keep the decoded images (at ``size``) for make_dataset when all of them
-            fit in KEEP_PIXELS_BYTES.
+        keep_pixels: keep the decoded images (at ``size``) for make_dataset: in memory when
+            all of them fit in KEEP_PIXELS_BYTES, else in a temporary file in ``spill_dir``
+            (see disk_store), so that no epoch decodes them again.
         on_image: called with no argument after each image is decoded (from worker threads):
             progress.
+        spill_dir: where pixels over KEEP_PIXELS_BYTES are kept (train: the run folder);
+            None: they are not kept.
     """
     from edgetl.runner import RunnerError, load_image
 
@@ -222,27 +228,34 @@ def scan_folder(root: str | os.PathLike, size: tuple[int, int] | None = None,
         candidates.extend((p, index[d.name]) for p in files)
 
     check = size or (32, 32)
-    keep = keep_pixels and size is not None and \
-        len(candidates) * check[0] * check[1] * 3 <= KEEP_PIXELS_BYTES
+    store, note = None, None
+    if keep_pixels and size is not None and candidates:
+        shape = (len(candidates), check[0], check[1], 3)
+        if int(np.prod(shape)) <= KEEP_PIXELS_BYTES:
+            store = np.empty(shape, np.uint8)
+        elif spill_dir is not None:
+            store, note = disk_store(spill_dir, shape)
 
-    def ok(path):
+    def ok(i):
         try:
-            img = load_image(path, check)
-            return (img if keep else None), None
+            img = load_image(candidates[i][0], check)
+            if store is not None:
+                store[i] = img
+            return None
         except RunnerError as e:
-            return None, str(e)
+            return str(e)
         finally:
             if on_image is not None:
                 on_image()
 
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
-        results = list(pool.map(ok, [p for p, _ in candidates]))
-    items, pixels = [], {} if keep else None
-    for (p, label), (img, problem) in zip(candidates, results):
+        results = list(pool.map(ok, range(len(candidates))))
+    items, pixels = [], {} if store is not None else None
+    for i, ((p, label), problem) in enumerate(zip(candidates, results)):
         if problem is None:
             items.append((str(p), label))
-            if keep:
-                pixels[str(p)] = img
+            if store is not None:
+                pixels[str(p)] = store[i]
         else:
             skipped.append((str(p), problem))
     if strict and skipped:
@@ -266,7 +279,40 @@ def scan_folder(root: str | os.PathLike, size: tuple[int, int] | None = None,
     elif not items:
         raise EdgetlError(f"folder '{root}' has no readable images")
     out_names = tuple(class_names) if class_names is not None else tuple(names)
-    return ImageFolder(str(root), out_names, tuple(items), tuple(skipped), pixels)
+    return ImageFolder(str(root), out_names, tuple(items), tuple(skipped), pixels, note)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def disk_store(folder, shape: tuple) -> tuple[np.ndarray | None, str]:
+    """A uint8 array of ``shape`` in a temporary file in ``folder`` (it has no name: it is gone
+    when the last view of it is, also when the process is killed), with its disk space
+    reserved up front so that a full disk fails here, not as a crash mid-epoch; or None when
+    it would take over half the free space or cannot be made. Returns (array, note): the
+    note is one line saying where the pixels are, or why they are not kept."""
+    import tempfile
+
+    need = int(np.prod(shape))
+    folder = os.fspath(folder)
+    again = "every epoch decodes the images again"
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError as e:
+        return None, f"note: cannot keep the decoded images in '{folder}' ({e.strerror}): {again}"
+    if need > free // 2:
+        return None, (f"note: the decoded images ({_mb(need)}) would take over half the free "
+                      f"space of '{folder}' ({_mb(free)} free): {again}")
+    try:
+        with tempfile.TemporaryFile(dir=folder) as f:
+            os.posix_fallocate(f.fileno(), 0, need)
+            array = np.memmap(f, np.uint8, "r+", shape=shape)  # the mapping keeps the file
+    except (OSError, ValueError, AttributeError) as e:  # no posix_fallocate: not Linux/BSD
+        why = getattr(e, "strerror", None) or str(e)
+        return None, f"note: cannot keep the decoded images in '{folder}' ({why}): {again}"
+    return array, (f"decoded images kept in a temporary file in '{folder}' ({_mb(need)}, "
+                   "removed when training ends)")
 
 
 def stratified_split(items, fraction: float, seed: int) -> tuple[list, list]:
@@ -382,6 +428,12 @@ def make_dataset(items, size: tuple[int, int], prep: dict, batch_size: int, trai
     # into one map per batch.
     if channels == 3 and pixels is not None and all(
             p in pixels and pixels[p].shape == (h, w, 3) for p in paths):
+        if len(paths) * h * w * 3 > KEEP_PIXELS_BYTES:
+            # Kept on disk by the folder check (disk_store): read a batch at a time, in the
+            # epoch's order, instead of copying them all into memory.
+            return _decode_in_order(paths, labels, (h, w), channels, prep, batch_size,
+                                    training, augment, seed, False,
+                                    kept=[pixels[p] for p in paths])
         ds = tf.data.Dataset.from_tensor_slices((np.stack([pixels[p] for p in paths]), labels))
     elif (len(paths) * h * w * channels > POOL_DECODE_BYTES
           and _mean_file_bytes(paths) >= POOL_MIN_FILE_BYTES):
@@ -448,10 +500,11 @@ def _finish(ds, prep: dict, ops: tuple, seed: int):
 
 
 def _decode_in_order(paths, labels, size, channels, prep, batch_size, training, augment,
-                     seed, keep: bool):
+                     seed, keep: bool, kept: list | None = None):
     """make_dataset's in-process decode: batches of indices (shuffled as make_dataset shuffles
     images) whose images are decoded when first asked for and, with ``keep``, kept in one
-    uint8 array (n, height, width, channels) for the next epochs."""
+    uint8 array (n, height, width, channels) for the next epochs. ``kept``: the images
+    already decoded (arrays on disk, one per path): read instead of decoding."""
     from edgetl.keras import tf
 
     h, w = size
@@ -460,6 +513,9 @@ def _decode_in_order(paths, labels, size, channels, prep, batch_size, training, 
     done = np.zeros(n, bool)
 
     def get(idx):
+        if kept is not None:
+            return np.stack([kept[i] for i in idx]) if len(idx) else np.zeros(
+                (0, h, w, channels), np.uint8)
         if store is None:
             return np.stack([load_pixels(paths[i], size, channels) for i in idx]) if len(
                 idx) else np.zeros((0, h, w, channels), np.uint8)
@@ -478,7 +534,10 @@ def _decode_in_order(paths, labels, size, channels, prep, batch_size, training, 
     ds = tf.data.Dataset.range(n)
     if training:
         ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # Decoding holds the GIL: one call at a time (several threads contending for it ran
+    # slower than one, 4,500 vs 6,500 images/s at 48 px: benchmarks/run.py, section 6).
+    calls = 1 if kept is None else tf.data.AUTOTUNE
+    ds = ds.batch(batch_size).map(load, num_parallel_calls=calls, deterministic=True)
     return _finish(ds, prep, augment_ops(augment) if training else (), seed)
 
 

@@ -1285,38 +1285,45 @@ def _prune_history(run: Path, keep_epochs: int) -> None:
 
 # --- training ------------------------------------------------------------------------------------
 
-def _datasets(cfg: TrainConfig, size: tuple, progress: Progress = SILENT):
+def _datasets(cfg: TrainConfig, size: tuple, progress: Progress = SILENT, spill_dir=None):
     from edgetl.runner import printable  # a path must not drive the terminal
 
     folders = f"'{printable(cfg.data)}'" + (f" + '{printable(cfg.val_data)}'" if cfg.val_data
                                              else "")
     with progress.step(f"scan {folders}") as step:
-        names, train_items, val_items, skipped, pixels = _scan(cfg, size, step.advance)
+        names, train_items, val_items, skipped, pixels, notes = _scan(cfg, size, step.advance,
+                                                                      spill_dir)
         step.done(f"{len(train_items) + len(val_items)} images in {len(names)} classes "
                   f"({len(train_items)} train, {len(val_items)} validation"
                   f"{f', {len(skipped)} left out' if skipped else ''})")
+    for note in notes:
+        progress.line(printable(note))
     return names, train_items, val_items, skipped, pixels
 
 
-def _scan(cfg: TrainConfig, size: tuple, on_image):
+def _scan(cfg: TrainConfig, size: tuple, on_image, spill_dir=None):
     train_folder = scan_folder(cfg.data, size, strict=cfg.strict, keep_pixels=True,
-                               on_image=on_image)
+                               on_image=on_image, spill_dir=spill_dir)
     names = list(train_folder.class_names)
     skipped = list(train_folder.skipped)
     pixels = train_folder.pixels
+    notes = [train_folder.pixels_note] if train_folder.pixels_note else []
     if cfg.val_data:
         val_folder = scan_folder(cfg.val_data, size, class_names=names, strict=cfg.strict,
-                                 keep_pixels=pixels is not None, on_image=on_image)
+                                 keep_pixels=pixels is not None, on_image=on_image,
+                                 spill_dir=spill_dir)
         train_items, val_items = list(train_folder.items), list(val_folder.items)
         skipped += list(val_folder.skipped)
         pixels = None if val_folder.pixels is None else {**pixels, **val_folder.pixels}
+        if val_folder.pixels_note:
+            notes.append(val_folder.pixels_note)
     else:
         frac = cfg.val_split if cfg.val_split is not None else 0.2
         train_items, val_items = stratified_split(train_folder.items, frac, cfg.seed)
     if not val_items:
         raise EdgetlError(f"no validation images: '{cfg.data}' is too small for --val-split; add "
                           "images or pass --val-data DIR")
-    return names, train_items, val_items, skipped, pixels
+    return names, train_items, val_items, skipped, pixels, notes
 
 
 def train(cfg: TrainConfig, given=None) -> TrainResult:
@@ -1468,7 +1475,7 @@ def _train(cfg: TrainConfig, run: Path, state: dict | None, notes=()) -> TrainRe
     progress = Progress(quiet=cfg.quiet, hold=True)  # released once the model is built
     spec = None if cfg.base_model else backbones.get_backbone(cfg.backbone)
     size = resolve_size(cfg, spec)
-    names, train_items, val_items, skipped, pixels = _datasets(cfg, size, progress)
+    names, train_items, val_items, skipped, pixels = _datasets(cfg, size, progress, run)
     # After the scan (a bad data folder stays a one-line error), before the long waits.
     progress.line(_settings_line(cfg))
     for note in notes:
