@@ -179,7 +179,8 @@ def _walk_images(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
 def scan_folder(root: str | os.PathLike, size: tuple[int, int] | None = None,
                 class_names: list[str] | None = None, strict: bool = False,
                 min_classes: int = 2, keep_pixels: bool = False,
-                on_image=None, spill_dir: str | os.PathLike | None = None) -> ImageFolder:
+                on_image=None, spill_dir: str | os.PathLike | None = None,
+                channels: int = 3) -> ImageFolder:
     """Lists and checks a class-folder dataset; every image is decoded once in parallel.
 
     Args:
@@ -195,6 +196,8 @@ def scan_folder(root: str | os.PathLike, size: tuple[int, int] | None = None,
             progress.
         spill_dir: where pixels over KEEP_PIXELS_BYTES are kept (train: the run folder);
             None: they are not kept.
+        channels: 3 (RGB) or 1 (greyscale): the images are decoded (and kept) as the model
+            takes them (see load_pixels).
     """
     from edgetl.runner import RunnerError, load_image
 
@@ -230,7 +233,7 @@ def scan_folder(root: str | os.PathLike, size: tuple[int, int] | None = None,
     check = size or (32, 32)
     store, note = None, None
     if keep_pixels and size is not None and candidates:
-        shape = (len(candidates), check[0], check[1], 3)
+        shape = (len(candidates), check[0], check[1], channels)
         if int(np.prod(shape)) <= KEEP_PIXELS_BYTES:
             store = np.empty(shape, np.uint8)
         elif spill_dir is not None:
@@ -238,7 +241,7 @@ def scan_folder(root: str | os.PathLike, size: tuple[int, int] | None = None,
 
     def ok(i):
         try:
-            img = load_image(candidates[i][0], check)
+            img = load_image(candidates[i][0], check, channels=channels)
             if store is not None:
                 store[i] = img
             return None
@@ -409,11 +412,12 @@ def make_dataset(items, size: tuple[int, int], prep: dict, batch_size: int, trai
     ``size`` is (height, width); ``channels`` 1 makes greyscale images (see load_pixels).
     ``augment`` picks the transforms (see augment_ops); for the same seed and the same choice
     the batches are identical, and each transform draws the same numbers whichever others are
-    on. ``pixels`` (from scan_folder, path -> RGB image at ``size``) replaces the decode when it
-    holds every item (RGB models only: the runner converts to grey before resizing). Otherwise
-    over POOL_DECODE_BYTES of photo-sized files (POOL_MIN_FILE_BYTES) the images are decoded in
-    one process per core (edgetl/decode.py, the same load_image and order, so the same pixels),
-    else by threads in this process.
+    on. ``pixels`` (from scan_folder, path -> image at ``size`` and ``channels``) replaces the
+    decode when it holds every item (read a batch at a time when over KEEP_PIXELS_BYTES: kept
+    on disk). Otherwise, over KEEP_PIXELS_BYTES the images are decoded again every epoch
+    (memory stays bounded); over POOL_DECODE_BYTES of photo-sized files (POOL_MIN_FILE_BYTES)
+    they are decoded in one process per core (edgetl/decode.py, the same load_image and
+    order, so the same pixels), else in this process; both keep them for later epochs.
     Returns batches of (normalized float images, int labels).
     """
     from edgetl.keras import tf
@@ -426,15 +430,20 @@ def make_dataset(items, size: tuple[int, int], prep: dict, batch_size: int, trai
     # a batch per call: one call per image spent more time in tf.data and the GIL than in
     # Pillow (benchmarks/run.py, section 6). Per-image and per-stage maps are likewise folded
     # into one map per batch.
-    if channels == 3 and pixels is not None and all(
-            p in pixels and pixels[p].shape == (h, w, 3) for p in paths):
-        if len(paths) * h * w * 3 > KEEP_PIXELS_BYTES:
+    if pixels is not None and all(
+            p in pixels and pixels[p].shape == (h, w, channels) for p in paths):
+        if len(paths) * h * w * channels > KEEP_PIXELS_BYTES:
             # Kept on disk by the folder check (disk_store): read a batch at a time, in the
             # epoch's order, instead of copying them all into memory.
             return _decode_in_order(paths, labels, (h, w), channels, prep, batch_size,
                                     training, augment, seed, False,
                                     kept=[pixels[p] for p in paths])
         ds = tf.data.Dataset.from_tensor_slices((np.stack([pixels[p] for p in paths]), labels))
+    elif len(paths) * h * w * channels > KEEP_PIXELS_BYTES:
+        # Not kept by the folder check (no room on its disk): decoded again every epoch, in
+        # its shuffled order, in this process; keeping them in memory could exhaust it.
+        return _decode_in_order(paths, labels, (h, w), channels, prep, batch_size, training,
+                                augment, seed, False)
     elif (len(paths) * h * w * channels > POOL_DECODE_BYTES
           and _mean_file_bytes(paths) >= POOL_MIN_FILE_BYTES):
         # Too many to keep from the folder check: decode on every core, in order, with the same

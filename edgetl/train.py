@@ -1302,8 +1302,11 @@ def _datasets(cfg: TrainConfig, size: tuple, progress: Progress = SILENT, spill_
 
 
 def _scan(cfg: TrainConfig, size: tuple, on_image, spill_dir=None):
+    # Decoded as the model takes them (a base model's channels are known once it is loaded:
+    # RGB until then, and a greyscale one decodes again).
+    channels = 3 if cfg.base_model else resolve_channels(cfg)
     train_folder = scan_folder(cfg.data, size, strict=cfg.strict, keep_pixels=True,
-                               on_image=on_image, spill_dir=spill_dir)
+                               on_image=on_image, spill_dir=spill_dir, channels=channels)
     names = list(train_folder.class_names)
     skipped = list(train_folder.skipped)
     pixels = train_folder.pixels
@@ -1311,7 +1314,7 @@ def _scan(cfg: TrainConfig, size: tuple, on_image, spill_dir=None):
     if cfg.val_data:
         val_folder = scan_folder(cfg.val_data, size, class_names=names, strict=cfg.strict,
                                  keep_pixels=pixels is not None, on_image=on_image,
-                                 spill_dir=spill_dir)
+                                 spill_dir=spill_dir, channels=channels)
         train_items, val_items = list(train_folder.items), list(val_folder.items)
         skipped += list(val_folder.skipped)
         pixels = None if val_folder.pixels is None else {**pixels, **val_folder.pixels}

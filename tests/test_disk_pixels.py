@@ -136,3 +136,38 @@ def test_train_over_the_bound_reads_the_kept_pixels_and_says_where_they_are(
     assert decoded == []  # no epoch decoded an image: the folder check's pixels were read
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
     assert (out / "model.keras").exists() or any(out.glob("*.keras"))
+
+
+def test_greyscale_models_keep_greyscale_pixels_and_read_them(root, monkeypatch):
+    folder = data.scan_folder(root, SIZE, keep_pixels=True, channels=1)
+    path = folder.items[5][0]
+    assert folder.pixels[path].shape == (*SIZE, 1)
+    np.testing.assert_array_equal(folder.pixels[path], data.load_pixels(path, SIZE, 1))
+    prep = {"mean": [127.5], "std": [127.5], "channel_order": "RGB"}
+    items = list(folder.items)
+    decoded = data.make_dataset(items, SIZE, prep, 16, True, True, 1, channels=1)
+    expected = [(x.numpy(), y.numpy()) for x, y in decoded]
+    with monkeypatch.context() as m:
+        _no_decoding(m)
+        kept = data.make_dataset(items, SIZE, prep, 16, True, True, 1, pixels=folder.pixels,
+                                 channels=1)
+        got = [(x.numpy(), y.numpy()) for x, y in kept]
+    assert len(got) == len(expected)
+    for (xa, ya), (xb, yb) in zip(got, expected):
+        np.testing.assert_array_equal(ya, yb)
+        np.testing.assert_allclose(xa, xb, atol=1e-5)
+
+
+def test_over_the_bound_and_not_kept_every_epoch_decodes_and_memory_stays_bounded(
+        root, monkeypatch):
+    folder = data.scan_folder(root, SIZE)
+    items = list(folder.items)
+    calls = []
+    real = data.load_pixels
+    monkeypatch.setattr(data, "load_pixels", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    prep = preprocessing(get_backbone("mobilenetv2"))
+    monkeypatch.setattr(data, "KEEP_PIXELS_BYTES", 1000)
+    ds = data.make_dataset(items, SIZE, prep, 16, True, False, 0)
+    epochs = [np.concatenate([y.numpy() for _, y in ds]) for _ in range(2)]
+    assert sorted(calls) == sorted(2 * [p for p, _ in items])  # nothing kept between epochs
+    assert sorted(epochs[0]) == sorted(epochs[1]) and list(epochs[0]) != list(epochs[1])
