@@ -289,6 +289,26 @@ def _mb(n: int) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
+def _reserve(f, size: int) -> None:
+    """Allocates ``size`` bytes of disk to the open file ``f`` (OSError ENOSPC if they are not
+    there): writing to a mapped file whose blocks cannot be allocated kills the process."""
+    import errno
+
+    try:
+        os.posix_fallocate(f.fileno(), 0, size)
+        return
+    except AttributeError:  # macOS, Windows: no posix_fallocate
+        pass
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    zeros = bytes(16 << 20)  # a file system without fallocate: write the zeros
+    left = size
+    while left:
+        left -= f.write(zeros[:min(left, len(zeros))])
+    f.flush()
+
+
 def disk_store(folder, shape: tuple) -> tuple[np.ndarray | None, str]:
     """A uint8 array of ``shape`` in a temporary file in ``folder`` (it has no name: it is gone
     when the last view of it is, also when the process is killed), with its disk space
@@ -309,9 +329,9 @@ def disk_store(folder, shape: tuple) -> tuple[np.ndarray | None, str]:
                       f"space of '{folder}' ({_mb(free)} free): {again}")
     try:
         with tempfile.TemporaryFile(dir=folder) as f:
-            os.posix_fallocate(f.fileno(), 0, need)
+            _reserve(f, need)
             array = np.memmap(f, np.uint8, "r+", shape=shape)  # the mapping keeps the file
-    except (OSError, ValueError, AttributeError) as e:  # no posix_fallocate: not Linux/BSD
+    except (OSError, ValueError) as e:
         why = getattr(e, "strerror", None) or str(e)
         return None, f"note: cannot keep the decoded images in '{folder}' ({why}): {again}"
     return array, (f"decoded images kept in a temporary file in '{folder}' ({_mb(need)}, "

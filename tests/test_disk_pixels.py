@@ -171,3 +171,13 @@ def test_over_the_bound_and_not_kept_every_epoch_decodes_and_memory_stays_bounde
     epochs = [np.concatenate([y.numpy() for _, y in ds]) for _ in range(2)]
     assert sorted(calls) == sorted(2 * [p for p, _ in items])  # nothing kept between epochs
     assert sorted(epochs[0]) == sorted(epochs[1]) and list(epochs[0]) != list(epochs[1])
+
+
+def test_where_the_file_system_cannot_fallocate_the_space_is_written(tmp_path, monkeypatch):
+    """macOS has no posix_fallocate: the zeros are written instead, and a full disk still
+    fails at reservation (small_disk covers the real ENOSPC)."""
+    monkeypatch.delattr(data.os, "posix_fallocate")
+    array, note = data.disk_store(tmp_path, (5, 1000, 1000, 3))
+    assert array.shape == (5, 1000, 1000, 3) and note.startswith("decoded images kept")
+    array[4, 999, 999] = 7
+    assert int(array[4, 999, 999, 0]) == 7 and int(array[0, 0, 0, 0]) == 0
