@@ -84,6 +84,20 @@ class _Group(typer.core.TyperGroup):
             raise typer.Exit(2) from None
 
 
+class _Command(typer.core.TyperCommand):
+    """Help shows a list argument as ``MODEL... <path>``, as a single one shows ``MODEL <path>``
+    (typer 0.29 prints its Python type, ``MODEL <list[Path]>``, and has no setting for it)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for p in self.params:
+            if p.param_type_name == "argument" and p.nargs == -1:
+                item = p.type_descriptor.annotation.__args__[0]
+                shown = f"<{'path' if item is Path else p._bare_type(item)}>"
+                p.display_type = lambda ctx, shown=shown: shown
+                p._rich_display_name = lambda name=f"{p.metavar or p.name.upper()}...": name
+
+
 # Help conventions (every command and option): -h and --help; plain text, wrapped to the
 # terminal (no rich boxes: they squeezed and hid text at 80 columns, and read "[...]" in help as
 # markup); every option that takes a value shows its default (an Option whose default is None
@@ -588,7 +602,8 @@ def inspect(
     typer.echo(json.dumps(report, indent=2) if as_json else format_inspect(report))
 
 
-@app.command(short_help="Compare models through the device runner: size, accuracy, speed.",
+@app.command(cls=_Command,
+             short_help="Compare models through the device runner: size, accuracy, speed.",
              epilog=_examples("edgetl bench runs/flowers/export/*.tflite --data val/",
                               "edgetl bench model.tflite --threads 4 --json bench.json",
                               "edgetl bench model_edgetpu.tflite --delegate edgetpu"))
@@ -648,7 +663,8 @@ def bench(
               1)
 
 
-@app.command(short_help="Classify images through the device runner: top labels, scores.",
+@app.command(cls=_Command,
+             short_help="Classify images through the device runner: top labels, scores.",
              epilog=_examples("edgetl predict model.tflite rose.jpg tulip.jpg",
                               "edgetl predict model.tflite photos/ --top 1 --json out.json"))
 def predict(
@@ -772,7 +788,8 @@ def _fleet_report(rows, columns, json_out, markdown, what: str) -> None:
         _fail(f"{len(bad)} of {len(rows)} {what} failed: {bad[0]['host']}: {bad[0]['error']}", 1)
 
 
-@fleet_app.command("bench", short_help="Run models on every host through the runner: one table.",
+@fleet_app.command("bench", cls=_Command,
+                   short_help="Run models on every host through the runner: one table.",
                    epilog=_examples(
     "edgetl fleet bench model.tflite --hosts fleet.toml --data photos/",
     "edgetl fleet bench a.tflite b.tflite --hosts fleet.toml --only pi4"))
