@@ -2635,7 +2635,8 @@ def format_report(report: dict) -> str:
                 ),
             )
         )
-        rows.append(("throughput", "%.1f images/s" % report["throughput_ips"]))
+        rows.append(("throughput", "%.1f images/s (from the mean latency)"
+                     % report["throughput_ips"]))
     else:
         rows.append(("latency", "not timed (--image without --runs)"))
     mem = report["memory"]
