@@ -1476,10 +1476,15 @@ def _train(cfg: TrainConfig, run: Path, state: dict | None, notes=()) -> TrainRe
     few = few_steps_warning(cfg, len(train_items))
     if few:
         progress.line(few)
-    with progress.step("load TensorFlow") as step:  # after the data checks, for the same reason
+    if "tensorflow" in sys.modules:  # a settings check needed it: no load step of 0.0 s
         from edgetl.keras import tf
 
-        step.done(f"TensorFlow {tf.__version__}")
+        progress.line(f"TensorFlow {tf.__version__} (already loaded)")
+    else:
+        with progress.step("load TensorFlow") as step:  # after the data checks, as above
+            from edgetl.keras import tf
+
+            step.done(f"TensorFlow {tf.__version__}")
     dist = distribute.strategy(cfg)
     with dist.scope(), dist.errors():  # model, QAT wrappers, optimizer: distributed variables
         return _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_items,

@@ -119,3 +119,18 @@ def test_editable_install_prints_no_setuptools_warning(tmp_path):
     where = subprocess.run([str(python), "-c", "import edgetl; print(edgetl.__file__)"],
                            capture_output=True, text=True, cwd=tmp_path, env=env)
     assert where.stdout.strip() == str(copy / "edgetl" / "__init__.py"), where
+
+
+# 4. no "load TensorFlow ... (0.0 s)" when a settings check already imported it
+
+def test_train_says_tensorflow_was_already_loaded(synth, tmp_path, capsys):
+    from conftest import tiny_config
+    from edgetl.config import Strategy
+    from edgetl.train import train
+
+    # --unfreeze-from is resolved on the built base (TensorFlow) before the load step
+    train(tiny_config(synth, tmp_path / "run", quiet=False, epochs=1, input_size=32,
+                      strategy=Strategy.fine_tune, unfreeze_from="Conv1"))
+    err = capsys.readouterr().err
+    assert "load TensorFlow" not in err, err
+    assert re.search(r"^TensorFlow [\d.]+\S* \(already loaded\)$", err, re.M), err
