@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import importlib
 import io
 import json
@@ -67,6 +68,7 @@ __all__ = [
     "Model",
     "check_tflite",
     "check_outputs",
+    "path_problem",
     "check_writable",
     "read_model_metadata",
     "classify",
@@ -156,6 +158,36 @@ def _file_kind(mode: int) -> str:
     return "not a regular file"
 
 
+def path_problem(path, what: str, want: str = "file", missing: "str | None" = None
+                 ) -> "str | None":
+    """Why ``path`` is not the regular file (``want="file"``) or folder (``"folder"``) that
+    ``what`` needs, in one phrase naming both; None when it is. Symlinks are followed; stat only,
+    nothing is opened (a FIFO would block).
+
+    A symlink loop is named as one: ``os.path.exists`` is False for it, as for a missing path.
+    ``missing``: the phrase for a path that does not exist (default ``WHAT not found: PATH``).
+    """
+    name = os.fspath(path)
+    try:
+        mode = os.stat(name).st_mode
+    except FileNotFoundError:
+        return missing if missing is not None else "%s not found: %s" % (what, name)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "%s %s is a symlink loop (it leads back to itself)" % (what, name)
+        return "cannot read %s %s: %s" % (what, name, exc.strerror or exc)
+    if want == "folder":
+        if stat.S_ISDIR(mode):
+            return None
+        kind = "a file" if stat.S_ISREG(mode) else _file_kind(mode)
+        return "%s %s is %s, not a folder" % (what, name, kind)
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "%s %s is a folder, not a file" % (what, name)
+    return "%s %s is %s, not a regular file" % (what, name, _file_kind(mode))
+
+
 def _open_regular(path, what: str):
     """Open ``path`` for reading only if it is a regular file; never blocks (FIFOs, devices).
 
@@ -171,6 +203,8 @@ def _open_regular(path, what: str):
     except IsADirectoryError:
         raise RunnerError("%s %s is a folder, not a file" % (what, name)) from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RunnerError(path_problem(name, what)) from None
         try:
             kind = _file_kind(os.stat(name).st_mode)
         except OSError:
@@ -197,6 +231,8 @@ def _regular_file_problem(path) -> "str | None":
     except FileNotFoundError:
         return "image not found: %s" % path
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "%s is a symlink loop (skipped)" % path
         return "cannot read %s: %s" % (path, exc.strerror or exc)
     if stat.S_ISREG(mode):
         return None
@@ -1353,10 +1389,9 @@ def list_images(folder, labels: "list | None" = None):
         RunnerError: folder missing or without images, or a folder name not among the labels.
     """
     root = os.fspath(folder)
-    if not os.path.isdir(root):
-        raise RunnerError(
-            "data folder not found: %s (give a folder with one sub-folder of images per class)" % root
-        )
+    problem = path_problem(root, "data folder", "folder")
+    if problem:
+        raise RunnerError(problem + "; give a folder with one sub-folder of images per class")
     try:
         entries = sorted(os.listdir(root))
     except OSError as exc:
@@ -2875,8 +2910,10 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.json:
+            # an --image folder is read like --data: a report inside it would join the images
             check_outputs([(args.json, "--json")], [args.model, args.labels, *(args.image or [])],
-                          [(args.data, "--data")])
+                          [(args.data, "--data")]
+                          + [(i, "--image") for i in args.image or [] if os.path.isdir(i)])
             check_writable(args.json)
         report = finite(run(args))
         if args.json:

@@ -110,8 +110,9 @@ def _check_args(models: list, data, labels, runs: int, warmup: int, threads, del
         raise EdgetlError("no model to benchmark; pass one or more .tflite files")
     for m in models:
         p = Path(m)
-        if not p.exists():
-            raise EdgetlError(f"model file not found: {p}; pass the path of a .tflite file")
+        problem = runner.path_problem(p, "model file")  # missing, a symlink loop, a FIFO, ...
+        if problem:
+            raise EdgetlError(f"{problem}; pass the path of a .tflite file")
         try:  # regular files only: a FIFO or a device is refused, never read
             runner.check_tflite(p)
         except runner.RunnerError as e:
@@ -119,14 +120,12 @@ def _check_args(models: list, data, labels, runs: int, warmup: int, threads, del
     names = [Path(m).resolve() for m in models]
     if len(set(names)) != len(names):
         raise EdgetlError("the same model is listed twice; list each model once")
-    if data is not None and not Path(data).is_dir():
-        raise EdgetlError(
-            f"data folder not found: {data}; give a folder with one sub-folder per class"
-        )
-    if labels is not None and not Path(labels).exists():
-        raise EdgetlError(
-            f"labels file not found: {labels}; give a text file with one label a line"
-        )
+    problem = data is not None and runner.path_problem(data, "data folder", "folder")
+    if problem:
+        raise EdgetlError(f"{problem}; give a folder with one sub-folder per class")
+    problem = labels is not None and runner.path_problem(labels, "labels file")
+    if problem:
+        raise EdgetlError(f"{problem}; give a text file with one label a line")
     if labels is not None:
         try:  # a FIFO or a device is refused here, in one line, before any model runs
             runner.read_labels_file(labels)

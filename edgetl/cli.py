@@ -6,6 +6,7 @@ the commands so that ``edgetl --help`` loads no TensorFlow.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -85,8 +86,11 @@ class _Group(typer.core.TyperGroup):
 
 
 class _Command(typer.core.TyperCommand):
-    """Help shows a list argument as ``MODEL... <path>``, as a single one shows ``MODEL <path>``
-    (typer 0.29 prints its Python type, ``MODEL <list[Path]>``, and has no setting for it)."""
+    """Every command's class (``_use_command_class``). Help shows a list argument as
+    ``MODEL... <path>``, as a single one shows ``MODEL <path>`` (typer 0.29 prints its Python
+    type, ``MODEL <list[Path]>``, and has no setting for it). Before the command runs, a path
+    that is a symlink loop is refused by name: ``exists()`` is False for it, which stages would
+    call "not found"."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -96,6 +100,31 @@ class _Command(typer.core.TyperCommand):
                 shown = f"<{'path' if item is Path else p._bare_type(item)}>"
                 p.display_type = lambda ctx, shown=shown: shown
                 p._rich_display_name = lambda name=f"{p.metavar or p.name.upper()}...": name
+
+    def invoke(self, ctx):
+        from edgetl.runner import path_problem
+
+        for p in self.params:
+            kind = p.type_descriptor.annotation
+            kind = next((k for k in getattr(kind, "__args__", ()) if k is not type(None)), kind)
+            kind = next(iter(getattr(kind, "__args__", ())), kind)  # List[Path] -> Path
+            # paths, and the free strings whose metavar says they may be one (--weights PATH)
+            if kind is not Path and not any(w in (p.metavar or "") for w in ("PATH", "FILE")):
+                continue
+            value = ctx.params.get(p.name)
+            name = p.opts[0] if p.param_type_name == "option" else p.metavar or p.name.upper()
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if v and _symlink_loop(v):
+                    _fail(f"{path_problem(v, name)}; give the real path")
+        return super().invoke(ctx)
+
+
+def _symlink_loop(path) -> bool:
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
 
 
 # Help conventions (every command and option): -h and --help; plain text, wrapped to the
@@ -602,8 +631,7 @@ def inspect(
     typer.echo(json.dumps(report, indent=2) if as_json else format_inspect(report))
 
 
-@app.command(cls=_Command,
-             short_help="Compare models through the device runner: size, accuracy, speed.",
+@app.command(short_help="Compare models through the device runner: size, accuracy, speed.",
              epilog=_examples("edgetl bench runs/flowers/export/*.tflite --data val/",
                               "edgetl bench model.tflite --threads 4 --json bench.json",
                               "edgetl bench model_edgetpu.tflite --delegate edgetpu"))
@@ -663,8 +691,7 @@ def bench(
               1)
 
 
-@app.command(cls=_Command,
-             short_help="Classify images through the device runner: top labels, scores.",
+@app.command(short_help="Classify images through the device runner: top labels, scores.",
              epilog=_examples("edgetl predict model.tflite rose.jpg tulip.jpg",
                               "edgetl predict model.tflite photos/ --top 1 --json out.json"))
 def predict(
@@ -686,7 +713,8 @@ def predict(
     """
     from edgetl import runner as r
 
-    _check_outputs([(json_out, "--json")], [model, labels, *images])
+    _check_outputs([(json_out, "--json")], [model, labels, *images],
+                   [(i, "IMAGE") for i in images if i.is_dir()])  # a folder's files are read
     args = [str(model), "--image", *map(str, images), "--top", str(top)]
     report = _guard(r.run, args + (["--labels", str(labels)] if labels else []))
     typer.echo(r.format_predictions(report["predictions"]))
@@ -788,8 +816,7 @@ def _fleet_report(rows, columns, json_out, markdown, what: str) -> None:
         _fail(f"{len(bad)} of {len(rows)} {what} failed: {bad[0]['host']}: {bad[0]['error']}", 1)
 
 
-@fleet_app.command("bench", cls=_Command,
-                   short_help="Run models on every host through the runner: one table.",
+@fleet_app.command("bench", short_help="Run models on every host through the runner: one table.",
                    epilog=_examples(
     "edgetl fleet bench model.tflite --hosts fleet.toml --data photos/",
     "edgetl fleet bench a.tflite b.tflite --hosts fleet.toml --only pi4"))
@@ -895,6 +922,12 @@ def sensitivity(
 
         _guard(write_json, report, str(json_out))
     typer.echo(format_report(report, top))
+
+
+for _typer_app in (app, data_app, fleet_app):  # typer has no app-wide command class
+    for _info in _typer_app.registered_commands:
+        if _info.cls in (None, typer.core.TyperCommand):
+            _info.cls = _Command
 
 
 def main() -> None:  # pragma: no cover - console entry point

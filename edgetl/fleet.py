@@ -150,9 +150,12 @@ def load_inventory(path: str | os.PathLike) -> list[Host]:
         EdgetlError: the file is missing or not TOML, has no hosts, an unknown key, a password,
             a bad port/delegate, or a name or value with a control character.
     """
+    from edgetl.runner import path_problem
+
     source = Path(path)
-    if not source.is_file():
-        raise EdgetlError(f"inventory file not found: {source}; see `edgetl fleet --help`")
+    problem = path_problem(source, "inventory file")  # missing, a symlink loop, a FIFO, ...
+    if problem:
+        raise EdgetlError(f"{problem}; see `edgetl fleet --help`")
     try:
         doc = tomllib.loads(source.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

@@ -134,3 +134,165 @@ def test_train_says_tensorflow_was_already_loaded(synth, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "load TensorFlow" not in err, err
     assert re.search(r"^TensorFlow [\d.]+\S* \(already loaded\)$", err, re.M), err
+
+
+# 5. a symlink loop is named as one (not "not found"); a FIFO or socket says what it is
+
+@pytest.fixture()
+def odd(tmp_path):
+    """A symlink loop, a path through a looping folder, a FIFO and a socket."""
+    import socket
+
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "dir-loop").symlink_to("dir-loop")
+    os.mkfifo(tmp_path / "fifo")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "sock"))
+    yield {"loop": tmp_path / "loop", "inner-loop": tmp_path / "dir-loop" / "x",
+           "fifo": tmp_path / "fifo", "sock": tmp_path / "sock"}
+    sock.close()
+
+
+# every command's path arguments and options (the help convention: PATH/FILE metavars too)
+LOOP_ROWS = [
+    ("inspect", "@"), ("bench", "@"), ("bench", "M", "--data", "@"),
+    ("bench", "M", "--labels", "@"), ("bench", "M", "--json", "@"), ("predict", "@", "M"),
+    ("predict", "M", "@"), ("predict", "M", "M", "--labels", "@"), ("bundle", "@", "--out", "B"),
+    ("export", "@", "--int8"), ("export", "R", "--calibration", "@"),
+    ("export", "R", "--calibration-manifest", "@"), ("sensitivity", "@"),
+    ("data", "idx", "@", "M", "O"), ("data", "idx", "M", "@", "O"),
+    ("data", "idx", "M", "M", "O", "--names", "@"), ("data", "synth", "@"),
+    ("fleet", "check", "--hosts", "@"), ("fleet", "setup", "--hosts", "@"),
+    ("fleet", "bench", "M", "--hosts", "@"), ("train", "--data", "@"),
+    ("train", "--data", "D", "--val-data", "@"), ("train", "--data", "D", "--base-model", "@"),
+    ("train", "--data", "D", "--weights", "@"), ("train", "--resume", "--out", "@"),
+    ("backbones", "--base-model", "@", "--layers"),
+    ("backbones", "mobilenetv2", "--weights", "@", "--layers"),
+]
+
+
+@pytest.mark.parametrize("row", LOOP_ROWS, ids=[" ".join(r) for r in LOOP_ROWS])
+@pytest.mark.parametrize("kind", ["loop", "inner-loop"])
+def test_cli_names_a_symlink_loop(row, kind, odd, tmp_path):
+    real = {"M": tmp_path / "m.tflite", "R": tmp_path / "run", "D": tmp_path / "data",
+            "B": tmp_path / "b", "O": tmp_path / "o"}
+    real["M"].write_bytes(b"x" * 64)
+    args = [str(odd[kind]) if a == "@" else str(real.get(a, a)) for a in row]
+    code, out, err = _edgetl(*args)
+    assert code == 2, (out, err)
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert f"{odd[kind]} is a symlink loop (it leads back to itself); give the real path" in err
+    assert not real["B"].exists() and not real["O"].exists()
+
+
+@pytest.mark.parametrize("kind,what", [("fifo", "a named pipe (FIFO)"), ("sock", "a socket")])
+def test_cli_names_fifos_and_sockets(kind, what, odd, tmp_path):
+    import struct
+
+    from conftest import coral
+
+    m = tmp_path / "m.tflite"
+    m.write_bytes(b"x" * 64)
+    idx = tmp_path / "images.idx"  # one 2x2 image
+    idx.write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">III", 1, 2, 2) + bytes(4))
+    p = odd[kind]
+    for args, needle in [
+        (("data", "idx", p, m, tmp_path / "o"), f"IDX file {p} is {what}, not a regular file"),
+        (("data", "idx", idx, p, tmp_path / "o"), f"IDX file {p} is {what}, not a regular file"),
+        (("fleet", "check", "--hosts", p), f"inventory file {p} is {what}, not a regular file"),
+        (("fleet", "bench", m, "--hosts", p), f"inventory file {p} is {what}, not a regular file"),
+        (("bench", coral(V1), "--data", p), f"data folder {p} is {what}, not a folder"),
+        (("export", p, "--int8"), f"run folder {p} is {what}, not a folder"),
+        (("sensitivity", p), f"run folder {p} is {what}, not a folder"),
+        (("train", "--data", p, "--weights", "none"), f"data folder {p} is {what}, not a folder"),
+        (("train", "--data", tmp_path, "--weights", p), f"--weights {p} is {what}, not a regular"),
+        (("train", "--resume", "--out", p), f"--out {p} is {what}, not a folder"),
+    ]:
+        code, out, err = _edgetl(*map(str, args))
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (args, err)
+        assert needle in err, (args, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_library_names_symlink_loops_and_special_files(odd, tmp_path):
+    from edgetl import bench, bundle, data, export, fleet, inspect, train
+    from edgetl.errors import EdgetlError
+
+    loop, fifo = odd["loop"], odd["fifo"]
+    for call, needle in [
+        (lambda: inspect.inspect_model(loop), f"model file {loop} is a symlink loop"),
+        (lambda: bench.bench([loop]), f"model file {loop} is a symlink loop"),
+        (lambda: bundle.bundle(loop, tmp_path / "b", False), f"model file {loop} is a symlink"),
+        (lambda: fleet.load_inventory(loop), f"inventory file {loop} is a symlink loop"),
+        (lambda: data.read_idx(loop), f"IDX file {loop} is a symlink loop"),
+        (lambda: export._replay_manifest(str(loop), {}),
+         f"--calibration-manifest {loop} is a symlink loop"),
+        (lambda: export._replay_manifest(str(fifo), {}),
+         f"--calibration-manifest {fifo} is a named pipe (FIFO), not a regular file"),
+        (lambda: export._replay_manifest(str(tmp_path), {}),
+         f"--calibration-manifest {tmp_path} is a folder, not a file"),
+        (lambda: train.load_run(loop), f"run folder {loop} is a symlink loop"),
+        (lambda: data.scan_folder(loop, (8, 8)), f"data folder {loop} is a symlink loop"),
+    ]:
+        with pytest.raises(EdgetlError) as e:
+            call()
+        assert needle in str(e.value)
+    # missing paths keep their messages
+    with pytest.raises(EdgetlError, match="IDX file '.*nope' does not exist"):
+        data.read_idx(tmp_path / "nope")
+    with pytest.raises(EdgetlError, match="--calibration-manifest '.*nope' does not exist"):
+        export._replay_manifest(str(tmp_path / "nope"), {})
+    with pytest.raises(EdgetlError, match="model file not found: .*nope"):
+        inspect.inspect_model(tmp_path / "nope")
+
+
+def _runner_main(*args):
+    import contextlib
+    import io
+
+    from edgetl import runner as r
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = r.main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_runner_names_symlink_loops(odd):
+    from conftest import coral
+
+    model, loop, fifo = coral(V1), odd["loop"], odd["fifo"]
+    for args, needle in [
+        ((loop,), f"model file {loop} is a symlink loop (it leads back to itself)"),
+        ((model, "--labels", loop), f"labels file {loop} is a symlink loop"),
+        ((model, "--data", loop), f"data folder {loop} is a symlink loop"),
+        ((model, "--data", fifo), f"data folder {fifo} is a named pipe (FIFO), not a folder"),
+        ((model, "--image", loop), f"{loop} is a symlink loop (skipped)"),
+    ]:
+        code, _, err = _runner_main(*args, "--runs", "1", "--warmup", "0")
+        assert code == 2 and err.count("\n") == 1, err
+        assert needle in err, err
+
+
+# 6. the runner's and predict's --json inside an --image folder is refused
+
+def test_json_inside_an_image_folder_is_refused(tmp_path):
+    import shutil
+
+    from conftest import coral
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    shutil.copy(coral("cat.bmp"), images / "cat.bmp")
+    out = images / "report.json"
+    code, _, err = _runner_main(coral(V1), "--image", images, "--json", out)
+    assert code == 2 and err == (f"error: cannot write --json {out}: it is inside the --image "
+                                 f"folder {images}; write it elsewhere\n")
+    code, _, err = _edgetl("predict", str(coral(V1)), str(images), "--json", str(out))
+    assert code == 2 and err == (f"error: cannot write --json {out}: it is inside the IMAGE "
+                                 f"folder {images}; write it elsewhere\n")
+    assert sorted(p.name for p in images.iterdir()) == ["cat.bmp"]
+    # an image file (not its folder) given: its folder is not read, the report may go there
+    code, _, err = _runner_main(coral(V1), "--image", images / "cat.bmp", "--json", out,
+                                "--quiet")
+    assert code == 0 and out.is_file(), err
