@@ -123,15 +123,30 @@ def test_editable_install_prints_no_setuptools_warning(tmp_path):
 
 # 4. no "load TensorFlow ... (0.0 s)" when a settings check already imported it
 
-def test_train_says_tensorflow_was_already_loaded(synth, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def conv1_run(tmp_path_factory):
+    """A finished tiny run trained with --strategy fine-tune --unfreeze-from Conv1, and what its
+    training printed on stderr."""
+    import contextlib
+    import io
+
     from conftest import tiny_config
     from edgetl.config import Strategy
+    from edgetl.data import make_synth
     from edgetl.train import train
 
+    root = tmp_path_factory.mktemp("conv1")
+    make_synth(root / "data", classes=2, per_class=8, size=32, seed=0)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):  # Progress writes to sys.stderr as it is then
+        train(tiny_config(root / "data", root / "run", quiet=False, epochs=1, input_size=32,
+                          strategy=Strategy.fine_tune, unfreeze_from="Conv1"))
+    return root / "run", err.getvalue()
+
+
+def test_train_says_tensorflow_was_already_loaded(conv1_run):
     # --unfreeze-from is resolved on the built base (TensorFlow) before the load step
-    train(tiny_config(synth, tmp_path / "run", quiet=False, epochs=1, input_size=32,
-                      strategy=Strategy.fine_tune, unfreeze_from="Conv1"))
-    err = capsys.readouterr().err
+    err = conv1_run[1]
     assert "load TensorFlow" not in err, err
     assert re.search(r"^TensorFlow [\d.]+\S* \(already loaded\)$", err, re.M), err
 
@@ -296,3 +311,27 @@ def test_json_inside_an_image_folder_is_refused(tmp_path):
     code, _, err = _runner_main(coral(V1), "--image", images / "cat.bmp", "--json", out,
                                 "--quiet")
     assert code == 0 and out.is_file(), err
+
+
+# 7. train --resume --unfreeze-from: compared with the run's own value, not with defaults
+
+def test_resume_unfreeze_from_is_compared_with_the_run(conv1_run):
+    run = str(conv1_run[0])
+    code, _, err = _edgetl("train", "--resume", "--out", run, "--unfreeze-from",
+                           "block_1_expand")
+    assert code == 2 and err == (
+        f"error: --resume continues '{run}' with its own settings, and these flags differ from "
+        "them: --unfreeze-from 'block_1_expand' (run: 'Conv1'); drop them to resume, or start a "
+        "new run with --overwrite\n")
+    # the run's own value is accepted (the run is finished: nothing more to train)
+    code, out, err = _edgetl("train", "--resume", "--out", run, "--unfreeze-from", "Conv1")
+    assert code == 0, err
+    assert f"run: {run}" in out
+
+
+def test_unfreeze_with_feature_extract_names_the_value_and_the_fix(tmp_path):
+    code, _, err = _edgetl("train", "--data", str(tmp_path), "--unfreeze-from", "block_16_expand")
+    assert code == 2 and err == (
+        "error: --unfreeze/--unfreeze-from need --strategy fine-tune or two-phase "
+        "(feature-extract keeps the whole base frozen): add --strategy fine-tune to "
+        "--unfreeze-from block_16_expand, or leave it out\n")
