@@ -69,6 +69,7 @@ __all__ = [
     "check_tflite",
     "check_outputs",
     "path_problem",
+    "symlink_loop",
     "check_writable",
     "read_model_metadata",
     "classify",
@@ -156,6 +157,15 @@ def _file_kind(mode: int) -> str:
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         return "a device"
     return "not a regular file"
+
+
+def symlink_loop(path) -> bool:
+    """True when ``path`` (or a folder on the way to it) is a symlink loop."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
 
 
 def path_problem(path, what: str, want: str = "file", missing: "str | None" = None
@@ -2802,6 +2812,9 @@ def check_writable(path: str, flag: str = "--json") -> None:
         raise RunnerError("cannot write %s %s: folder %s does not exist" % (flag, path, directory))
     if os.path.isdir(path):
         raise RunnerError("cannot write %s %s: it is a folder; give a file name" % (flag, path))
+    if symlink_loop(path):  # the report would replace the link
+        raise RunnerError("cannot write %s %s: it is a symlink loop (it leads back to itself); "
+                          "give the real path" % (flag, path))
     try:
         fd, tmp = tempfile.mkstemp(prefix=".edgetl-report-", suffix=".json", dir=directory)
     except OSError as exc:

@@ -6,7 +6,6 @@ the commands so that ``edgetl --help`` loads no TensorFlow.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
@@ -102,7 +101,7 @@ class _Command(typer.core.TyperCommand):
                 p._rich_display_name = lambda name=f"{p.metavar or p.name.upper()}...": name
 
     def invoke(self, ctx):
-        from edgetl.runner import path_problem
+        from edgetl.runner import path_problem, symlink_loop
 
         for p in self.params:
             kind = p.type_descriptor.annotation
@@ -114,17 +113,10 @@ class _Command(typer.core.TyperCommand):
             value = ctx.params.get(p.name)
             name = p.opts[0] if p.param_type_name == "option" else p.metavar or p.name.upper()
             for v in value if isinstance(value, (list, tuple)) else [value]:
-                if v and _symlink_loop(v):
+                if v and symlink_loop(v):
                     _fail(f"{path_problem(v, name)}; give the real path")
         return super().invoke(ctx)
 
-
-def _symlink_loop(path) -> bool:
-    try:
-        os.stat(path)
-    except OSError as e:
-        return e.errno == errno.ELOOP
-    return False
 
 
 # Help conventions (every command and option): -h and --help; plain text, wrapped to the

@@ -335,3 +335,13 @@ def test_unfreeze_with_feature_extract_names_the_value_and_the_fix(tmp_path):
         "error: --unfreeze/--unfreeze-from need --strategy fine-tune or two-phase "
         "(feature-extract keeps the whole base frozen): add --strategy fine-tune to "
         "--unfreeze-from block_16_expand, or leave it out\n")
+
+
+def test_runner_refuses_a_symlink_loop_as_its_report(odd):
+    from conftest import coral
+
+    loop = odd["loop"]
+    code, _, err = _runner_main(coral(V1), "--runs", "1", "--json", loop)
+    assert code == 2 and err == (f"error: cannot write --json {loop}: it is a symlink loop (it "
+                                 "leads back to itself); give the real path\n")
+    assert os.readlink(loop) == "loop"  # the link is left alone, not replaced by a report
