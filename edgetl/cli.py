@@ -85,7 +85,7 @@ class _Group(typer.core.TyperGroup):
 
 
 class _Command(typer.core.TyperCommand):
-    """Every command's class (``_use_command_class``). Help shows a list argument as
+    """Every command's class (set at the end of this module). Help shows a list argument as
     ``MODEL... <path>``, as a single one shows ``MODEL <path>`` (typer 0.29 prints its Python
     type, ``MODEL <list[Path]>``, and has no setting for it). Before the command runs, a path
     that is a symlink loop is refused by name: ``exists()`` is False for it, which stages would
@@ -116,7 +116,6 @@ class _Command(typer.core.TyperCommand):
                 if v and symlink_loop(v):
                     _fail(f"{path_problem(v, name)}; give the real path")
         return super().invoke(ctx)
-
 
 
 # Help conventions (every command and option): -h and --help; plain text, wrapped to the

@@ -76,14 +76,12 @@ class ImageFolder:
 
 
 def _class_dirs(root: Path) -> list[Path]:
-    if not root.exists():
-        from edgetl.runner import path_problem
+    from edgetl.runner import path_problem
 
+    if not root.exists():
         raise EdgetlError(path_problem(root, "data folder", "folder",  # or a symlink loop
                                        missing=f"data folder '{root}' does not exist"))
     if not root.is_dir() and not root.is_file():  # a FIFO, a socket: named
-        from edgetl.runner import path_problem
-
         raise EdgetlError(f"{path_problem(root, 'data folder', 'folder')}: give a folder with "
                           "one sub-folder per class")
     if not root.is_dir():

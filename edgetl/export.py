@@ -248,7 +248,7 @@ def _replay_manifest(path: str, run_cfg: dict) -> list[str]:
     problem = path_problem(p, "--calibration-manifest",  # a symlink loop, a FIFO, a folder, ...
                            missing=f"--calibration-manifest '{p}' does not exist")
     if problem:
-        raise EdgetlError(f"{problem}; give the calibration.json an export wrote")
+        raise EdgetlError(f"{problem}; give the *_calibration.json an export wrote")
     try:
         m = json.loads(p.read_text())
         images = m["images"]
