@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import importlib
 import io
 import json
@@ -67,6 +68,8 @@ __all__ = [
     "Model",
     "check_tflite",
     "check_outputs",
+    "path_problem",
+    "symlink_loop",
     "check_writable",
     "read_model_metadata",
     "classify",
@@ -156,6 +159,45 @@ def _file_kind(mode: int) -> str:
     return "not a regular file"
 
 
+def symlink_loop(path) -> bool:
+    """True when ``path`` (or a folder on the way to it) is a symlink loop."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
+
+
+def path_problem(path, what: str, want: str = "file", missing: "str | None" = None
+                 ) -> "str | None":
+    """Why ``path`` is not the regular file (``want="file"``) or folder (``"folder"``) that
+    ``what`` needs, in one phrase naming both; None when it is. Symlinks are followed; stat only,
+    nothing is opened (a FIFO would block).
+
+    A symlink loop is named as one: ``os.path.exists`` is False for it, as for a missing path.
+    ``missing``: the phrase for a path that does not exist (default ``WHAT not found: PATH``).
+    """
+    name = os.fspath(path)
+    try:
+        mode = os.stat(name).st_mode
+    except FileNotFoundError:
+        return missing if missing is not None else "%s not found: %s" % (what, name)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "%s %s is a symlink loop (it leads back to itself)" % (what, name)
+        return "cannot read %s %s: %s" % (what, name, exc.strerror or exc)
+    if want == "folder":
+        if stat.S_ISDIR(mode):
+            return None
+        kind = "a file" if stat.S_ISREG(mode) else _file_kind(mode)
+        return "%s %s is %s, not a folder" % (what, name, kind)
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "%s %s is a folder, not a file" % (what, name)
+    return "%s %s is %s, not a regular file" % (what, name, _file_kind(mode))
+
+
 def _open_regular(path, what: str):
     """Open ``path`` for reading only if it is a regular file; never blocks (FIFOs, devices).
 
@@ -171,6 +213,8 @@ def _open_regular(path, what: str):
     except IsADirectoryError:
         raise RunnerError("%s %s is a folder, not a file" % (what, name)) from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RunnerError(path_problem(name, what)) from None
         try:
             kind = _file_kind(os.stat(name).st_mode)
         except OSError:
@@ -197,6 +241,8 @@ def _regular_file_problem(path) -> "str | None":
     except FileNotFoundError:
         return "image not found: %s" % path
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "%s is a symlink loop (skipped)" % path
         return "cannot read %s: %s" % (path, exc.strerror or exc)
     if stat.S_ISREG(mode):
         return None
@@ -1353,10 +1399,9 @@ def list_images(folder, labels: "list | None" = None):
         RunnerError: folder missing or without images, or a folder name not among the labels.
     """
     root = os.fspath(folder)
-    if not os.path.isdir(root):
-        raise RunnerError(
-            "data folder not found: %s (give a folder with one sub-folder of images per class)" % root
-        )
+    problem = path_problem(root, "data folder", "folder")
+    if problem:
+        raise RunnerError(problem + "; give a folder with one sub-folder of images per class")
     try:
         entries = sorted(os.listdir(root))
     except OSError as exc:
@@ -2635,7 +2680,8 @@ def format_report(report: dict) -> str:
                 ),
             )
         )
-        rows.append(("throughput", "%.1f images/s" % report["throughput_ips"]))
+        rows.append(("throughput", "%.1f images/s (from the mean latency)"
+                     % report["throughput_ips"]))
     else:
         rows.append(("latency", "not timed (--image without --runs)"))
     mem = report["memory"]
@@ -2766,6 +2812,9 @@ def check_writable(path: str, flag: str = "--json") -> None:
         raise RunnerError("cannot write %s %s: folder %s does not exist" % (flag, path, directory))
     if os.path.isdir(path):
         raise RunnerError("cannot write %s %s: it is a folder; give a file name" % (flag, path))
+    if symlink_loop(path):  # the report would replace the link
+        raise RunnerError("cannot write %s %s: it is a symlink loop (it leads back to itself); "
+                          "give the real path" % (flag, path))
     try:
         fd, tmp = tempfile.mkstemp(prefix=".edgetl-report-", suffix=".json", dir=directory)
     except OSError as exc:
@@ -2874,8 +2923,10 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.json:
+            # an --image folder is read like --data: a report inside it would join the images
             check_outputs([(args.json, "--json")], [args.model, args.labels, *(args.image or [])],
-                          [(args.data, "--data")])
+                          [(args.data, "--data")]
+                          + [(i, "--image") for i in args.image or [] if os.path.isdir(i)])
             check_writable(args.json)
         report = finite(run(args))
         if args.json:

@@ -104,9 +104,12 @@ class _File:
 def _read_file(path: str) -> _File:
     """Checks the path and reads its model config; raises EdgetlError for anything unusable."""
     p = Path(path)
-    if not p.exists():
-        raise EdgetlError(f"--base-model '{path}' does not exist: pass a saved Keras model "
-                          "(.keras, .h5 or a SavedModel directory)")
+    if not p.exists():  # or a symlink loop: named as one
+        from edgetl.runner import path_problem
+
+        missing = f"--base-model '{path}' does not exist"
+        raise EdgetlError(f"{path_problem(p, '--base-model', missing=missing)}: pass a saved "
+                          "Keras model (.keras, .h5 or a SavedModel directory)")
     if p.is_dir():
         return _read_savedmodel(path, p)
     if not p.is_file():  # a FIFO, socket or device: opening it could block forever

@@ -26,7 +26,9 @@ COLUMNS = (
     ("left_out", "left out", "left out", "{}"),
     ("p50_ms", "p50 ms", "p50 (ms)", "{:.3g}"),
     ("p90_ms", "p90 ms", "p90 (ms)", "{:.3g}"),
-    ("throughput_ips", "img/s", "images/s", "{:.1f}"),
+    # images/s over all timed runs (batch * 1000 / mean ms): the label says mean, as it is not
+    # 1000 / p50 when a few runs are slow
+    ("throughput_ips", "mean img/s", "images/s (mean)", "{:.1f}"),
     ("peak_rss_mb", "peak RSS MB", "peak RSS (MB)", "{:.1f}"),
     ("size_x", "size x", "size ×", "{:.2f}x"),
     ("speed_x", "speed x", "speed ×", "{:.2f}x"),
@@ -108,8 +110,9 @@ def _check_args(models: list, data, labels, runs: int, warmup: int, threads, del
         raise EdgetlError("no model to benchmark; pass one or more .tflite files")
     for m in models:
         p = Path(m)
-        if not p.exists():
-            raise EdgetlError(f"model file not found: {p}; pass the path of a .tflite file")
+        problem = runner.path_problem(p, "model file")  # missing, a symlink loop, a FIFO, ...
+        if problem:
+            raise EdgetlError(f"{problem}; pass the path of a .tflite file")
         try:  # regular files only: a FIFO or a device is refused, never read
             runner.check_tflite(p)
         except runner.RunnerError as e:
@@ -117,14 +120,12 @@ def _check_args(models: list, data, labels, runs: int, warmup: int, threads, del
     names = [Path(m).resolve() for m in models]
     if len(set(names)) != len(names):
         raise EdgetlError("the same model is listed twice; list each model once")
-    if data is not None and not Path(data).is_dir():
-        raise EdgetlError(
-            f"data folder not found: {data}; give a folder with one sub-folder per class"
-        )
-    if labels is not None and not Path(labels).exists():
-        raise EdgetlError(
-            f"labels file not found: {labels}; give a text file with one label a line"
-        )
+    problem = data is not None and runner.path_problem(data, "data folder", "folder")
+    if problem:
+        raise EdgetlError(f"{problem}; give a folder with one sub-folder per class")
+    problem = labels is not None and runner.path_problem(labels, "labels file")
+    if problem:
+        raise EdgetlError(f"{problem}; give a text file with one label a line")
     if labels is not None:
         try:  # a FIFO or a device is refused here, in one line, before any model runs
             runner.read_labels_file(labels)
@@ -316,8 +317,9 @@ def bench(
         One dict per model, in the given order: ``name`` (file name), ``path``, ``format``
         (metadata mode, else inferred from tensors and ops), ``size_bytes``, ``size_mb`` (MB = 10^6 bytes),
         ``top1``/``top5`` (None without data), ``p50_ms``, ``p90_ms``, ``mean_ms``,
-        ``throughput_ips``, ``peak_rss_mb`` (of that model's process), ``size_x`` (size / first
-        model's size), ``speed_x`` (first model's p50 / this p50: 2.0 means twice as fast),
+        ``throughput_ips`` (images/s over the timed runs: batch * 1000 / mean_ms),
+        ``peak_rss_mb`` (of that model's process), ``size_x`` (size / first model's size),
+        ``speed_x`` (first model's p50 / this p50: 2.0 means twice as fast),
         ``interpreter``, ``delegate``, ``left_out`` (files of the data folder not evaluated:
         unreadable, not an image format, not a regular file; None without data),
         ``left_out_files`` (the first few of them), ``error`` (None, or the runner's one-line

@@ -165,8 +165,9 @@ def bundle_files(model_path: str | os.PathLike) -> dict[str, bytes]:
     from edgetl import runner
 
     model = Path(model_path)
-    if not model.exists():
-        raise EdgetlError(f"model file not found: {model}; pass the path of a .tflite file")
+    problem = runner.path_problem(model, "model file")  # missing, a symlink loop, a FIFO, ...
+    if problem:
+        raise EdgetlError(f"{problem}; pass the path of a .tflite file")
     _check_name(model.name, "model file name")
     try:  # regular files only: a FIFO or a device is refused, never read
         data = runner.check_tflite(model)

@@ -84,6 +84,40 @@ class _Group(typer.core.TyperGroup):
             raise typer.Exit(2) from None
 
 
+class _Command(typer.core.TyperCommand):
+    """Every command's class (set at the end of this module). Help shows a list argument as
+    ``MODEL... <path>``, as a single one shows ``MODEL <path>`` (typer 0.29 prints its Python
+    type, ``MODEL <list[Path]>``, and has no setting for it). Before the command runs, a path
+    that is a symlink loop is refused by name: ``exists()`` is False for it, which stages would
+    call "not found"."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for p in self.params:
+            if p.param_type_name == "argument" and p.nargs == -1:
+                item = p.type_descriptor.annotation.__args__[0]
+                shown = f"<{'path' if item is Path else p._bare_type(item)}>"
+                p.display_type = lambda ctx, shown=shown: shown
+                p._rich_display_name = lambda name=f"{p.metavar or p.name.upper()}...": name
+
+    def invoke(self, ctx):
+        from edgetl.runner import path_problem, symlink_loop
+
+        for p in self.params:
+            kind = p.type_descriptor.annotation
+            kind = next((k for k in getattr(kind, "__args__", ()) if k is not type(None)), kind)
+            kind = next(iter(getattr(kind, "__args__", ())), kind)  # List[Path] -> Path
+            # paths, and the free strings whose metavar says they may be one (--weights PATH)
+            if kind is not Path and not any(w in (p.metavar or "") for w in ("PATH", "FILE")):
+                continue
+            value = ctx.params.get(p.name)
+            name = p.opts[0] if p.param_type_name == "option" else p.metavar or p.name.upper()
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if v and symlink_loop(v):
+                    _fail(f"{path_problem(v, name)}; give the real path")
+        return super().invoke(ctx)
+
+
 # Help conventions (every command and option): -h and --help; plain text, wrapped to the
 # terminal (no rich boxes: they squeezed and hid text at 80 columns, and read "[...]" in help as
 # markup); every option that takes a value shows its default (an Option whose default is None
@@ -670,7 +704,8 @@ def predict(
     """
     from edgetl import runner as r
 
-    _check_outputs([(json_out, "--json")], [model, labels, *images])
+    _check_outputs([(json_out, "--json")], [model, labels, *images],
+                   [(i, "IMAGE") for i in images if i.is_dir()])  # a folder's files are read
     args = [str(model), "--image", *map(str, images), "--top", str(top)]
     report = _guard(r.run, args + (["--labels", str(labels)] if labels else []))
     typer.echo(r.format_predictions(report["predictions"]))
@@ -878,6 +913,12 @@ def sensitivity(
 
         _guard(write_json, report, str(json_out))
     typer.echo(format_report(report, top))
+
+
+for _typer_app in (app, data_app, fleet_app):  # typer has no app-wide command class
+    for _info in _typer_app.registered_commands:
+        if _info.cls in (None, typer.core.TyperCommand):
+            _info.cls = _Command
 
 
 def main() -> None:  # pragma: no cover - console entry point

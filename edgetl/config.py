@@ -300,12 +300,18 @@ class TrainConfig:
             raise EdgetlError("--val-data and --val-split contradict each other: pick one")
         if self.unfreeze is not None and self.unfreeze_from:
             raise EdgetlError("--unfreeze and --unfreeze-from contradict each other: pick one")
-        # Unset, the strategy is fine-tune from scratch and feature-extract otherwise.
+        # Unset, the strategy is fine-tune from scratch and feature-extract otherwise. With
+        # --resume the run's own strategy decides: a flag unlike the run's is refused by name
+        # (train._refuse_changed_flags), not against defaults the run may not have used.
         strategy = self.strategy or (Strategy.fine_tune if self.from_scratch()
                                      else Strategy.feature_extract)
-        if strategy == Strategy.feature_extract and (self.unfreeze or self.unfreeze_from):
+        if strategy == Strategy.feature_extract and (self.unfreeze or self.unfreeze_from) \
+                and not self.resume:
+            given = (f"--unfreeze {self.unfreeze}" if self.unfreeze
+                     else f"--unfreeze-from {self.unfreeze_from}")
             raise EdgetlError("--unfreeze/--unfreeze-from need --strategy fine-tune or two-phase "
-                              "(feature-extract keeps the whole base frozen)")
+                              f"(feature-extract keeps the whole base frozen): add --strategy "
+                              f"fine-tune to {given}, or leave it out")
         if self.unfreeze is not None:
             check_number("--unfreeze", self.unfreeze, integer=True, low=1)
         if self.cut_layer and not self.base_model:

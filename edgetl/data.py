@@ -79,8 +79,14 @@ class ImageFolder:
 
 
 def _class_dirs(root: Path) -> list[Path]:
+    from edgetl.runner import path_problem
+
     if not root.exists():
-        raise EdgetlError(f"data folder '{root}' does not exist")
+        raise EdgetlError(path_problem(root, "data folder", "folder",  # or a symlink loop
+                                       missing=f"data folder '{root}' does not exist"))
+    if not root.is_dir() and not root.is_file():  # a FIFO, a socket: named
+        raise EdgetlError(f"{path_problem(root, 'data folder', 'folder')}: give a folder with "
+                          "one sub-folder per class")
     if not root.is_dir():
         raise EdgetlError(f"data folder '{root}' is not a folder: give a folder with one "
                           "sub-folder per class")
@@ -715,9 +721,13 @@ MNIST = tuple(str(i) for i in range(10))
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Reads an IDX file (optionally gzipped): MNIST / Fashion-MNIST images or labels."""
+    from edgetl.runner import path_problem
+
     path = Path(path)
-    if not path.is_file():
-        raise EdgetlError(f"IDX file '{path}' does not exist")
+    problem = path_problem(path, "IDX file",  # a symlink loop, a FIFO, a folder, ...
+                           missing=f"IDX file '{path}' does not exist")
+    if problem:
+        raise EdgetlError(problem)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:

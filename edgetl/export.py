@@ -209,9 +209,13 @@ def calibration_items(cfg: ExportConfig, run_cfg: dict, split: dict) -> tuple[li
     if cfg.calibration_manifest:
         return _replay_manifest(cfg.calibration_manifest, run_cfg), "manifest"
     if cfg.calibration:
+        from edgetl.runner import path_problem
+
         root = Path(cfg.calibration)
-        if not root.is_dir():
-            raise EdgetlError(f"--calibration '{root}' is not a folder of images")
+        problem = path_problem(root, "--calibration", "folder",
+                               missing=f"--calibration '{root}' does not exist")
+        if problem:  # missing, a symlink loop, a file, a FIFO, ...
+            raise EdgetlError(f"{problem}; give a folder of images")
         if any(p.is_dir() for p in root.iterdir()):
             folder = scan_folder(root, size, class_names=run_cfg["class_names"])
             items = list(folder.items)
@@ -238,9 +242,13 @@ def calibration_items(cfg: ExportConfig, run_cfg: dict, split: dict) -> tuple[li
 
 
 def _replay_manifest(path: str, run_cfg: dict) -> list[str]:
+    from edgetl.runner import path_problem
+
     p = Path(path)
-    if not p.is_file():
-        raise EdgetlError(f"--calibration-manifest '{p}' does not exist")
+    problem = path_problem(p, "--calibration-manifest",  # a symlink loop, a FIFO, a folder, ...
+                           missing=f"--calibration-manifest '{p}' does not exist")
+    if problem:
+        raise EdgetlError(f"{problem}; give the *_calibration.json an export wrote")
     try:
         m = json.loads(p.read_text())
         images = m["images"]

@@ -150,9 +150,12 @@ def load_inventory(path: str | os.PathLike) -> list[Host]:
         EdgetlError: the file is missing or not TOML, has no hosts, an unknown key, a password,
             a bad port/delegate, or a name or value with a control character.
     """
+    from edgetl.runner import path_problem
+
     source = Path(path)
-    if not source.is_file():
-        raise EdgetlError(f"inventory file not found: {source}; see `edgetl fleet --help`")
+    problem = path_problem(source, "inventory file")  # missing, a symlink loop, a FIFO, ...
+    if problem:
+        raise EdgetlError(f"{problem}; see `edgetl fleet --help`")
     try:
         doc = tomllib.loads(source.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -630,6 +633,7 @@ def _row(host: Host, model: str | None, info: dict | None, report: dict | None,
         "p50_ms": lat.get("p50"),
         "p90_ms": lat.get("p90"),
         "p99_ms": lat.get("p99"),
+        "mean_ms": lat.get("mean"),
         "throughput_ips": (report or {}).get("throughput_ips"),
         "peak_rss_mb": ((report or {}).get("memory") or {}).get("peak_rss_mb"),
         "threads": (report or {}).get("threads"),
@@ -738,10 +742,11 @@ def bench(hosts: list[Host], job: Job, connect=None) -> list[dict]:
         Rows in inventory order, models in the given order. Each has ``host``, ``address``,
         ``device`` (board, else CPU), ``arch``, ``os``, ``emulated``, ``model``, ``format``,
         ``size_bytes``, ``size_mb``, ``top1``, ``top5``, ``p50_ms``, ``p90_ms``, ``p99_ms``,
-        ``throughput_ips``, ``peak_rss_mb``, ``threads``, ``delegate``, ``interpreter``,
-        ``python``, ``governor``, ``temp_c`` (after the run; None when unreadable), ``status``
-        (``ok``/``failed``), ``error`` (the one-line reason) and ``report`` (the runner's report).
-        A host that fails before its models run gets one row with ``model`` None.
+        ``mean_ms``, ``throughput_ips`` (batch * 1000 / mean_ms), ``peak_rss_mb``, ``threads``,
+        ``delegate``, ``interpreter``, ``python``, ``governor``, ``temp_c`` (after the run; None
+        when unreadable), ``status`` (``ok``/``failed``), ``error`` (the one-line reason) and
+        ``report`` (the runner's report). A host that fails before its models run gets one row
+        with ``model`` None.
 
     Raises:
         EdgetlError: bad settings (checked before any host is contacted).
@@ -886,7 +891,7 @@ BENCH_COLUMNS = (
     ("p50_ms", "p50 ms", "p50 (ms)", "{:.2f}"),
     ("p90_ms", "p90 ms", "p90 (ms)", "{:.2f}"),
     ("p99_ms", "p99 ms", "p99 (ms)", "{:.2f}"),
-    ("throughput_ips", "img/s", "images/s", "{:.1f}"),
+    ("throughput_ips", "mean img/s", "images/s (mean)", "{:.1f}"),  # as bench: batch * 1000 / mean
     ("top1", "top-1", "top-1", "{:.2%}"),
     ("peak_rss_mb", "peak RSS MB", "peak RSS (MB)", "{:.1f}"),
     ("threads", "threads", "threads", "{}"),

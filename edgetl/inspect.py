@@ -129,8 +129,9 @@ def load_info(path: str | os.PathLike) -> Any:
     """
     runner = _runner()
     p = Path(path)
-    if not p.exists():
-        raise EdgetlError(f"model file not found: {p}; pass the path of a .tflite file")
+    problem = runner.path_problem(p, "model file")  # missing, a symlink loop, a FIFO, ...
+    if problem:
+        raise EdgetlError(f"{problem}; pass the path of a .tflite file")
     try:  # opens regular files only: a FIFO or a device is refused, never read
         return runner.read_model(p)
     except runner.RunnerError as e:

@@ -182,8 +182,7 @@ def build_base(cfg: TrainConfig, size):
     _check_sides(spec, size, cfg)
     _check_channels(cfg, spec)
     if is_file and not Path(weights).is_file():
-        raise EdgetlError(f"--weights '{weights}' is not a file: pass a weights file "
-                          "(.h5), 'imagenet' or 'none'")
+        raise EdgetlError(_weights_problem(weights))
     kwargs = dict(spec.extra)
     if spec.alphas:
         kwargs["alpha"] = cfg.alpha if cfg.alpha is not None else 1.0
@@ -984,6 +983,10 @@ def _is_within(path: str, folder: str) -> bool:
 def check_out_dir(out: Path, flag: str) -> None:
     """Refuses an output folder that cannot be created or written, before anything is written."""
     if out.exists() and not out.is_dir():
+        if not out.is_file():  # a FIFO, a socket: named
+            from edgetl.runner import path_problem
+
+            raise EdgetlError(f"{path_problem(out, flag, 'folder')}: choose another {flag}")
         raise EdgetlError(f"{flag} '{out}' is a file, not a folder: choose another {flag}")
     probe = out
     while not probe.exists() and probe != probe.parent:
@@ -1398,8 +1401,17 @@ def _preflight(cfg: TrainConfig, given=None) -> None:
     _check_sides(spec, resolve_size(cfg, spec), cfg)
     _check_channels(cfg, spec)
     if cfg.weights not in ("imagenet", "none") and not Path(cfg.weights).is_file():
-        raise EdgetlError(f"--weights '{cfg.weights}' is not a file: pass a weights file "
-                          "(.h5), 'imagenet' or 'none'")
+        raise EdgetlError(_weights_problem(cfg.weights))
+
+
+def _weights_problem(weights: str) -> str:
+    """--weights PATH that is no regular file: missing (maybe a misspelt 'imagenet'), or what it
+    is instead (a symlink loop, a folder, a FIFO)."""
+    from edgetl.runner import path_problem
+
+    missing = f"--weights '{weights}' is not a file"
+    return (f"{path_problem(weights, '--weights', missing=missing) or missing}: pass a weights "
+            "file (.h5), 'imagenet' or 'none'")
 
 
 def _refuse_weights_with_base_model(cfg: TrainConfig, explicit: bool = False) -> None:
@@ -1486,10 +1498,15 @@ def _train(cfg: TrainConfig, run: Path, state: dict | None, notes=()) -> TrainRe
     few = few_steps_warning(cfg, len(train_items))
     if few:
         progress.line(few)
-    with progress.step("load TensorFlow") as step:  # after the data checks, for the same reason
+    if "tensorflow" in sys.modules:  # a settings check needed it: no load step of 0.0 s
         from edgetl.keras import tf
 
-        step.done(f"TensorFlow {tf.__version__}")
+        progress.line(f"TensorFlow {tf.__version__} (already loaded)")
+    else:
+        with progress.step("load TensorFlow") as step:  # after the data checks, as above
+            from edgetl.keras import tf
+
+            step.done(f"TensorFlow {tf.__version__}")
     dist = distribute.strategy(cfg)
     with dist.scope(), dist.errors():  # model, QAT wrappers, optimizer: distributed variables
         return _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_items,
@@ -1872,8 +1889,13 @@ def load_run(run: str | os.PathLike) -> dict:
     Raises:
         EdgetlError: naming the file and the field.
     """
+    from edgetl.runner import path_problem
+
     run = Path(run)
     cfg_file = run / "config.json"
+    problem = path_problem(run, "run folder", "folder", missing="")  # a symlink loop, a FIFO, ...
+    if problem:
+        raise EdgetlError(f"{problem}; give a run directory of `edgetl train`")
     if not run.is_dir() or not cfg_file.is_file():
         raise EdgetlError(f"'{run}' is not an edgetl run directory (no config.json); train one "
                           "with `edgetl train`")

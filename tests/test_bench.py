@@ -96,8 +96,8 @@ def test_text_markdown_and_json_outputs(rows, tmp_path):
     table = B.format_table(rows)
     lines = table.splitlines()
     assert lines[0].split() == [
-        "model", "format", "size", "MB", "top-1", "left", "out", "p50", "ms", "p90", "ms", "img/s",
-        "peak", "RSS", "MB", "size", "x", "speed", "x",
+        "model", "format", "size", "MB", "top-1", "left", "out", "p50", "ms", "p90", "ms", "mean",
+        "img/s", "peak", "RSS", "MB", "size", "x", "speed", "x",
     ]
     assert lines[2].startswith(V1) and "66.67%" in lines[2]
     assert lines[3].startswith(V2) and "100.00%" in lines[3]
@@ -107,7 +107,7 @@ def test_text_markdown_and_json_outputs(rows, tmp_path):
     assert (" ".join(machine["simd"]) or "no int8-relevant SIMD") in lines[-1]
     md = B.format_markdown(rows)
     assert md.startswith(
-        "| model | format | size (MB) | top-1 | left out | p50 (ms) | p90 (ms) | images/s "
+        "| model | format | size (MB) | top-1 | left out | p50 (ms) | p90 (ms) | images/s (mean) "
         "| peak RSS (MB) "
         "| size × | speed × |\n|---|---|---:|"
     )
