@@ -54,8 +54,7 @@ def demo() -> None:
     # ImageNet weights need the internet; the demo trains a small MobileNetV2 from scratch,
     # with quantization-aware training, and exports int8 from the QAT model.
     sh(edgetl, "train", "--data", data, "--val-data", val, "--backbone", "mobilenetv2",
-       "--alpha", 0.35, "--input-size", 64, "--weights", "none", "--strategy", "fine-tune",
-       "--unfreeze-from", "Conv1", "--fine-tune-lr", "3e-3", "--epochs", 10, "--qat",
+       "--alpha", 0.35, "--input-size", 64, "--weights", "none", "--epochs", 10, "--qat",
        "--out", run, "--overwrite")
     import json
 
