@@ -313,10 +313,13 @@ def layer_name_error(flag: str, value: str, names: list[str], cfg: TrainConfig) 
                        f"{span}; list them: {layers_command(cfg)})")
 
 
-def check_layer_names(cfg: TrainConfig) -> None:
+def check_layer_names(cfg: TrainConfig) -> bool | None:
     """--unfreeze-from and --cut-layer checked against the architecture alone, before data or
     weights load: a registry backbone is built with random weights (about a second), a base
     model's names are read from its file's config (nothing deserialised).
+
+    Returns whether a layer with weights lies below --unfreeze-from (it stays frozen), for a
+    registry backbone; None otherwise.
 
     Raises:
         EdgetlError: the name is not a layer (the closest names and the listing command given).
@@ -326,7 +329,7 @@ def check_layer_names(cfg: TrainConfig) -> None:
 
         _precheck(_read_file(cfg.base_model), cfg.cut_layer, resolve_size(cfg, None))
     if not cfg.unfreeze_from:
-        return
+        return None
     if cfg.base_model:
         from edgetl.basemodel import _config_layers, _read_file
 
@@ -336,12 +339,13 @@ def check_layer_names(cfg: TrainConfig) -> None:
         if names and cfg.unfreeze_from not in names and not any(
                 cfg.unfreeze_from.endswith("_" + n) for n in names):
             raise layer_name_error("--unfreeze-from", cfg.unfreeze_from, names, cfg)
-        return
+        return None
     size = resolve_size(cfg, backbones.get_backbone(cfg.backbone))
     base, _ = build_base(replace(cfg, weights="none"), size)
     names = [layer.name for layer in base.layers[1:]]
     if cfg.unfreeze_from not in names:
         raise layer_name_error("--unfreeze-from", cfg.unfreeze_from, names, cfg)
+    return any(layer.weights for layer in base.layers[:names.index(cfg.unfreeze_from) + 1])
 
 
 def _shape_text(shape) -> str:
@@ -1363,7 +1367,10 @@ def train(cfg: TrainConfig, given=None) -> TrainResult:
         backbones.get_backbone(cfg.backbone)  # unknown names fail before any data is read
     if not cfg.resume:
         _preflight(cfg, given)
-        check_layer_names(cfg)  # before the folder scan and the weights
+        frozen_below = check_layer_names(cfg)  # before the folder scan and the weights
+        if frozen_below is False and Strategy(cfg.strategy) == Strategy.fine_tune:
+            # --unfreeze-from the first layer: nothing random stays frozen
+            notes = [n for n in notes if "keeps random layers frozen" not in n]
     out = _out_path(cfg)
     if not cfg.resume:
         check_out_outside_data(out, cfg)
