@@ -262,6 +262,15 @@ def bundle(
         )
     if not out.parent.is_dir():
         raise EdgetlError(f"folder {out.parent} does not exist; create it or choose another --out")
+    if out.is_symlink() and not out.exists():
+        raise EdgetlError(f"--out {out} is a broken symlink or a symlink loop (it points to "
+                          f"{os.readlink(out)}): remove it or choose another --out")
+    real_out, real_model = os.path.realpath(out), os.path.realpath(model_path)
+    if real_model == real_out or real_model.startswith(real_out.rstrip(os.sep) + os.sep):
+        # --overwrite would delete the model (and whatever sits beside it in that folder)
+        what = "is" if real_model == real_out else "contains"
+        raise EdgetlError(f"--out {out} {what} the model {model_path}: replacing it would "
+                          "delete the input; choose another --out")
     files = bundle_files(model_path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

@@ -152,9 +152,12 @@ class _Staging:
                 if isinstance(e, OSError):
                     raise _io_error(e.filename or self.dir, e) from None
                 raise
-            for _, backup in moved:
+            for _, backup in moved:  # the new files are in place: a leftover is no failure
                 if backup is not None:
-                    backup.unlink(missing_ok=True)
+                    try:
+                        backup.unlink(missing_ok=True)
+                    except OSError:
+                        pass
 
     def discard(self) -> None:
         with _signals_held():
@@ -241,7 +244,17 @@ def calibration_items(cfg: ExportConfig, run_cfg: dict, split: dict) -> tuple[li
     return [p for p, _ in chosen], source
 
 
+# A manifest lists at most MAX_NUM_CALIBRATION-ish images with a hash each: a few MB at most.
+MAX_MANIFEST_BYTES = 64 << 20
+
+
 def _replay_manifest(path: str, run_cfg: dict) -> list[str]:
+    """The image paths of a calibration manifest, each checked against its sha256.
+
+    Raises:
+        EdgetlError: the manifest is missing, not a regular file, not a manifest (wrong shape,
+            no images), made for another input, or an image is missing or changed.
+    """
     from edgetl.runner import path_problem
 
     p = Path(path)
@@ -249,24 +262,42 @@ def _replay_manifest(path: str, run_cfg: dict) -> list[str]:
                            missing=f"--calibration-manifest '{p}' does not exist")
     if problem:
         raise EdgetlError(f"{problem}; give the *_calibration.json an export wrote")
+    not_manifest = (f"--calibration-manifest '{p}' is not an edgetl calibration manifest "
+                    "(a JSON object whose 'images' lists {\"path\", \"sha256\"} entries): give "
+                    "the *_calibration.json an export wrote")
     try:
-        m = json.loads(p.read_text())
-        images = m["images"]
-    except (ValueError, KeyError, TypeError):
-        raise EdgetlError(f"--calibration-manifest '{p}' is not an edgetl calibration "
-                          "manifest") from None
+        if p.stat().st_size > MAX_MANIFEST_BYTES:
+            raise EdgetlError(not_manifest)
+        m = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        raise EdgetlError(not_manifest) from None
+    images = m.get("images") if isinstance(m, dict) else None
+    if not isinstance(images, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("path"), str) and e["path"]
+            and "\0" not in e["path"] and isinstance(e.get("sha256"), str) for e in images):
+        raise EdgetlError(not_manifest)
     if m.get("input_size") != run_cfg["input_size"] or m.get("preprocessing") != run_cfg[
             "preprocessing"]:
+        prep = m.get("preprocessing")
         raise EdgetlError(f"--calibration-manifest '{p}' was made for input "
                           f"{m.get('input_size')} px / preprocessing "
-                          f"{(m.get('preprocessing') or {}).get('name')}, but this run uses "
-                          f"{run_cfg['input_size']} px / {run_cfg['preprocessing'].get('name')}")
+                          f"{prep.get('name') if isinstance(prep, dict) else prep}, but this "
+                          f"run uses {run_cfg['input_size']} px / "
+                          f"{run_cfg['preprocessing'].get('name')}")
+    if not images:  # an export may calibrate on fewer than MIN_CALIBRATION (--num-calibration)
+        raise EdgetlError(f"--calibration-manifest '{p}' lists no images: give the "
+                          "*_calibration.json an export wrote")
     paths = []
     for entry in images:
         f = entry["path"]
         if not Path(f).is_file():
-            raise EdgetlError(f"calibration image '{f}' from the manifest is missing")
-        if file_sha256(f) != entry["sha256"]:
+            raise EdgetlError(f"calibration image '{f}' from the manifest is missing (or not "
+                              "a regular file)")
+        try:
+            digest = file_sha256(f)
+        except OSError as e:
+            raise _io_error(Path(f), e) from None
+        if digest != entry["sha256"]:
             raise EdgetlError(f"calibration image '{f}' changed since the manifest was written "
                               "(sha256 differs): the export would not be reproducible")
         paths.append(f)
@@ -732,6 +763,13 @@ def _is_tf_error(e: BaseException) -> bool:
 
 
 def _refuse_existing(targets: dict, overwrite: bool) -> None:
+    finals = [f for p in targets.values() for f in (p, p.with_suffix(".json"))]
+    finals += [p.with_name(p.name.rsplit("_", 1)[0] + "_calibration.json")
+               for p in targets.values()]
+    folders = [str(p) for p in finals if p.is_dir()]
+    if folders:  # --overwrite replaces earlier exports, never a folder someone put there
+        raise EdgetlError(f"'{folders[0]}' is a folder, not an earlier export: move it away "
+                          "or choose another --name")
     existing = [str(p) for p in targets.values() if os.path.lexists(p)]
     if existing and not overwrite:
         raise EdgetlError(f"'{existing[0]}' already exists: pass --overwrite to replace it")

@@ -986,6 +986,9 @@ def _is_within(path: str, folder: str) -> bool:
 
 def check_out_dir(out: Path, flag: str) -> None:
     """Refuses an output folder that cannot be created or written, before anything is written."""
+    if out.is_symlink() and not out.exists():  # mkdir would say only "File exists"
+        raise EdgetlError(f"{flag} '{out}' is a broken symlink or a symlink loop (it points to "
+                          f"'{os.readlink(out)}'): remove it or choose another {flag}")
     if out.exists() and not out.is_dir():
         if not out.is_file():  # a FIFO, a socket: named
             from edgetl.runner import path_problem
