@@ -372,7 +372,9 @@ def train(
 
     result = _guard(run_train, cfg, given)
     if result.warning:
-        typer.echo(f"warning: {result.warning}", err=True)
+        from edgetl.runner import printable
+
+        typer.echo(f"warning: {printable(result.warning)}", err=True)
     typer.echo(f"run: {result.run_dir}  val_accuracy: {result.val_accuracy:.4f}  "
                f"epochs: {result.epochs_done}{'  (QAT)' if result.qat else ''}"
                f"{f'  best epoch: {result.best_epoch}' if result.best_epoch else ''}")

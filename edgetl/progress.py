@@ -69,9 +69,16 @@ class Progress:
         self._held: list[str] | None = [] if hold and not self.live else None
 
     def line(self, text: str, always: bool = False) -> None:
-        """One line (nothing when quiet, unless ``always``); held until ``release`` if held."""
+        """One line (nothing when quiet, unless ``always``); held until ``release`` if held.
+
+        Control characters (escape sequences from a file name, say) are printed escaped; line
+        breaks the caller put in ``text`` are kept.
+        """
         if self.quiet and not always:
             return
+        from edgetl.runner import printable  # numpy only, no TensorFlow
+
+        text = "\n".join(printable(part) for part in str(text).split("\n"))
         if self._held is not None:
             self._held.append(text)
         else:

@@ -1527,9 +1527,11 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
                   pixels, progress) -> TrainResult:
     from edgetl.keras import keras, tf, versions
 
+    from edgetl.runner import printable
+
     log = progress.line
     if skipped:  # said even with --quiet: data left out is not progress; split.json lists all
-        first = "; ".join(f"'{p}': {why}" for p, why in skipped[:3])
+        first = printable("; ".join(f"'{p}': {why}" for p, why in skipped[:3]))  # one line
         progress.line(f"note: left out {len(skipped)} file(s) (all listed in "
                       f"{run / 'split.json'}): {first}{'; ...' if len(skipped) > 3 else ''}",
                       always=True)
