@@ -13,6 +13,7 @@ import os
 import shutil
 import unicodedata
 import struct
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -719,8 +720,21 @@ FASHION_MNIST = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal"
 MNIST = tuple(str(i) for i in range(10))
 
 
+# The largest IDX payload read (MNIST's training images are 47 MB): more is a corrupt header
+# or a gzip bomb, and would be held in memory at once.
+MAX_IDX_BYTES = 1 << 30
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Reads an IDX file (optionally gzipped): MNIST / Fashion-MNIST images or labels."""
+    """Reads an IDX file (optionally gzipped): MNIST / Fashion-MNIST images or labels.
+
+    Only the bytes the header declares are read (at most MAX_IDX_BYTES), so a gzip bomb or a
+    corrupt header costs no memory.
+
+    Raises:
+        EdgetlError: missing, not a regular file, not an unsigned-byte IDX file, truncated, or
+            implausibly large.
+    """
     from edgetl.runner import path_problem
 
     path = Path(path)
@@ -731,19 +745,51 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as e:
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08:
+                raise EdgetlError(f"'{path}' is not an unsigned-byte IDX file (MNIST format)")
+            ndim = head[3]
+            dims = f.read(4 * ndim)
+            if ndim < 1 or len(dims) < 4 * ndim:
+                raise EdgetlError(f"'{path}' has a corrupt IDX header")
+            shape = struct.unpack(f">{ndim}I", dims)
+            n = int(np.prod(shape, dtype=object))
+            if n > MAX_IDX_BYTES:
+                raise EdgetlError(f"'{path}' header says {shape}: {n} bytes, more than the "
+                                  f"{MAX_IDX_BYTES >> 20} MB edgetl reads from an IDX file "
+                                  "(corrupt header?)")
+            data = f.read(n)
+    except (OSError, EOFError, zlib.error) as e:
         raise EdgetlError(f"cannot read IDX file '{path}': {e}") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise EdgetlError(f"'{path}' is not an unsigned-byte IDX file (MNIST format)")
-    ndim = data[3]
-    if ndim < 1 or len(data) < 4 + 4 * ndim:
-        raise EdgetlError(f"'{path}' has a corrupt IDX header")
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    n = int(np.prod(shape))
-    if len(data) - 4 - 4 * ndim < n:
+    if len(data) < n:
         raise EdgetlError(f"'{path}' is truncated: header says {shape}, file is too short")
-    return np.frombuffer(data, np.uint8, n, 4 + 4 * ndim).reshape(shape)
+    return np.frombuffer(data, np.uint8, n).reshape(shape)
+
+
+def _idx_class_names(names: str) -> tuple:
+    """Class names from a --names file, each usable as a folder name (one line per class)."""
+    from edgetl.runner import printable
+
+    p = Path(names)
+    if not p.is_file():
+        raise EdgetlError(f"--names '{names}': use fashion-mnist, mnist or a labels file")
+    if p.stat().st_size > 1 << 20:
+        raise EdgetlError(f"--names '{names}' is larger than 1 MB: give one class name a line")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError) as e:
+        raise EdgetlError(f"cannot read --names '{names}': {e}") from None
+    class_names = tuple(line.strip().replace("/", "_") for line in lines if line.strip())
+    for name in class_names:
+        if name in (".", "..") or printable(name) != name or len(name.encode()) > 200:
+            raise EdgetlError(f"--names '{names}': class name '{printable(name)}' cannot be a "
+                              "folder name (it is '.' or '..', has control characters or is "
+                              "over 200 bytes): fix that line")
+    dup = next((n for i, n in enumerate(class_names) if n in class_names[:i]), None)
+    if dup is not None:
+        raise EdgetlError(f"--names '{names}': class name '{dup}' is given twice: each class "
+                          "needs its own name")
+    return class_names
 
 
 def idx_to_folders(images: str, labels: str, out: str | os.PathLike, names: str = "fashion-mnist",
@@ -753,9 +799,21 @@ def idx_to_folders(images: str, labels: str, out: str | os.PathLike, names: str 
     Args:
         names: 'fashion-mnist', 'mnist', or a file with one class name per line.
         limit: at most this many images per class (the first ones in file order).
+
+    Raises:
+        EdgetlError: bad inputs, or ``out`` is (or holds) one of the inputs; nothing is left
+            behind on any failure.
     """
     from PIL import Image
 
+    out = Path(out)
+    real_out = os.path.realpath(out)
+    for flag, given in (("IMAGES", images), ("LABELS", labels), ("--names", names)):
+        real = os.path.realpath(given)
+        if os.path.exists(given) and (real == real_out or real.startswith(
+                real_out.rstrip(os.sep) + os.sep)):  # --overwrite would delete it
+            raise EdgetlError(f"OUT '{out}' {'is' if real == real_out else 'holds'} the "
+                              f"{flag} file '{given}': choose another OUT folder")
     x, y = read_idx(images), read_idx(labels)
     if x.ndim == 1 and y.ndim == 3:
         raise EdgetlError(f"'{images}' holds labels and '{labels}' images: give the images file "
@@ -769,31 +827,32 @@ def idx_to_folders(images: str, labels: str, out: str | os.PathLike, names: str 
     elif names == "mnist":
         class_names = MNIST
     else:
-        p = Path(names)
-        if not p.is_file():
-            raise EdgetlError(f"--names '{names}': use fashion-mnist, mnist or a labels file")
-        class_names = tuple(line.strip().replace("/", "_") for line in p.read_text().splitlines()
-                            if line.strip())
-    if int(y.max()) >= len(class_names):
-        raise EdgetlError(f"labels go up to {int(y.max())} but only {len(class_names)} class "
-                          "names were given")
-    out = Path(out)
+        class_names = _idx_class_names(names)
+    if not class_names or (len(y) and int(y.max()) >= len(class_names)):
+        raise EdgetlError(f"labels go up to {int(y.max()) if len(y) else 0} but only "
+                          f"{len(class_names)} class names were given")
+    if out.exists() and not out.is_dir():
+        raise EdgetlError(f"'{out}' is a file, not a folder: choose another OUT folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise EdgetlError(f"'{out}' exists and is not empty: choose another folder or pass "
                           "--overwrite")
     tmp = out.with_name(out.name + ".tmp-idx")
     _rmtree(tmp)
     counts: Counter = Counter()
-    for name in class_names:
-        (tmp / name).mkdir(parents=True)
-    for i, (img, label) in enumerate(zip(x, y)):
-        name = class_names[int(label)]
-        if limit is not None and counts[name] >= limit:
-            continue
-        Image.fromarray(img).save(tmp / name / f"{i:05d}.png")
-        counts[name] += 1
-    _rmtree(out)
-    os.replace(tmp, out)
+    try:
+        for name in class_names:
+            (tmp / name).mkdir(parents=True)
+        for i, (img, label) in enumerate(zip(x, y)):
+            name = class_names[int(label)]
+            if limit is not None and counts[name] >= limit:
+                continue
+            Image.fromarray(img).save(tmp / name / f"{i:05d}.png")
+            counts[name] += 1
+        _rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        _rmtree(tmp)
+        raise
     return dict(counts)
 
 
