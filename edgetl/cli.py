@@ -909,7 +909,7 @@ def sensitivity(
                             num_calibration=num_calibration, seed=seed, unsafe=unsafe)
     from edgetl.progress import Progress
 
-    report = _guard(measure, cfg, Progress())
+    report = _guard(measure, cfg, Progress(hold=True))  # bad input stays one line in a log
     if json_out:
         from edgetl.sensitivity import write_json
 

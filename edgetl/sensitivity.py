@@ -364,6 +364,8 @@ def sensitivity(cfg: SensitivityConfig, progress=None) -> dict:
     with progress.step("load model.keras") as step:
         model = load_model(run / "model.keras", cfg.unsafe)
         step.done(f"{model.count_params():,} parameters")
+    if hasattr(progress, "release"):
+        progress.release()  # the images and the model are good: bad input is past
     report = measure(model, calib, images, [label for _, label in chosen], progress=progress)
     return {"run": str(run), "settings": {"num_images": cfg.num_images,
                                           "num_calibration": cfg.num_calibration,
