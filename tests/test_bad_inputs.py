@@ -898,6 +898,131 @@ HUNT5 = [
 CASES += HUNT5
 
 
+# --- session 6 hunt ------------------------------------------------------------------------------
+
+def _manifest(e: Env, change) -> Path:
+    """A copy of the run's calibration manifest, changed by ``change(m)`` (None: a FIFO)."""
+    out = e.tmp / "m.json"
+    if change is None:
+        return _fifo(out)
+    m = json.loads((e.run / "export" / "run_calibration.json").read_text())
+    change(m)
+    out.write_text(json.dumps(m))
+    return out
+
+
+def _broken_link(p: Path) -> Path:
+    p.symlink_to(p.with_name("nowhere"))
+    return p
+
+
+def _run_with_export(e: Env, make) -> Path:
+    """A copy of the run whose export/ folder is made by ``make(path)``."""
+    run = e.run_copy()
+    shutil.rmtree(run / "export")
+    make(run / "export")
+    e.watched.append(run)
+    return run
+
+
+def _idx_pair(e: Env, folder: Path | None = None) -> tuple[Path, Path]:
+    folder = folder or e.tmp
+    folder.mkdir(exist_ok=True)
+    (folder / "images.idx").write_bytes(b"\0\0\x08\x03" + struct.pack(">III", 4, 28, 28)
+                                        + b"\0" * (4 * 28 * 28))
+    (folder / "labels.idx").write_bytes(b"\0\0\x08\x01" + struct.pack(">I", 4)
+                                        + bytes([0, 1, 0, 1]))
+    return folder / "images.idx", folder / "labels.idx"
+
+
+def _idx_names(e: Env, text: str) -> list:
+    images, labels = _idx_pair(e)
+    (e.tmp / "names.txt").write_text(text)
+    return ["edgetl", "data", "idx", images, labels, e.tmp / "out", "--names",
+            e.tmp / "names.txt"]
+
+
+def _models_folder(e: Env) -> Path:
+    models = e.tmp / "models"
+    models.mkdir()
+    (models / "other.tflite").write_bytes(b"precious")
+    return _copy_as(e.int8, models / "m.tflite")
+
+
+HUNT6 = [
+    Case("export-manifest-images-not-entries",
+         lambda e: _export(e.run, "--int8", "--name", "x", "--calibration-manifest",
+                           _manifest(e, lambda m: m.update(images=[5]))), 2,
+         r"--calibration-manifest '.*m\.json' is not an edgetl calibration manifest"),
+    Case("export-manifest-entry-without-sha256",
+         lambda e: _export(e.run, "--int8", "--name", "x", "--calibration-manifest",
+                           _manifest(e, lambda m: m["images"][0].pop("sha256"))), 2,
+         r"--calibration-manifest '.*m\.json' is not an edgetl calibration manifest"),
+    Case("export-manifest-no-images",
+         lambda e: _export(e.run, "--int8", "--name", "x", "--calibration-manifest",
+                           _manifest(e, lambda m: m.update(images=[]))), 2,
+         r"--calibration-manifest '.*m\.json' lists no images"),
+    Case("export-manifest-fifo",
+         lambda e: _export(e.run, "--int8", "--name", "x", "--calibration-manifest",
+                           _manifest(e, None)), 2,
+         r"--calibration-manifest '.*m\.json' is not a regular file"),
+    Case("export-overwrite-onto-a-folder",
+         lambda e: _export(_run_with_export(e, lambda p: (p / "run_float32.tflite" / "keep")
+                                            .mkdir(parents=True)),
+                           "--float32", "--no-verify", "--overwrite"), 2,
+         r"'.*export/run_float32\.tflite' is a folder, not an earlier export: move it away"),
+    Case("export-folder-broken-symlink",
+         lambda e: _export(_run_with_export(e, _broken_link), "--float32", "--no-verify"), 2,
+         r"export folder '.*export' is a broken symlink or a symlink loop"),
+    Case("train-out-broken-symlink",
+         lambda e: _out_replaced(e.train(e.data()), _broken_link(e.tmp / "out2")), 2,
+         r"--out '.*out2' is a broken symlink or a symlink loop"),
+    Case("bundle-out-holds-the-model",
+         lambda e: ["edgetl", "bundle", _models_folder(e), "--out", e.tmp / "models",
+                    "--overwrite"], 2,
+         r"--out .*models contains the model .*m\.tflite: replacing it would delete the input"),
+    Case("bundle-out-is-the-model",
+         lambda e: ["edgetl", "bundle", _model_copy(e), "--out", e.tmp / "m.tflite",
+                    "--overwrite"], 2, r"--out .*m\.tflite is the model"),
+    Case("bundle-out-broken-symlink",
+         lambda e: ["edgetl", "bundle", e.int8, "--out", _broken_link(e.tmp / "pi")], 2,
+         r"--out .*pi is a broken symlink or a symlink loop"),
+    Case("data-idx-names-dotdot", lambda e: _idx_names(e, "shirt\n..\n"), 2,
+         r"--names '.*names\.txt': class name '\.\.' cannot be a folder name"),
+    Case("data-idx-names-control", lambda e: _idx_names(e, "shirt\n\x1b[2Jcoat\n"), 2,
+         r"class name '\\x1b\[2Jcoat' cannot be a folder name"),
+    Case("data-idx-names-repeated", lambda e: _idx_names(e, "shirt\nshirt\n"), 2,
+         r"class name 'shirt' is given twice"),
+    Case("data-idx-out-holds-the-inputs",
+         lambda e: ["edgetl", "data", "idx", *_idx_pair(e, e.tmp / "mnist"), e.tmp / "mnist",
+                    "--overwrite"], 2,
+         r"OUT '.*mnist' holds the IMAGES file '.*images\.idx': choose another OUT folder"),
+    Case("data-idx-fifo",
+         lambda e: ["edgetl", "data", "idx", _fifo(e.tmp / "images.idx"),
+                    _idx_pair(e, e.tmp / "x")[1], e.tmp / "out"], 2,
+         r"IDX file '.*images\.idx' is not a regular file"),
+    Case("data-idx-header-huge",
+         lambda e: ["edgetl", "data", "idx", _copy_bytes(e.tmp / "big.idx", b"\0\0\x08\x03"
+                    + struct.pack(">III", 4000000000, 28, 28)), _idx_pair(e)[1],
+                    e.tmp / "out"], 2,
+         r"'.*big\.idx' header says \(4000000000, 28, 28\): .* more than the 1024 MB"),
+    Case("sensitivity-model-is-fifo",
+         lambda e: ["edgetl", "sensitivity", _run_with(e, "model.keras", None)], 2,
+         r"cannot load model '.*model\.keras': it is not a regular file: a FIFO"),
+]
+CASES += HUNT6
+
+
+def _out_replaced(argv: list, out: Path) -> list:
+    argv[argv.index("--out") + 1] = out
+    return argv
+
+
+def _copy_bytes(p: Path, data: bytes) -> Path:
+    p.write_bytes(data)
+    return p
+
+
 def _fifo(p: Path) -> Path:
     os.mkfifo(p)
     return p
