@@ -1,0 +1,133 @@
+"""Hidden variants of the known failure kinds (session 6 hunt) that the catalogue rows in
+tests/test_bad_inputs.py (the HUNT6 list) do not cover: what a command prints or keeps when it
+accepts the input."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import struct
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+from typer.testing import CliRunner
+
+from edgetl.progress import Progress
+
+cli = CliRunner()
+
+
+def test_progress_lines_escape_control_characters_but_keep_line_breaks():
+    out = io.StringIO()
+    p = Progress(stream=out, live=False)
+    p.line("note: left out 'a\x1b]0;PWN\x07b.jpg'\nsecond line \u202eevil")
+    assert out.getvalue() == ("note: left out 'a\\x1b]0;PWN\\x07b.jpg'\n"
+                              "second line \\u202eevil\n")
+    held = Progress(stream=out, live=False, hold=True)
+    held.line("x\x1b[2J")
+    held.release()
+    assert out.getvalue().endswith("x\\x1b[2J\n")
+
+
+def test_train_left_out_note_escapes_file_names(synth, tmp_path):
+    """A file name with an escape sequence in a class folder reached the terminal raw in the
+    'note: left out' line (printed even with --quiet)."""
+    import shutil
+
+    from edgetl.cli import app
+
+    data = tmp_path / "data"
+    shutil.copytree(synth, data)
+    (data / "circle" / "a\x1b]0;PWN\x07\nFORGED.jpg").write_bytes(b"not an image")
+    result = cli.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "run"),
+                              "--alpha", "0.35", "--input-size", "32", "--weights", "none",
+                              "--epochs", "1", "--batch-size", "8", "--no-augment", "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    assert "\x1b" not in result.stderr and "\x07" not in result.stderr
+    note = [ln for ln in result.stderr.splitlines() if ln.startswith("note: left out 1 file")]
+    assert len(note) == 1 and "a\\x1b]0;PWN\\x07\\x0aFORGED.jpg" in note[0], result.stderr
+    assert not any(ln.startswith("FORGED") for ln in result.stderr.splitlines())
+
+
+def test_read_idx_reads_only_the_declared_bytes(tmp_path):
+    """A gzipped IDX file with 64 MB of trailing zeros (a gzip bomb, 64 KB on disk) was
+    decompressed whole into memory; now only the header's 4 x 28 x 28 bytes are read."""
+    from edgetl.data import read_idx
+
+    path = tmp_path / "images.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(b"\0\0\x08\x03" + struct.pack(">III", 4, 28, 28))
+        f.write(np.arange(4 * 28 * 28, dtype=np.uint8).tobytes())
+        zeros = bytes(1 << 20)
+        for _ in range(64):
+            f.write(zeros)
+    tracemalloc.start()
+    try:
+        x = read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert x.shape == (4, 28, 28) and x[0, 0, 5] == 5
+    assert peak < 8 << 20, peak
+
+
+def test_idx_to_folders_leaves_nothing_on_a_failure(tmp_path, monkeypatch):
+    """A failure while writing the PNGs (a full disk, say) left OUT.tmp-idx behind."""
+    import pytest
+    from PIL import Image
+
+    from edgetl.data import idx_to_folders
+
+    (tmp_path / "i.idx").write_bytes(b"\0\0\x08\x03" + struct.pack(">III", 4, 28, 28)
+                                     + bytes(4 * 28 * 28))
+    (tmp_path / "l.idx").write_bytes(b"\0\0\x08\x01" + struct.pack(">I", 4) + bytes([0, 1, 0, 1]))
+    calls = []
+
+    def full_disk(self, fp, *a, **k):
+        calls.append(fp)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device", str(fp))
+        return save(self, fp, *a, **k)
+
+    save = Image.Image.save
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(OSError):
+        idx_to_folders(str(tmp_path / "i.idx"), str(tmp_path / "l.idx"), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["i.idx", "l.idx"]
+
+
+def test_replayed_manifest_with_few_images_still_replays(tmp_path):
+    """The manifest check refuses broken manifests, not small ones: an export run with
+    --num-calibration 5 writes a 5-image manifest, which must replay."""
+    import json
+
+    from edgetl.data import file_sha256
+    from edgetl.export import _replay_manifest
+
+    img = tmp_path / "a.png"
+    img.write_bytes(b"\x89PNG not really")
+    prep = {"name": "tf", "mean": [127.5] * 3, "std": [127.5] * 3, "channel_order": "RGB"}
+    m = {"input_size": 32, "preprocessing": prep,
+         "images": [{"path": str(img), "sha256": file_sha256(img)}]}
+    (tmp_path / "m.json").write_text(json.dumps(m))
+    assert _replay_manifest(str(tmp_path / "m.json"),
+                            {"input_size": 32, "preprocessing": prep}) == [str(img)]
+
+
+def test_bundle_beside_the_model_is_fine(tmp_path):
+    """The refusal of an --out that holds the model must not catch a folder whose name only
+    starts like the model's folder (models2 beside models/m.tflite), nor --overwrite of it."""
+    import shutil
+
+    from conftest import coral
+    from edgetl.bundle import bundle
+
+    models = tmp_path / "models"
+    models.mkdir()
+    model = models / "m.tflite"
+    shutil.copyfile(coral("mobilenet_v1_0.25_128_quant.tflite"), model)
+    (tmp_path / "models2").mkdir()
+    out = bundle(model, tmp_path / "models2", overwrite=True)
+    assert (out / "m.tflite").read_bytes() == model.read_bytes()
+    assert sorted(p.name for p in models.iterdir()) == ["m.tflite"]
