@@ -272,8 +272,9 @@ def bundle(
         raise EdgetlError(f"--out {out} {what} the model {model_path}: replacing it would "
                           "delete the input; choose another --out")
     files = bundle_files(model_path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         if _is_tar(out):
             root = out.name[: -len(next(s for s in TAR_SUFFIXES if out.name.endswith(s)))]
             staged = tmp / out.name
@@ -285,6 +286,9 @@ def bundle(
             old = tmp / "old"
             os.replace(out, old)
         os.replace(staged, out)
+    except OSError as e:  # a full disk, a read-only folder: name --out, not a temporary file
+        raise EdgetlError(f"cannot read or write '{out}': {e.strerror or e}") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out

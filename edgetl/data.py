@@ -15,6 +15,7 @@ import unicodedata
 import struct
 import zlib
 from collections import Counter
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -697,22 +698,42 @@ def make_synth(out: str | os.PathLike, classes: int = 4, per_class: int = 60, si
     parse_input_size(size, "--size")
     check_number("--seed", seed, integer=True, low=0, high=MAX_SEED)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise EdgetlError(f"'{out}' is a file, not a folder: choose another OUT folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise EdgetlError(f"'{out}' exists and is not empty: choose another folder or pass "
                           "--overwrite")
     rng = np.random.RandomState(seed)
     tmp = out.with_name(out.name + ".tmp-synth")
-    _rmtree(tmp)
     counts = {}
-    for kind in SYNTH_CLASSES[:classes]:
-        (tmp / kind).mkdir(parents=True)
-        for i in range(per_class):
-            hue = SYNTH_CLASSES.index(kind) / classes
-            Image.fromarray(_draw(kind, size, rng, hue)).save(tmp / kind / f"{kind}_{i:04d}.png")
-        counts[kind] = per_class
-    _rmtree(out)
-    os.replace(tmp, out)
+    with _writing_folder(out, tmp):
+        _rmtree(tmp)
+        for kind in SYNTH_CLASSES[:classes]:
+            (tmp / kind).mkdir(parents=True)
+            for i in range(per_class):
+                hue = SYNTH_CLASSES.index(kind) / classes
+                Image.fromarray(_draw(kind, size, rng, hue)).save(
+                    tmp / kind / f"{kind}_{i:04d}.png")
+            counts[kind] = per_class
+        _rmtree(out)
+        os.replace(tmp, out)
     return counts
+
+
+@contextmanager
+def _writing_folder(out: Path, tmp: Path):
+    """Around writing ``tmp`` and renaming it to ``out``: on any failure ``tmp`` is removed,
+    and a fault of the machine (a full disk, a read-only folder) is one line naming ``out``."""
+    try:
+        yield
+    except BaseException as e:
+        try:
+            _rmtree(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise EdgetlError(f"cannot read or write '{out}': {e.strerror or e}") from None
+        raise
 
 
 FASHION_MNIST = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -837,9 +858,9 @@ def idx_to_folders(images: str, labels: str, out: str | os.PathLike, names: str 
         raise EdgetlError(f"'{out}' exists and is not empty: choose another folder or pass "
                           "--overwrite")
     tmp = out.with_name(out.name + ".tmp-idx")
-    _rmtree(tmp)
     counts: Counter = Counter()
-    try:
+    with _writing_folder(out, tmp):
+        _rmtree(tmp)
         for name in class_names:
             (tmp / name).mkdir(parents=True)
         for i, (img, label) in enumerate(zip(x, y)):
@@ -850,9 +871,6 @@ def idx_to_folders(images: str, labels: str, out: str | os.PathLike, names: str 
             counts[name] += 1
         _rmtree(out)
         os.replace(tmp, out)
-    except BaseException:
-        _rmtree(tmp)
-        raise
     return dict(counts)
 
 

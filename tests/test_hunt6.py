@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import struct
+import subprocess
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
+from edgetl.errors import EdgetlError
 from edgetl.progress import Progress
 
 cli = CliRunner()
@@ -74,7 +78,6 @@ def test_read_idx_reads_only_the_declared_bytes(tmp_path):
 
 def test_idx_to_folders_leaves_nothing_on_a_failure(tmp_path, monkeypatch):
     """A failure while writing the PNGs (a full disk, say) left OUT.tmp-idx behind."""
-    import pytest
     from PIL import Image
 
     from edgetl.data import idx_to_folders
@@ -92,9 +95,39 @@ def test_idx_to_folders_leaves_nothing_on_a_failure(tmp_path, monkeypatch):
 
     save = Image.Image.save
     monkeypatch.setattr(Image.Image, "save", full_disk)
-    with pytest.raises(OSError):
+    with pytest.raises(EdgetlError, match=r"cannot read or write '.*out': No space left"):
         idx_to_folders(str(tmp_path / "i.idx"), str(tmp_path / "l.idx"), tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["i.idx", "l.idx"]
+
+
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="mounting a small tmpfs needs root")
+def test_full_disk_names_out_and_leaves_nothing(tmp_path):
+    """bundle, data synth and data idx on a full disk said `cannot read or write: No space left
+    on device` (no path); synth left OUT.tmp-synth behind."""
+    from conftest import coral
+    from edgetl.cli import app
+
+    small = tmp_path / "small"
+    small.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(small)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip()}")
+    try:
+        model = coral("mobilenet_v1_0.25_128_quant.tflite")  # 0.5 MB: more than the disk
+        for argv, out in ((["bundle", str(model), "--out"], "b"),
+                          (["bundle", str(model), "--out"], "b.tar.gz"),
+                          (["data", "synth", "--per-class", "300", "--size", "128"], "s")):
+            result = cli.invoke(app, argv + [str(small / out)])
+            assert result.exit_code == 2, result.stderr
+            assert result.stderr.strip() == (f"error: cannot read or write '{small / out}': "
+                                             "No space left on device")
+            assert os.listdir(small) == []
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
 
 
 def test_replayed_manifest_with_few_images_still_replays(tmp_path):
