@@ -1256,9 +1256,50 @@ def restore_best(run: Path, model, optimizer, best: dict | None, phase_index: in
 
     if best["phase"] == phase_index:
         ckpt = run / "checkpoints" / best["checkpoint"] / "ckpt"
-        tf.train.Checkpoint(model=model, optimizer=optimizer).read(str(ckpt)).expect_partial()
+        read_checkpoint(tf.train.Checkpoint(model=model, optimizer=optimizer), ckpt)
     else:
-        model.load_weights(str(_phase_weights(run, best["phase"])))
+        path = _phase_weights(run, best["phase"])
+        with _damaged_checkpoint(path):
+            model.load_weights(str(path))
+
+
+@contextlib.contextmanager
+def _damaged_checkpoint(path: Path):
+    """A checkpoint that cannot be decoded (truncated, overwritten, hand-edited) as one line:
+    TensorFlow raises DataLossError, IndexError or ValueError from deep inside its reader."""
+    try:
+        yield
+    except EdgetlError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoding failure of the file is the same news
+        tf = sys.modules.get("tensorflow")
+        io_fault = isinstance(e, OSError) and getattr(e, "errno", None) is not None
+        if tf is not None and isinstance(e, tf.errors.OpError):
+            io_fault = isinstance(e, (tf.errors.ResourceExhaustedError,
+                                      tf.errors.PermissionDeniedError))
+        if io_fault:  # a fault of the machine, not of the file: the usual line
+            raise
+        import re
+
+        text = re.sub(r"\{\{.*?\}\}\s*", "", str(e)).strip()  # TF's op-name prefix
+        reason = (text.splitlines() or [type(e).__name__])[0][:160]
+        raise EdgetlError(f"checkpoint '{path}' of the run is damaged ({reason}): the run cannot "
+                          "continue from it; start a new run (--overwrite)") from None
+
+
+def read_checkpoint(checkpoint, ckpt: Path) -> None:
+    """``checkpoint.read(ckpt)`` (partial reads allowed); a damaged file is an EdgetlError.
+
+    Every tensor is decoded (and its checksum checked) first: the optimizer's slots are
+    restored lazily, at the first training step, where damage would surface as a traceback.
+    """
+    from edgetl.keras import tf
+
+    with _damaged_checkpoint(ckpt.parent):
+        reader = tf.train.load_checkpoint(str(ckpt))
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+        checkpoint.read(str(ckpt)).expect_partial()
 
 
 def _phase_weights(run: Path, phase_index: int) -> Path:
@@ -1654,8 +1695,7 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
         initial = 0
         if pi == done_phase:
             ckpt = run / "checkpoints" / state["checkpoint"] / "ckpt"
-            tf.train.Checkpoint(model=current, optimizer=optimizer).read(
-                str(ckpt)).expect_partial()
+            read_checkpoint(tf.train.Checkpoint(model=current, optimizer=optimizer), ckpt)
             initial = done_epoch
             _prune_history(run, global_epoch + done_epoch)
             log(f"resuming {phase.name} after epoch {done_epoch}/{phase.epochs}")
