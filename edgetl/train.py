@@ -967,7 +967,8 @@ def _refuse_changed_flags(cfg: TrainConfig, saved: TrainConfig, given, out: Path
 
 def check_out_outside_data(out: Path, cfg: TrainConfig) -> None:
     """Refuses a run directory inside (or equal to) the data folders: it would be scanned as a
-    class, or --overwrite would move the data."""
+    class, or --overwrite would move the data; and --base-model / --weights files inside it
+    (--overwrite sets the old run aside before they are read)."""
     real_out = os.path.realpath(out)
     for flag, folder in (("--data", cfg.data), ("--val-data", cfg.val_data)):
         if not folder:
@@ -978,6 +979,15 @@ def check_out_outside_data(out: Path, cfg: TrainConfig) -> None:
                 "contains" if real_out != real else "is"
             raise EdgetlError(f"--out '{out}' {where} {flag} '{folder}': the run directory must "
                               f"be outside the data folder; choose another --out")
+    if cfg.resume:  # the run's own settings: its files were outside it when it started
+        return
+    weights = cfg.weights if cfg.weights not in (None, "imagenet", "none") else None
+    for flag, given in (("--base-model", cfg.base_model), ("--weights", weights)):
+        if given and os.path.lexists(given) and _is_within(os.path.realpath(given), real_out):
+            # --overwrite sets the old run aside before the file is read: it would vanish
+            raise EdgetlError(f"{flag} '{given}' is inside --out '{out}', which this run "
+                              f"replaces: copy it out of the run directory first, or choose "
+                              f"another --out")
 
 
 def _is_within(path: str, folder: str) -> bool:
