@@ -331,6 +331,7 @@ def sensitivity(cfg: SensitivityConfig, progress=None) -> dict:
     from edgetl.calibrate import sample
     from edgetl.config import ExportConfig
     from edgetl.export import calibration_items, load_batch
+    from edgetl.preprocessing import input_shape
     from edgetl.train import load_model, load_run, load_split
 
     _check(cfg)
@@ -338,7 +339,8 @@ def sensitivity(cfg: SensitivityConfig, progress=None) -> dict:
     run_cfg = load_run(run)
     split = load_split(run, len(run_cfg["class_names"]))
     try:
-        size, prep = run_cfg["input_size"], run_cfg["preprocessing"]
+        # (height, width, channels): a non-square or greyscale run's input_size alone is not it
+        size, prep = input_shape(run_cfg), run_cfg["preprocessing"]
         val = [tuple(x) for x in split["val"]]
         split["train"]
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -214,3 +214,22 @@ def test_bundle_beside_the_model_is_fine(tmp_path):
     out = bundle(model, tmp_path / "models2", overwrite=True)
     assert (out / "m.tflite").read_bytes() == model.read_bytes()
     assert sorted(p.name for p in models.iterdir()) == ["m.tflite"]
+
+
+def test_sensitivity_of_a_non_square_greyscale_run(synth, tmp_path):
+    """sensitivity fed images at the run's input_size alone: a non-square run ([40, 32]) ended
+    in a ValueError traceback, a greyscale one in LiteRT's 'Dimension mismatch. Got 3 but
+    expected 1'. It now uses (height, width, channels) as export does."""
+    from edgetl.cli import app
+
+    run = tmp_path / "run"
+    result = cli.invoke(app, ["train", "--data", str(synth), "--out", str(run), *TINY,
+                              "--input-size", "40x32", "--channels", "1"])
+    assert result.exit_code == 0, result.stderr
+    result = cli.invoke(app, ["sensitivity", str(run), "--num-images", "2",
+                              "--num-calibration", "4", "--json", str(tmp_path / "s.json")])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    import json
+
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert report["settings"]["num_images"] == 2 and report["tensors"], list(report)
