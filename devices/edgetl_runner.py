@@ -1645,6 +1645,29 @@ def _load_edgetpu_delegate(load_delegate):
     return delegate
 
 
+# Ops that only move or re-type a tensor (the op before them decides what the output is), and
+# ops whose output, without a fused activation, is an unbounded score.
+_PASS_THROUGH_OPS = {"QUANTIZE", "DEQUANTIZE", "RESHAPE", "SQUEEZE", "CAST"}
+_LINEAR_OPS = {"FULLY_CONNECTED", "CONV_2D", "ADD", "SUB", "MUL", "MEAN", "BATCH_MATMUL"}
+
+
+def output_is_logit(info: ModelInfo) -> bool:
+    """True when a single-output model's output is a logit, not a sigmoid probability: it
+    comes from a linear op without activation (Keras ``Dense(1)`` trained with
+    ``from_logits=True``, as in TensorFlow's transfer-learning tutorial), not from LOGISTIC.
+    Anything else (LOGISTIC, a clamp, a custom op) keeps the probability reading."""
+    producers = {t: op for op in info.operators for t in op.outputs}
+    tensor = info.outputs[0] if info.outputs else -1
+    for _ in range(len(info.operators)):
+        op = producers.get(tensor)
+        if op is None or op.custom or not op.inputs:
+            return False
+        if op.op not in _PASS_THROUGH_OPS:
+            return op.op in _LINEAR_OPS and op.fused_activation in ("", "NONE")
+        tensor = op.inputs[0]
+    return False
+
+
 def _edgetpu_error(name: str) -> RunnerError:
     return RunnerError(
         "%s was compiled for the Coral Edge TPU (it contains an %s): run it with "
@@ -1757,6 +1780,7 @@ class Model:
                 "multi-output model); the runner handles image classifiers with one input and one "
                 "score output" % (self.path, len(self.info.inputs), len(self.info.outputs))
             )
+        self.output_is_logit = output_is_logit(self.info)
         (
             self.interpreter_name,
             self.interpreter_version,
@@ -1843,10 +1867,13 @@ class Model:
         return 2 if self.num_outputs == 1 else self.num_outputs
 
     def class_scores(self, x_float: np.ndarray) -> np.ndarray:
-        """:meth:`predict`, with a single sigmoid output p expanded to the two scores [1-p, p]."""
+        """:meth:`predict`, with a single sigmoid output p expanded to the two scores [1-p, p]
+        (a single logit output z is turned into p = sigmoid(z) first)."""
         y = self.predict(x_float)
         if self.num_outputs != 1:
             return y
+        if self.output_is_logit:
+            y = 1.0 / (1.0 + np.exp(-np.clip(y.astype(np.float64), -80.0, 80.0)))
         return np.concatenate([1.0 - y, y], axis=-1).astype(np.float32)
 
     # -- preprocessing --------------------------------------------------------------------------
@@ -2509,6 +2536,8 @@ def run(options) -> dict:
             "single-output (sigmoid) binary classifier: scores are [1-p, p] for outputs 0 and 1; "
             "pass --labels with two lines to name them"
         )
+    if n_out == 1 and model.output_is_logit:
+        notes.append("its single output is a logit (a linear layer, no sigmoid): p = sigmoid(output)")
 
     labels, labels_source = None, None
     if args.labels:

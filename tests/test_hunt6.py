@@ -233,3 +233,29 @@ def test_sensitivity_of_a_non_square_greyscale_run(synth, tmp_path):
 
     report = json.loads((tmp_path / "s.json").read_text())
     assert report["settings"]["num_images"] == 2 and report["tensors"], list(report)
+
+
+def test_single_logit_output_is_read_through_a_sigmoid(tmp_path):
+    """A one-output model whose output is a logit (Keras Dense(1) trained with
+    from_logits=True, TensorFlow's transfer-learning tutorial head) was read as a probability:
+    a logit of 0.3 (p = 0.574, the second class) was called the first class, and the scores
+    printed were 'probabilities' like 43.1 and -42.1. The same head with a sigmoid is unchanged."""
+    from edgetl import runner as r
+    from edgetl.keras import keras, tf
+
+    scores = {}
+    for activation in (None, "sigmoid"):
+        inp = keras.Input((8, 8, 3))
+        out = keras.layers.Dense(1, activation=activation)(
+            keras.layers.GlobalAveragePooling2D()(inp))
+        model = keras.Model(inp, out)
+        model.layers[-1].set_weights([np.zeros((3, 1), np.float32),
+                                      np.array([0.3], np.float32)])
+        path = tmp_path / f"{activation}.tflite"
+        path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+        m = r.Model(str(path))
+        assert m.output_is_logit == (activation is None)
+        scores[activation] = m.class_scores(np.zeros((2, 8, 8, 3), np.float32))
+    expected = 1 / (1 + np.exp(-0.3))
+    for s in scores.values():
+        np.testing.assert_allclose(s, [[1 - expected, expected]] * 2, atol=1e-5)
