@@ -70,6 +70,7 @@ __all__ = [
     "check_outputs",
     "path_problem",
     "symlink_loop",
+    "refuse_special_output",
     "check_writable",
     "read_model_metadata",
     "classify",
@@ -2867,6 +2868,32 @@ def shareable(fd: int) -> None:
         pass
 
 
+def refuse_special_output(path: str, flag: str = "--json") -> None:
+    """Refuse an output that names a device, FIFO or socket (``/dev/null``, ``/dev/stdout``):
+    a report is written to a temporary file and renamed over the name, which, run as root,
+    would replace the device node (or the /dev/stdout symlink) with a regular file.
+
+    Raises:
+        RunnerError: ``cannot write --json /dev/null: it is a device, not a regular file; ...``.
+    """
+    link = path
+    for _ in range(40):  # /dev/stdout -> /proc/self/fd/1 -> (a file when redirected): one hop
+        if not os.path.islink(link):  # at a time, as realpath would resolve past /proc
+            break
+        link = os.path.normpath(os.path.join(os.path.dirname(link), os.readlink(link)))
+        if link == "/proc" or link.startswith("/proc/"):
+            raise RunnerError(
+                "cannot write %s %s: it is a link to an open file of a process (%s), not a "
+                "regular file (writing would replace the link); give a file name"
+                % (flag, path, link)
+            )
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        raise RunnerError(
+            "cannot write %s %s: it is %s, not a regular file (writing would replace it); "
+            "give a file name" % (flag, path, _file_kind(os.stat(path).st_mode))
+        )
+
+
 def check_outputs(outputs, inputs=(), folders=()) -> None:
     """Refuse, before any work, output files that would destroy an input or each other.
 
@@ -2882,6 +2909,7 @@ def check_outputs(outputs, inputs=(), folders=()) -> None:
     outs = [(str(p), f) for p, f in outputs if p]
     real = [os.path.realpath(p) for p, _ in outs]
     for i, (path, flag) in enumerate(outs):
+        refuse_special_output(path, flag)
         for j in range(i):
             if real[i] == real[j]:
                 raise RunnerError("%s and %s name the same file %s: give each its own file"
@@ -2908,6 +2936,7 @@ def write_json(path: str, report: dict) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise RunnerError("cannot write --json %s: folder %s does not exist" % (path, directory))
+    refuse_special_output(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=".edgetl-report-", suffix=".json", dir=directory)
     except OSError as exc:

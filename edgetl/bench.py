@@ -524,6 +524,7 @@ def write_markdown(rows: list[dict], path: str | os.PathLike) -> Path:
 def _atomic_write(path: Path, text: str) -> Path:
     if not path.parent.is_dir():
         raise EdgetlError(f"folder {path.parent} does not exist; create it or choose another path")
+    _runner().refuse_special_output(str(path), "output")  # never rename over /dev/null
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         _runner().shareable(fd)

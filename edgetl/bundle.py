@@ -262,6 +262,15 @@ def bundle(
         )
     if not out.parent.is_dir():
         raise EdgetlError(f"folder {out.parent} does not exist; create it or choose another --out")
+    if out.exists() and not out.is_dir() and not out.is_file():
+        raise EdgetlError(f"--out {out} is not a regular file or folder (a device, a pipe or a "
+                          "socket): --overwrite would replace it; choose another --out")
+    from edgetl.runner import RunnerError, refuse_special_output
+
+    try:
+        refuse_special_output(str(out), "--out")  # /dev/stdout: a link into /proc
+    except RunnerError as e:
+        raise EdgetlError(str(e)) from None
     if out.is_symlink() and not out.exists():
         raise EdgetlError(f"--out {out} is a broken symlink or a symlink loop (it points to "
                           f"{os.readlink(out)}): remove it or choose another --out")

@@ -1014,11 +1014,30 @@ HUNT6 = [
          lambda e: e.train(e.data(), "--overwrite") + ["--weights",
                                                         e.run_copy("out") / "model.keras"], 2,
          r"--weights '.*out/model\.keras' is inside --out '.*out', which this run replaces"),
+    Case("runner-json-is-a-fifo",
+         lambda e: ["runner", e.int8, "--runs", "1", "--json", _fifo(e.tmp / "r.json")], 2,
+         r"cannot write --json .*r\.json: it is a named pipe \(FIFO\), not a regular file"),
+    Case("bench-markdown-is-a-fifo",
+         lambda e: ["edgetl", "bench", e.int8, "--runs", "1", "--markdown",
+                    _fifo(e.tmp / "r.md")], 2,
+         r"cannot write --markdown .*r\.md: it is a named pipe \(FIFO\)"),
+    Case("predict-json-is-proc-link",
+         lambda e: ["edgetl", "predict", e.int8, _image(e), "--json",
+                    _symlink(e.tmp / "out", "/proc/self/fd/1")], 2,
+         r"cannot write --json .*out: it is a link to an open file of a process"),
+    Case("bundle-out-is-a-fifo",
+         lambda e: ["edgetl", "bundle", e.int8, "--out", _fifo(e.tmp / "pi"), "--overwrite"], 2,
+         r"--out .*pi is not a regular file or folder \(a device, a pipe or a socket\)"),
     Case("sensitivity-model-is-fifo",
          lambda e: ["edgetl", "sensitivity", _run_with(e, "model.keras", None)], 2,
          r"cannot load model '.*model\.keras': it is not a regular file: a FIFO"),
 ]
 CASES += HUNT6
+
+
+def _symlink(p: Path, target: str) -> Path:
+    p.symlink_to(target)
+    return p
 
 
 def _out_replaced(argv: list, out: Path) -> list:

@@ -259,3 +259,26 @@ def test_single_logit_output_is_read_through_a_sigmoid(tmp_path):
     expected = 1 / (1 + np.exp(-0.3))
     for s in scores.values():
         np.testing.assert_allclose(s, [[1 - expected, expected]] * 2, atol=1e-5)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="making a device node needs root")
+def test_reports_never_replace_a_device_node(tmp_path):
+    """Run as root (sudo on a Pi, a container), `--json /dev/null` renamed the report over the
+    device node: /dev/null became a regular file for the whole machine. Checked on a null
+    device made for the test, with each command that writes a report."""
+    from edgetl import runner as r
+    from edgetl.cli import app
+    from conftest import coral
+
+    null = tmp_path / "null"
+    os.mknod(null, 0o666 | __import__("stat").S_IFCHR, os.makedev(1, 3))
+    model = coral("mobilenet_v1_0.25_128_quant.tflite")
+    for argv in (["bench", str(model), "--runs", "1", "--warmup", "0", "--json", str(null)],
+                 ["bench", str(model), "--runs", "1", "--warmup", "0", "--markdown", str(null)],
+                 ["predict", str(model), str(coral("cat.bmp")), "--json", str(null)]):
+        result = cli.invoke(app, argv)
+        assert result.exit_code == 2, result.stderr
+        assert "it is a device, not a regular file" in result.stderr
+    with pytest.raises(r.RunnerError, match="it is a device"):
+        r.write_json(str(null), {"a": 1})
+    assert __import__("stat").S_ISCHR(os.lstat(null).st_mode)
