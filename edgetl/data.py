@@ -704,7 +704,7 @@ def make_synth(out: str | os.PathLike, classes: int = 4, per_class: int = 60, si
         raise EdgetlError(f"'{out}' exists and is not empty: choose another folder or pass "
                           "--overwrite")
     rng = np.random.RandomState(seed)
-    tmp = out.with_name(out.name + ".tmp-synth")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp-synth")  # one per process
     counts = {}
     with _writing_folder(out, tmp):
         _rmtree(tmp)
@@ -715,9 +715,26 @@ def make_synth(out: str | os.PathLike, classes: int = 4, per_class: int = 60, si
                 Image.fromarray(_draw(kind, size, rng, hue)).save(
                     tmp / kind / f"{kind}_{i:04d}.png")
             counts[kind] = per_class
-        _rmtree(out)
-        os.replace(tmp, out)
+        _publish(tmp, out, overwrite)
     return counts
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Renames the finished ``tmp`` folder to ``out``. Without ``overwrite`` an ``out`` that
+    another command filled meanwhile is refused (the rename fails on a non-empty folder)."""
+    import errno
+
+    if overwrite:
+        _rmtree(out)
+    elif out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    try:
+        os.rename(tmp, out)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise EdgetlError(f"'{out}' exists and is not empty (another command wrote it "
+                              "meanwhile?): choose another folder or pass --overwrite") from None
+        raise
 
 
 @contextmanager
@@ -857,7 +874,7 @@ def idx_to_folders(images: str, labels: str, out: str | os.PathLike, names: str 
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise EdgetlError(f"'{out}' exists and is not empty: choose another folder or pass "
                           "--overwrite")
-    tmp = out.with_name(out.name + ".tmp-idx")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp-idx")  # one per process
     counts: Counter = Counter()
     with _writing_folder(out, tmp):
         _rmtree(tmp)
@@ -869,8 +886,7 @@ def idx_to_folders(images: str, labels: str, out: str | os.PathLike, names: str 
                 continue
             Image.fromarray(img).save(tmp / name / f"{i:05d}.png")
             counts[name] += 1
-        _rmtree(out)
-        os.replace(tmp, out)
+        _publish(tmp, out, overwrite)
     return dict(counts)
 
 

@@ -282,3 +282,29 @@ def test_reports_never_replace_a_device_node(tmp_path):
     with pytest.raises(r.RunnerError, match="it is a device"):
         r.write_json(str(null), {"a": 1})
     assert __import__("stat").S_ISCHR(os.lstat(null).st_mode)
+
+
+def test_synth_into_a_folder_another_command_fills_meanwhile(tmp_path, monkeypatch):
+    """Two `data synth OUT` at once shared the temporary folder OUT.tmp-synth: both failed
+    ('Directory not empty' / 'No such file or directory') and nothing was written. Each now
+    writes its own temporary folder; the one that finishes second is refused and the first's
+    folder is left as it was."""
+    from PIL import Image
+
+    from edgetl.data import make_synth
+
+    out = tmp_path / "shapes"
+    save = Image.Image.save
+
+    def other_command_finishes_first(self, fp, *a, **k):
+        if not out.exists():
+            (out / "circle").mkdir(parents=True)
+            (out / "circle" / "theirs.png").write_bytes(b"theirs")
+        return save(self, fp, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "save", other_command_finishes_first)
+    with pytest.raises(EdgetlError, match=r"'.*shapes' exists and is not empty \(another "
+                                          r"command wrote it meanwhile\?\)"):
+        make_synth(out, classes=2, per_class=2, size=16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shapes"]
+    assert [p.name for p in (out / "circle").iterdir()] == ["theirs.png"]
