@@ -6,6 +6,7 @@ numpy + pillow + a LiteRT interpreter) and the model carries its own metadata.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import os
@@ -232,6 +233,20 @@ def _write_tar(files: dict[str, bytes], target: Path, root: str) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
+def _link_or_replace(staged: Path, out: Path) -> None:
+    """Puts ``staged`` at ``out`` without replacing a file that appeared meanwhile (a hard link
+    fails with FileExistsError); file systems without hard links (FAT on a USB stick) fall back
+    to a rename after one more check."""
+    try:
+        os.link(staged, out)
+    except FileExistsError:
+        raise
+    except OSError:
+        if os.path.lexists(out):
+            raise FileExistsError(errno.EEXIST, "exists", str(out)) from None
+        os.replace(staged, out)
+
+
 def bundle(
     model_path: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False
 ) -> Path:
@@ -291,11 +306,23 @@ def bundle(
         else:
             staged = tmp / "bundle"
             _write_dir(files, staged)
-        if out.exists():  # overwrite: move the old one aside first, remove it after the swap
+        if overwrite and os.path.lexists(out):  # move the old one aside, removed after the swap
             old = tmp / "old"
             os.replace(out, old)
-        os.replace(staged, out)
-    except OSError as e:  # a full disk, a read-only folder: name --out, not a temporary file
+        if overwrite:
+            os.replace(staged, out)
+        elif staged.is_dir():
+            os.rename(staged, out)  # fails if another bundle filled --out meanwhile
+        else:
+            _link_or_replace(staged, out)
+    except FileExistsError:
+        raise EdgetlError(f"{out} already exists (another command wrote it meanwhile?); pass "
+                          "--overwrite to replace it or choose another --out") from None
+    except OSError as e:
+        if e.errno == errno.ENOTEMPTY:
+            raise EdgetlError(f"{out} already exists (another command wrote it meanwhile?); "
+                              "pass --overwrite to replace it or choose another --out") from None
+        # a full disk, a read-only folder: name --out, not a temporary file
         raise EdgetlError(f"cannot read or write '{out}': {e.strerror or e}") from None
     finally:
         if tmp is not None:

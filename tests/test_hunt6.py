@@ -308,3 +308,33 @@ def test_synth_into_a_folder_another_command_fills_meanwhile(tmp_path, monkeypat
         make_synth(out, classes=2, per_class=2, size=16)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shapes"]
     assert [p.name for p in (out / "circle").iterdir()] == ["theirs.png"]
+
+
+@pytest.mark.parametrize("name", ["pi", "pi.tar.gz"])
+def test_bundle_never_replaces_an_out_written_meanwhile(tmp_path, monkeypatch, name):
+    """Two `edgetl bundle --out X` at once both passed the 'already exists' check; the second
+    replaced the first's bundle without --overwrite (a folder: an error naming a temporary
+    path). The one finishing second is now refused and the first's bundle kept."""
+    from conftest import coral
+    from edgetl import bundle as b
+
+    out = tmp_path / name
+    for writer in ("_write_dir", "_write_tar"):
+        real = getattr(b, writer)
+
+        def write_then_other_finishes(files, target, *rest, _real=real):
+            _real(files, target, *rest)
+            if name.endswith(".tar.gz"):
+                out.write_bytes(b"theirs")
+            else:
+                (out / "theirs").mkdir(parents=True)
+
+        monkeypatch.setattr(b, writer, write_then_other_finishes)
+    with pytest.raises(EdgetlError, match="already exists \\(another command wrote it "
+                                          "meanwhile\\?\\); pass --overwrite"):
+        b.bundle(coral("mobilenet_v1_0.25_128_quant.tflite"), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    if name.endswith(".tar.gz"):
+        assert out.read_bytes() == b"theirs"
+    else:
+        assert [p.name for p in out.iterdir()] == ["theirs"]
