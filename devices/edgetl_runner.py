@@ -1246,6 +1246,8 @@ def load_image(
 MAX_RUNS = 1_000_000
 MAX_THREADS = 1024
 MAX_BATCH = 4096
+# Bytes of images decoded at once by evaluate() (--data): bounds memory whatever the input size.
+DECODE_BUDGET = 256 * 1024 * 1024
 
 
 def _check_prep(prep: dict, source: str) -> None:
@@ -2159,6 +2161,10 @@ def evaluate(
             raise RunnerError("class index %d is outside the model's %d outputs" % (c, n_out))
     size = model.input_size
     channels = model.channels
+    # A stranger's model may take 8192 x 8192 images: 32 of them at once (decoded, then as
+    # float32) is 30 GB. The batch shrinks to what DECODE_BUDGET holds, down to one image.
+    per_image = size[0] * size[1] * channels * 5  # uint8 pixels + float32 preprocessed
+    batch_size = max(1, min(batch_size, DECODE_BUDGET // per_image))
     resample = (prep or {}).get("resize", "bilinear")
     present = sorted({c for _, c in items})
     row_of = {c: i for i, c in enumerate(present)}

@@ -338,3 +338,25 @@ def test_bundle_never_replaces_an_out_written_meanwhile(tmp_path, monkeypatch, n
         assert out.read_bytes() == b"theirs"
     else:
         assert [p.name for p in out.iterdir()] == ["theirs"]
+
+
+def test_evaluate_bounds_the_images_decoded_at_once(monkeypatch):
+    """--data decoded 32 images at once whatever the model's input size: a stranger's model
+    taking 8192 x 8192 images needed about 30 GB (OOM-killed; measured: one image at a time
+    peaks at 3.6 GB). The batch now shrinks to DECODE_BUDGET bytes, down to one image."""
+    from conftest import coral
+    from edgetl import runner as r
+
+    model = r.Model(str(coral("mobilenet_v1_0.25_128_quant.tflite")))
+    labels = r.read_labels_file(str(coral("imagenet_labels.txt")))
+    labels, _ = r.match_labels(labels, model.num_outputs, "labels")
+    items = [(str(coral(n)), 0) for n in ("cat.bmp", "bird.bmp", "grace_hopper.bmp")]
+    seen = []
+    scores = model.class_scores
+    monkeypatch.setattr(model, "class_scores", lambda x: seen.append(len(x)) or scores(x))
+    full = r.evaluate(model, items, model.raw_prep(), labels)
+    assert seen == [3]
+    seen.clear()
+    monkeypatch.setattr(r, "DECODE_BUDGET", 128 * 128 * 3 * 5 + 1)  # room for one image
+    one = r.evaluate(model, items, model.raw_prep(), labels)
+    assert seen == [1, 1, 1] and one["predictions"] == full["predictions"]
