@@ -220,6 +220,13 @@ def scan_folder(root: str | os.PathLike, size: tuple[int, int] | None = None,
                or "\u2066" <= c <= "\u2069" for c in n):
             raise EdgetlError(f"class folder {n!r} in '{root}' has control characters in its "
                               "name (labels are printed and written one per line): rename it")
+    seen: dict = {}
+    for n in names:  # 'café' typed on a Mac (NFD) and elsewhere (NFC): two labels that look alike
+        twin = seen.setdefault(unicodedata.normalize("NFC", n), n)
+        if twin != n:
+            raise EdgetlError(f"class folders {twin!r} and {n!r} in '{root}' are the same name "
+                              "written with different Unicode characters (NFC and NFD forms): "
+                              "their labels would look identical; merge them or rename one")
     if class_names is not None:
         unknown = [n for n in names if n not in class_names]
         if unknown:

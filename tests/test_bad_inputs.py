@@ -1028,11 +1028,24 @@ HUNT6 = [
     Case("bundle-out-is-a-fifo",
          lambda e: ["edgetl", "bundle", e.int8, "--out", _fifo(e.tmp / "pi"), "--overwrite"], 2,
          r"--out .*pi is not a regular file or folder \(a device, a pipe or a socket\)"),
+    Case("train-class-names-nfc-and-nfd", lambda e: e.train(_nfc_nfd_classes(e)), 2,
+         r"class folders .* are the same name written with different Unicode characters "
+         r"\(NFC and NFD forms\)"),
     Case("sensitivity-model-is-fifo",
          lambda e: ["edgetl", "sensitivity", _run_with(e, "model.keras", None)], 2,
          r"cannot load model '.*model\.keras': it is not a regular file: a FIFO"),
 ]
 CASES += HUNT6
+
+
+def _nfc_nfd_classes(e: Env) -> Path:
+    """Class folders 'café' typed on a Mac (NFD) and elsewhere (NFC), beside the others."""
+    import unicodedata
+
+    d = e.data()
+    for form in ("NFC", "NFD"):
+        shutil.copytree(d / "circle", d / unicodedata.normalize(form, "café"))
+    return d
 
 
 def _symlink(p: Path, target: str) -> Path:
