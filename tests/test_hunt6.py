@@ -10,7 +10,6 @@ import os
 import struct
 import subprocess
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
