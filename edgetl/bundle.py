@@ -309,7 +309,13 @@ def bundle(
         if overwrite and os.path.lexists(out):  # move the old one aside, removed after the swap
             old = tmp / "old"
             os.replace(out, old)
-        if overwrite:
+            try:
+                os.replace(staged, out)
+            except BaseException:  # put the old bundle back: tmp (and old in it) is removed
+                if not os.path.lexists(out):
+                    os.replace(old, out)
+                raise
+        elif overwrite:
             os.replace(staged, out)
         elif staged.is_dir():
             os.rename(staged, out)  # fails if another bundle filled --out meanwhile

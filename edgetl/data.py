@@ -731,17 +731,25 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     another command filled meanwhile is refused (the rename fails on a non-empty folder)."""
     import errno
 
-    if overwrite:
-        _rmtree(out)
+    aside = None
+    if overwrite and os.path.lexists(out):
+        # Set aside, not deleted first: a failure or Ctrl-C before the new folder is in place
+        # puts the old one back (deleting a big dataset first lost both).
+        aside = out.with_name(f".{out.name}.{os.getpid()}.replaced")
+        os.rename(out, aside)
     elif out.is_dir() and not any(out.iterdir()):
         out.rmdir()
     try:
         os.rename(tmp, out)
-    except OSError as e:
-        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+    except BaseException as e:
+        if aside is not None and not os.path.lexists(out):
+            os.rename(aside, out)
+        if isinstance(e, OSError) and e.errno in (errno.ENOTEMPTY, errno.EEXIST):
             raise EdgetlError(f"'{out}' exists and is not empty (another command wrote it "
                               "meanwhile?): choose another folder or pass --overwrite") from None
         raise
+    if aside is not None:
+        _rmtree(aside)
 
 
 @contextmanager

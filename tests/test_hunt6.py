@@ -359,3 +359,25 @@ def test_evaluate_bounds_the_images_decoded_at_once(monkeypatch):
     monkeypatch.setattr(r, "DECODE_BUDGET", 128 * 128 * 3 * 5 + 1)  # room for one image
     one = r.evaluate(model, items, model.raw_prep(), labels)
     assert seen == [1, 1, 1] and one["predictions"] == full["predictions"]
+
+
+def test_synth_overwrite_interrupted_keeps_the_old_folder(tmp_path, monkeypatch):
+    """`data synth OUT --overwrite` deleted OUT first, then renamed the new folder in: Ctrl-C
+    (or any failure) in between lost both. The old folder is now set aside and put back."""
+    import edgetl.data as d
+
+    out = tmp_path / "shapes"
+    out.mkdir()
+    (out / "mine.png").write_bytes(b"precious")
+    rename = os.rename
+
+    def interrupted(src, dst):
+        if str(src).endswith(".tmp-synth"):
+            raise KeyboardInterrupt
+        return rename(src, dst)
+
+    monkeypatch.setattr(d.os, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        d.make_synth(out, classes=2, per_class=2, size=16, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shapes"]
+    assert [p.name for p in out.iterdir()] == ["mine.png"]
