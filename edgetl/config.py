@@ -212,7 +212,8 @@ class TrainConfig:
         pooling: avg, max or flatten.
         dropout: dropout before the classifier.
         qat: quantization-aware training in the phase that trains base layers.
-        qat_scope: which layers get fake quantization.
+        qat_scope: which layers get fake quantization: all (default; frozen ones too, with
+            ranges from data) or trained (benchmarks/results/2026-12-01-qat-scope-9-seeds.md).
         qat_ranges: where the fake-quant activation ranges start (and whether frozen layers'
             ranges adapt during QAT).
         augment: augmentation on or off (False: none, whatever ``augmentations`` says).
@@ -260,7 +261,7 @@ class TrainConfig:
     pooling: Pooling = Pooling.avg
     dropout: float = 0.2
     qat: bool = False
-    qat_scope: QatScope = QatScope.trained
+    qat_scope: QatScope = QatScope.all
     qat_ranges: QatRanges = QatRanges.data
     augment: bool = True
     class_weights: str = "none"
