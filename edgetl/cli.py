@@ -387,7 +387,7 @@ def train(
                               "edgetl backbones mobilenetv2 --layers --strategy fine-tune",
                               "edgetl backbones --base-model my_model.keras --layers --json"))
 def backbones(
-    name: Optional[str] = typer.Argument(None, metavar="[NAME]",
+    name: Optional[str] = typer.Argument(None, metavar="NAME",
                                          help="One backbone (default: all)."),
     layers: bool = typer.Option(False, "--layers", help="List the layers of NAME or "
                                 "--base-model: index, name, type, output shape, parameters and "

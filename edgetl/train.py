@@ -1719,8 +1719,9 @@ def _train_scoped(cfg, run, state, dist, spec, size, names, train_items, val_ite
                     qat_to_float(current, float_model)
                 continue
         with frozen_stay_frozen(current), _ranges_during_fit(current, phase, cfg):
+            qat = f", QAT (scope {QatScope(cfg.qat_scope).value})" if phase.qat else ""
             log(f"phase {pi + 1}/{len(plan)}: {phase.name}, {phase.epochs} epoch(s), "
-                f"lr {phase.lr:g}{', QAT' if phase.qat else ''}; trainable weights: "
+                f"lr {phase.lr:g}{qat}; trainable weights: "
                 f"{sum(int(tf.size(w)) for w in current.trainable_weights):,}")
             callback = _EpochEnd.make(run, pi, phase, current, optimizer, cfg.quiet,
                                       global_epoch, Monitor(cfg.monitor).value, cfg.patience,

@@ -164,7 +164,11 @@ def test_ctrl_c_leaves_no_worker_behind(folder, tmp_path):
     paths = [p for p, _ in folder] * 40
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(f"""
-        import os, sys, time
+        import os, signal, sys, time
+        # As a process started from a terminal: Ctrl-C not ignored, not blocked, whatever
+        # this test's own process inherited (dispositions and masks pass through exec).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
         from edgetl import decode
         paths = {paths!r}
         gen = decode.decode_chunks([paths[i:i + 4] for i in range(0, len(paths), 4)],
@@ -187,7 +191,13 @@ def test_ctrl_c_leaves_no_worker_behind(folder, tmp_path):
     workers = [int(x) for x in p.stdout.readline().split()]
     assert len(workers) == 2
     os.killpg(p.pid, signal.SIGINT)
-    _, err = p.communicate(timeout=60)
+    try:
+        _, err = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        pytest.fail(f"no exit 60 s after SIGINT; this test process: SIGINT handler "
+                    f"{signal.getsignal(signal.SIGINT)!r}, blocked "
+                    f"{signal.pthread_sigmask(signal.SIG_BLOCK, [])}")
     assert p.returncode != 0 and "KeyboardInterrupt" in err
     assert err.count("Traceback") == 1  # the parent's only
     deadline = time.time() + 10
