@@ -481,8 +481,9 @@ def make_dataset(items, size: tuple[int, int], prep: dict, batch_size: int, trai
                                 augment, seed, False)
     elif (len(paths) * h * w * channels > POOL_DECODE_BYTES
           and _mean_file_bytes(paths) >= POOL_MIN_FILE_BYTES):
-        # Too many to keep from the folder check: decode on every core, in order, with the same
-        # load_image (TF's decoders and resize give other pixels). The pool lives for one pass.
+        # Not given the folder check's pixels (a greyscale base model, a caller of this
+        # function): decode on every core, in order, with the same load_image (TF's decoders
+        # and resize give other pixels). The pool lives for one pass.
         from edgetl.decode import decode_chunks
 
         def chunks():
@@ -557,12 +558,12 @@ def _decode_in_order(paths, labels, size, channels, prep, batch_size, training, 
     done = np.zeros(n, bool)
 
     def get(idx):
+        if not len(idx):
+            return np.zeros((0, h, w, channels), np.uint8)
         if kept is not None:
-            return np.stack([kept[i] for i in idx]) if len(idx) else np.zeros(
-                (0, h, w, channels), np.uint8)
+            return np.stack([kept[i] for i in idx])
         if store is None:
-            return np.stack([load_pixels(paths[i], size, channels) for i in idx]) if len(
-                idx) else np.zeros((0, h, w, channels), np.uint8)
+            return np.stack([load_pixels(paths[i], size, channels) for i in idx])
         for i in idx[~done[idx]]:  # an epoch's batches hold distinct indices: no two threads
             store[i] = load_pixels(paths[i], size, channels)  # write one image
             done[i] = True
