@@ -93,6 +93,8 @@ class Strategy(str, Enum):
 # measured 1e-4 against 1e-5 for the latter (1e-4: 1.3 points more int8 top-1 on EfficientNet-Lite0,
 # 100 images per class): change it here, nowhere else.
 SCRATCH_LR = 3e-3
+# with_defaults' warning about a frozen random base (train drops it where nothing is frozen)
+FROZEN_RANDOM = "keeps random layers frozen"
 # Largest --lr / --fine-tune-lr: far above any that trains (tests force divergence with 1e6);
 # 1e30 only makes NaN weights.
 MAX_LR = 1e6
@@ -393,7 +395,7 @@ class TrainConfig:
             notes.append(f"warning: --weights none with --strategy {Strategy(strategy).value}"
                          f"{' --unfreeze ' + str(self.unfreeze) if self.unfreeze else ''}"
                          f"{' --unfreeze-from ' + self.unfreeze_from if self.unfreeze_from else ''}"
-                         " keeps random layers frozen; it usually stays near chance. Leave out "
+                         f" {FROZEN_RANDOM}; it usually stays near chance. Leave out "
                          "--strategy/--unfreeze/--unfreeze-from to train every layer")
         lr = self.lr if self.lr is not None else (SCRATCH_LR if scratch else HEAD_LR)
         ft = self.fine_tune_lr

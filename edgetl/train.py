@@ -21,8 +21,8 @@ from pathlib import Path
 
 from edgetl import backbones, distribute
 from edgetl import cache as feature_cache
-from edgetl.config import (Monitor, Pooling, QatRanges, QatScope, Strategy, TrainConfig,
-                           input_hw)
+from edgetl.config import (FROZEN_RANDOM, Monitor, Pooling, QatRanges, QatScope, Strategy,
+                           TrainConfig, input_hw)
 from edgetl.data import (augment_ops, class_weights, file_sha256, list_hash, make_dataset,
                          scan_folder, stratified_split)
 from edgetl.errors import EdgetlError
@@ -1424,7 +1424,7 @@ def train(cfg: TrainConfig, given=None) -> TrainResult:
         frozen_below = check_layer_names(cfg)  # before the folder scan and the weights
         if frozen_below is False and Strategy(cfg.strategy) == Strategy.fine_tune:
             # --unfreeze-from the first layer: nothing random stays frozen
-            notes = [n for n in notes if "keeps random layers frozen" not in n]
+            notes = [n for n in notes if FROZEN_RANDOM not in n]
     out = _out_path(cfg)
     if not cfg.resume:
         check_out_outside_data(out, cfg)
